@@ -1,0 +1,73 @@
+"""The fields every experiment config has, and the shared variants.
+
+Each file in configs/ calls ``base_config()``, sets what its dataset needs, and ends with
+``apply_variants(config, arg)`` so that ``--config=configs/cifar10.py:byol,runlocal``
+works everywhere. The returned config is locked: an unknown key on the command line
+(``--config.train.batchsize=...``) is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from emim import methods
+from emim.data.augment import view_config
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = methods.method_config("emmi")
+
+  c.model = ml_collections.ConfigDict(dict(
+      backbone="resnet18", width=64, cifar_stem=True, dtype="float32",
+      projector_dims=(2048, 2048, 512), projector_output_norm=False, predictor_dims=(2048, 512)))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic", path="", train_split="train", test_split="test", tfds_name="", tfds_data_dir="",
+      cache_dir="", decode_size=0, image_size=32, num_classes=10, num_train=4096, num_test=1024,
+      mean=CIFAR_MEAN, std=CIFAR_STD))
+
+  # Two views: the asymmetric BYOL recipe (blur 1.0 / 0.1, solarise 0.0 / 0.2).
+  c.augment = ml_collections.ConfigDict(dict(
+      view1=view_config(blur_p=1.0, solarize_p=0.0), view2=view_config(blur_p=0.1, solarize_p=0.2)))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="lars", base_lr=0.3, weight_decay=1e-5, momentum=0.9, trust_coefficient=1e-3,
+      warmup_epochs=10, clip_norm=0.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=256, num_epochs=100, num_steps=0,  # num_steps > 0 overrides num_epochs
+      log_every=50, probe_lr=1e-3))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True, restore_step=-1))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      every_steps=0,  # periodic kNN during training; 0 = off
+      knn_k=(20, 200), knn_temperature=0.1, knn_train_subset=10000, knn_test_subset=2000, batch_size=512))
+  return c
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Apply comma-separated variants: a method name (``byol``, ``simclr``, ...) and/or
+  ``runlocal`` (a tiny model and schedule that runs on a laptop CPU in seconds)."""
+  for variant in filter(None, (arg or "").split(",")):
+    if variant in methods.available():
+      c.method = methods.method_config(variant)
+    elif variant == "runlocal":
+      c.model.backbone, c.model.width = "resnet_tiny", 8
+      c.model.projector_dims, c.model.predictor_dims = (64, 32), (64, 32)
+      c.data.num_train, c.data.num_test = min(c.data.num_train, 512), min(c.data.num_test, 256)
+      c.train.batch_size, c.train.num_steps, c.train.log_every = 32, 4, 2
+      c.optim.warmup_epochs = 0
+      c.checkpoint.every_steps = 2
+      c.eval.knn_train_subset, c.eval.knn_test_subset, c.eval.batch_size = 256, 128, 64
+    else:
+      raise ValueError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods.available())}) or 'runlocal'.")
+  c.lock()
+  return c

@@ -1,0 +1,218 @@
+"""Where images come from: a synthetic mixture, an image folder, or a TFDS dataset.
+
+Each source returns an ``ImageDataset`` of uint8 images in memory. The image folder is
+decoded once, in parallel, into a uint8 cache so later runs start at once; TFDS is read
+with ``tfds.data_source`` (ArrayRecord, no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import pathlib
+import tarfile
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+  """uint8 images (N, H, W, 3), int32 labels (N,), and the class names."""
+
+  images: np.ndarray
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+class DatasetError(ValueError):
+  """A dataset that is missing, empty or corrupt; the message names the fix."""
+
+
+# ----------------------------------------------------------------------------------
+# Synthetic: a Gaussian mixture in image space.
+# ----------------------------------------------------------------------------------
+def synthetic(num_examples: int, image_size: int, num_classes: int, seed: int, noise: float = 0.25) -> ImageDataset:
+  """A labelled Gaussian mixture of images: one smooth random prototype per class plus
+  isotropic Gaussian pixel noise. The prototypes are fixed; ``seed`` draws the labels and
+  the noise, so train and test splits (different seeds) share their classes."""
+  proto_rng = np.random.default_rng(1234)  # prototypes fixed across splits
+  coarse = proto_rng.uniform(0.1, 0.9, size=(num_classes, 4, 4, 3))
+  reps = -(-image_size // 4)
+  prototypes = np.kron(coarse, np.ones((1, reps, reps, 1)))[:, :image_size, :image_size]
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, size=num_examples).astype(np.int32)
+  images = prototypes[labels] + noise * rng.normal(size=(num_examples, image_size, image_size, 3))
+  images = np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
+  return ImageDataset(images, labels, tuple(f"class_{i}" for i in range(num_classes)))
+
+
+# ----------------------------------------------------------------------------------
+# Image folder: split/class/*.jpg in a directory or a .tar.gz.
+# ----------------------------------------------------------------------------------
+def _decode(item: tuple[str, bytes], size: int | None) -> np.ndarray:
+  name, data = item
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im = im.convert("RGB")
+      if size is not None and im.size != (size, size):
+        # Resize the shorter side to `size`, then centre-crop a square.
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+      return np.asarray(im, dtype=np.uint8)
+  except Exception as e:  # PIL raises several types for bad files
+    raise DatasetError(f"Cannot decode image {name!r} ({e}). Remove or replace the file and run again.") from e
+
+
+def _list_split(path: pathlib.Path, split: str) -> list[tuple[str, str, bytes | None]]:
+  """(class, member name, bytes or None for files read later) for every image in split."""
+  items = []
+  if path.is_dir():
+    root = path / split
+    if not root.is_dir():
+      raise DatasetError(f"No split {split!r} in image folder {path}: expected {root}/<class>/*.jpg.")
+    for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+      for f in sorted(cls_dir.iterdir()):
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+          items.append((cls_dir.name, str(f), None))
+    return items
+  with tarfile.open(path, "r:*") as tar:
+    for member in tar:
+      parts = pathlib.PurePosixPath(member.name).parts
+      parts = parts[1:] if parts and parts[0] == "." else parts
+      # Accept split/class/file or a single top folder before it.
+      for offset in (0, 1):
+        if len(parts) == offset + 3 and parts[offset] == split:
+          if member.isfile() and pathlib.PurePosixPath(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
+            items.append((parts[offset + 1], member.name, tar.extractfile(member).read()))
+          break
+  return sorted(items, key=lambda t: t[1])
+
+
+def _cache_key(path: pathlib.Path, split: str, size: int | None) -> str:
+  stat = path.stat()
+  ident = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{split}|{size}"
+  return hashlib.sha1(ident.encode()).hexdigest()[:16]
+
+
+def image_folder(path: str, split: str, image_size: int | None, cache_dir: str | None, workers: int = 0) -> ImageDataset:
+  """Decode ``path`` (a directory or .tar.gz of split/class/*.jpg) once, then cache it.
+
+  Args:
+    path: the folder or archive.
+    split: e.g. "train" or "test".
+    image_size: resize (shorter side) and centre-crop to this size; None keeps the
+      images as they are (they must then share one size, as CIFAR's do).
+    cache_dir: where the decoded uint8 arrays are kept; None disables the cache.
+    workers: decoding processes (0: one per core).
+  """
+  src = pathlib.Path(path).expanduser()
+  if not src.exists():
+    raise DatasetError(
+        f"Image folder {src} does not exist. Point config.data.path at a directory or .tar.gz "
+        "laid out as split/class/*.jpg (for CIFAR-10 here: ../shared/data/cifar10-jpeg.tar.gz).")
+  cache = None
+  if cache_dir:
+    cache = pathlib.Path(cache_dir) / f"{src.name}-{split}-{_cache_key(src, split, image_size)}.npz"
+    if cache.exists():
+      try:
+        with np.load(cache) as f:
+          return ImageDataset(f["images"], f["labels"], tuple(json.loads(str(f["classes"]))))
+      except Exception as e:  # a torn or corrupt cache file: decode again
+        logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
+  items = _list_split(src, split)
+  if not items:
+    raise DatasetError(f"No images found for split {split!r} in {src}: expected {split}/<class>/*.jpg.")
+  classes = sorted({c for c, _, _ in items})
+  index = {c: i for i, c in enumerate(classes)}
+  payloads = [(name, data if data is not None else pathlib.Path(name).read_bytes()) for _, name, data in items]
+  workers = workers or os.cpu_count() or 1
+  logging.info("Decoding %d images of %s/%s with %d processes.", len(payloads), src, split, workers)
+  chunk = max(1, len(payloads) // (workers * 8))
+  if workers > 1 and len(payloads) > 1000:
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+      decoded = list(pool.map(_decode, payloads, [image_size] * len(payloads), chunksize=chunk))
+  else:
+    decoded = [_decode(p, image_size) for p in payloads]
+  shapes = {a.shape for a in decoded}
+  if len(shapes) != 1:
+    raise DatasetError(f"Images in {src}/{split} have different sizes {sorted(shapes)[:3]}...; set config.data.image_size.")
+  images = np.stack(decoded)
+  labels = np.array([index[c] for c, _, _ in items], np.int32)
+  if cache is not None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, labels=labels, classes=json.dumps(classes))
+    os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+  return ImageDataset(images, labels, tuple(classes))
+
+
+# ----------------------------------------------------------------------------------
+# TFDS, read from ArrayRecord without TensorFlow.
+# ----------------------------------------------------------------------------------
+def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | None) -> ImageDataset:
+  import tensorflow_datasets as tfds  # imported here: only this source needs it
+
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:
+    raise DatasetError(
+        f"TFDS dataset {name!r} split {split!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
+        f"({e}). Prepare it where TensorFlow and the internet are available (pip install -e .[tf]; "
+        f"tfds build {name} --file_format=array_record) and set config.data.tfds_data_dir.") from e
+  images, labels = [], []
+  for i in range(len(source)):
+    example = source[i]
+    image = example["image"]
+    if image_size is not None and image.shape[:2] != (image_size, image_size):
+      image = _decode((f"{name}[{i}]", _png_bytes(image)), image_size)
+    images.append(np.asarray(image, np.uint8))
+    labels.append(int(example["label"]))
+  num_classes = int(max(labels)) + 1
+  return ImageDataset(np.stack(images), np.array(labels, np.int32), tuple(str(i) for i in range(num_classes)))
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(array, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------
+# Dispatch.
+# ----------------------------------------------------------------------------------
+SOURCES = ("synthetic", "image_folder", "tfds")
+
+
+def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None = None) -> ImageDataset:
+  """The dataset named by ``config.data`` for one split ("train" or "test")."""
+  if data_cfg.source == "synthetic":
+    n = data_cfg.num_train if split == "train" else data_cfg.num_test
+    return synthetic(n, data_cfg.image_size, data_cfg.num_classes, seed=0 if split == "train" else 1)
+  if data_cfg.source == "image_folder":
+    split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
+    size = data_cfg.decode_size or None
+    return image_folder(data_cfg.path, split_name, size, data_cfg.cache_dir or cache_dir)
+  if data_cfg.source == "tfds":
+    split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
+    return tfds_source(data_cfg.tfds_name, split_name, data_cfg.tfds_data_dir, data_cfg.decode_size or None)
+  raise ValueError(f"Unknown data source {data_cfg.source!r}; choose one of {SOURCES}.")

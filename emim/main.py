@@ -1,0 +1,42 @@
+"""Entry point: python -m emim.main --config=configs/synthetic.py --workdir=/tmp/run
+
+Any config field can be overridden (``--config.train.batch_size=512``); unknown fields
+are rejected. Several processes (a TPU pod, a multi-host GPU job) call
+``jax.distributed.initialize()`` first.
+"""
+
+import logging as logging_std
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py[:variant].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drop the INFO chatter of Orbax's every save so the progress lines stay readable."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax
+
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from emim import train
+
+  logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
+               jax.default_backend(), jax.process_index(), jax.process_count())
+  train.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,94 @@
+"""What a method is: an objective plus what it needs (target network, predictor).
+
+The train step forwards both views through the online encoder (and the predictor and
+the EMA target when the method asks for them), packs the outputs into ``Views`` and
+hands them to ``Method.loss``. Everything method-specific lives in the method's file;
+the step has no ``if method == ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+  """Embeddings of the two views. ``pred`` and ``target`` are None when unused."""
+
+  proj: tuple[Array, Array]
+  pred: tuple[Array, Array] | None = None
+  target: tuple[Array, Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A self-supervised method.
+
+  Attributes:
+    name: registry name.
+    paradigm: "emmi", "sdmi" or "jmi" (seed 002's families).
+    uses_target: keep an EMA target encoder (its own field of the train state).
+    uses_predictor: put a predictor MLP on the online branch.
+    loss_fn: (views, objective_state) -> (loss, objective_state, metrics).
+    init_objective_state: projection dim -> the objective's state (e.g. tracked eigenvalues).
+  """
+
+  name: str
+  paradigm: str
+  uses_target: bool
+  uses_predictor: bool
+  loss_fn: Callable[[Views, Any], tuple[Array, Any, Metrics]]
+  init_objective_state: Callable[[int], Any] = lambda dim: {}
+
+  def loss(self, views: Views, objective_state: Any) -> tuple[Array, Any, Metrics]:
+    return self.loss_fn(views, objective_state)
+
+
+_REGISTRY: dict[str, tuple[Callable[[ml_collections.ConfigDict], Method], Callable[[], ml_collections.ConfigDict]]] = {}
+
+
+def register(name: str, default_config: Callable[[], ml_collections.ConfigDict]):
+  """Decorator: register ``build(method_cfg) -> Method`` under ``name``."""
+
+  def wrap(build):
+    if name in _REGISTRY:
+      raise ValueError(f"Method {name!r} registered twice.")
+    _REGISTRY[name] = (build, default_config)
+    return build
+
+  return wrap
+
+
+def available() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def _lookup(name: str):
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown method {name!r}; registered methods: {', '.join(available())}.")
+  return _REGISTRY[name]
+
+
+def method_config(name: str) -> ml_collections.ConfigDict:
+  """The default config of a registered method (with ``name`` set)."""
+  cfg = _lookup(name)[1]()
+  cfg.name = name
+  return cfg
+
+
+def make_method(method_cfg: ml_collections.ConfigDict) -> Method:
+  return _lookup(method_cfg.name)[0](method_cfg)
+
+
+def symmetrized(loss_pair: Callable[[Array, Array], tuple[Array, Metrics]], a: tuple[Array, Array], b: tuple[Array, Array]):
+  """1/2 [loss(a0, b1) + loss(a1, b0)]: each view predicts the other."""
+  l1, m1 = loss_pair(a[0], b[1])
+  l2, m2 = loss_pair(a[1], b[0])
+  return 0.5 * (l1 + l2), jax.tree.map(lambda x, y: 0.5 * (x + y), m1, m2)

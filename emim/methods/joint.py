@@ -1,0 +1,41 @@
+"""JMI methods (seed 002): one shared encoder, both branches get gradients, a statistical
+regulariser in place of the DV bound's log-partition. SimCLR, Barlow Twins, VICReg and
+the canonical Taylor-DV prototype."""
+
+from __future__ import annotations
+
+import functools
+
+import ml_collections
+
+from emim import objectives as O
+from emim.methods.base import Method, Views, register
+
+
+def _jmi_method(name, pair_loss):
+  def loss_fn(views: Views, state):
+    loss, metrics = pair_loss(views.proj[0], views.proj[1])
+    return loss, state, metrics
+
+  return Method(name=name, paradigm="jmi", uses_target=False, uses_predictor=False, loss_fn=loss_fn)
+
+
+@register("simclr", lambda: ml_collections.ConfigDict(dict(tau=0.5)))
+def build_simclr(cfg):
+  return _jmi_method("simclr", functools.partial(O.nt_xent, tau=cfg.tau))
+
+
+@register("barlow_twins", lambda: ml_collections.ConfigDict(dict(lambd=5e-3)))
+def build_barlow_twins(cfg):
+  return _jmi_method("barlow_twins", functools.partial(O.barlow_twins, lambd=cfg.lambd))
+
+
+@register("vicreg", lambda: ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0)))
+def build_vicreg(cfg):
+  return _jmi_method("vicreg", functools.partial(O.vicreg, sim_coeff=cfg.sim_coeff, std_coeff=cfg.std_coeff, cov_coeff=cfg.cov_coeff))
+
+
+@register("taylor_dv", lambda: ml_collections.ConfigDict(dict(lambd=1.0)))
+def build_taylor_dv(cfg):
+  # lambd=0 is seed 002's ablation: without the regulariser the representation collapses.
+  return _jmi_method("taylor_dv", functools.partial(O.taylor_dv, lambd=cfg.lambd))

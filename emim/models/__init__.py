@@ -1,0 +1,45 @@
+"""Models: backbone + projector (the encoder) and the optional predictor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from emim.models.heads import MLP
+from emim.models.resnet import ARCHITECTURES, ResNet, make_backbone
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Encoder(nn.Module):
+  """backbone -> projector; returns (features, projection), both float32."""
+
+  backbone: ResNet
+  projector: MLP
+
+  def __call__(self, images, train: bool = True):
+    features = self.backbone(images, train=train)
+    return features, self.projector(features, train=train)
+
+
+def parse_dtype(name: str) -> Any:
+  if name not in DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(DTYPES)}.")
+  return DTYPES[name]
+
+
+def make_encoder(model_cfg: ml_collections.ConfigDict) -> Encoder:
+  dtype = parse_dtype(model_cfg.dtype)
+  backbone = make_backbone(model_cfg.backbone, model_cfg.width, model_cfg.cifar_stem, dtype)
+  projector = MLP(tuple(model_cfg.projector_dims), output_norm=model_cfg.projector_output_norm, dtype=dtype)
+  return Encoder(backbone, projector)
+
+
+def make_predictor(model_cfg: ml_collections.ConfigDict) -> MLP:
+  return MLP(tuple(model_cfg.predictor_dims), dtype=parse_dtype(model_cfg.dtype))
+
+
+__all__ = ["ARCHITECTURES", "Encoder", "MLP", "ResNet", "make_backbone", "make_encoder", "make_predictor"]

@@ -1,0 +1,37 @@
+"""Projector and predictor MLPs: Dense -> BatchNorm -> ReLU per hidden layer."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  """An MLP head as in SimCLR/BYOL/Barlow Twins.
+
+  Attributes:
+    dims: widths of every layer; the last is the output.
+    batch_norm: BatchNorm after each hidden Dense (before the ReLU).
+    output_norm: an affine-free BatchNorm on the output (Barlow Twins/VICReg style).
+    dtype: compute dtype; the output is returned in float32 for the objectives.
+  """
+
+  dims: Sequence[int]
+  batch_norm: bool = True
+  output_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, **kw)
+    for i, d in enumerate(self.dims[:-1]):
+      x = nn.Dense(d, use_bias=not self.batch_norm, dtype=self.dtype, name=f"dense{i}")(x)
+      if self.batch_norm:
+        x = norm(name=f"bn{i}")(x)
+      x = nn.relu(x)
+    x = nn.Dense(self.dims[-1], dtype=self.dtype, name=f"dense{len(self.dims) - 1}")(x)
+    if self.output_norm:
+      x = norm(use_scale=False, use_bias=False, name="output_bn")(x)
+    return x.astype(jnp.float32)

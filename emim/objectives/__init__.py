@@ -1,0 +1,27 @@
+"""The MI objective library: pure JAX functions of embeddings (spec/objectives.md)."""
+
+from emim.objectives.diagnostics import effective_rank, embedding_std, renyi2_rank, rescaled_spectrum
+from emim.objectives.estimators import cosine_critic, dv, infonce, jsd, l2_normalize, mi_estimates
+from emim.objectives.gaussian import (
+    EmmiConfig,
+    centred,
+    covariance,
+    covariance_factors,
+    emmi_loss,
+    gaussian_mi,
+    gaussian_mi_from_covariances,
+    init_emmi_state,
+)
+from emim.objectives.jmi import barlow_twins, nt_xent, standardize, taylor_dv, vicreg
+from emim.objectives.logdet import (
+    LogdetConfig,
+    cholesky_logdet,
+    covariance_logdet,
+    eigh_logdet,
+    init_eig_state,
+    power_iteration,
+    taylor_coefficients,
+    taylor_log,
+    taylor_logdet,
+)
+from emim.objectives.sdmi import byol_loss, cosine_similarity, moco_infonce, sdmi_prototype_loss, simsiam_loss

@@ -1,0 +1,166 @@
+"""Explicit second-order mutual information (EMMI, seeds 000/001; spec section 1).
+
+Notation as in spec/objectives.md: a global batch of n pairs z1, z2 of shape (n, d);
+S11, S22, S12 their covariances; S = (S11 + S22)/2, C = (S12 + S21)/2.
+
+    I_joint = 1/2 [ld(S11) + ld(S22) - ld(J)],   J = [[S11, S12], [S21, S22]]
+    I_sym   = ld(S) - 1/2 ld(S + C) - 1/2 ld(S - C),
+              S + C = cov(z1 + z2)/2,  S - C = cov(z1 - z2)/2
+
+Every statistic is taken in float32 over the global batch: under ``jax.jit`` with a
+batch sharded over a mesh, ``jnp.mean`` over axis 0 is already the global mean, so the
+same code is exact on one device or many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from emim.objectives import logdet as ld_lib
+
+Array = jax.Array
+Form = Literal["joint", "symmetric"]
+FORMS = ("joint", "symmetric")
+
+# Which covariances each form takes a log-determinant of, by name.
+_TERMS = {"joint": ("z1", "z2", "joint"), "symmetric": ("marginal", "sum", "diff")}
+
+
+def centred(z: Array) -> Array:
+  """z - mean(z) over the batch, in float32."""
+  z = z.astype(jnp.float32)
+  return z - jnp.mean(z, axis=0, keepdims=True)
+
+
+def covariance(a: Array, b: Array | None = None) -> Array:
+  """cov(a, b) = (a - mean a)^T (b - mean b) / n, in float32."""
+  ac = centred(a)
+  bc = ac if b is None else centred(b)
+  return ac.T @ bc / a.shape[0]
+
+
+def covariance_factors(z1: Array, z2: Array, form: Form) -> dict[str, Array]:
+  """Factors x (rows = centred samples / sqrt(rows)) whose x^T x is each statistic."""
+  if form not in FORMS:
+    raise ValueError(f"Unknown MI form {form!r}; choose one of {FORMS}.")
+  if z1.shape != z2.shape or z1.ndim != 2:
+    raise ValueError(f"z1 and z2 must both be (n, d); got {z1.shape} and {z2.shape}.")
+  n = z1.shape[0]
+  c1, c2 = centred(z1), centred(z2)
+  if form == "joint":
+    s = jnp.sqrt(jnp.float32(n))
+    return {"z1": c1 / s, "z2": c2 / s, "joint": jnp.concatenate([c1, c2], axis=1) / s}
+  s = jnp.sqrt(jnp.float32(2 * n))
+  return {
+      # S = (S11 + S22)/2 is the covariance of the 2n stacked rows (each view centred).
+      "marginal": jnp.concatenate([c1, c2], axis=0) / s,
+      "sum": (c1 + c2) / s,  # S + C = cov(z1 + z2) / 2
+      "diff": (c1 - c2) / s,  # S - C = cov(z1 - z2) / 2
+  }
+
+
+def _combine(lds: dict[str, Array], form: Form, w_inv: float = 1.0) -> Array:
+  """The MI (w_inv = 1) or its weighted variant from the named log-determinants."""
+  if form == "joint":
+    return 0.5 * (lds["z1"] + lds["z2"] - w_inv * lds["joint"])
+  return lds["marginal"] - w_inv * 0.5 * (lds["sum"] + lds["diff"])
+
+
+def gaussian_mi(
+    z1: Array,
+    z2: Array,
+    form: Form = "joint",
+    eps: float = 0.0,
+    backend: ld_lib.Backend = "cholesky",
+) -> Array:
+  """The second-order (Gaussian) mutual information between two views, in nats.
+
+  Args:
+    z1, z2: (n, d) embeddings of the two views, any float dtype.
+    form: "joint" (the 2d x 2d block determinant) or "symmetric" (the exchangeable-views
+      reformulation, three d x d log-determinants).
+    eps: ridge added to every covariance; 0 gives the exact MI of well-conditioned data.
+    backend: an exact backend ("cholesky" or "eigh") or "taylor" with trace rescaling.
+
+  Returns:
+    Scalar MI estimate.
+  """
+  cfg = ld_lib.LogdetConfig(backend=backend, eps=eps, rescale="trace", gram=False if eps <= 0 else "auto")
+  factors = covariance_factors(z1, z2, form)
+  lds = {k: ld_lib.covariance_logdet(x, cfg)[0] for k, x in factors.items()}
+  return _combine(lds, form)
+
+
+def gaussian_mi_from_covariances(s11: Array, s12: Array, s22: Array, eps: float = 0.0) -> Array:
+  """I_joint from given statistics: 1/2 [ld(S11) + ld(S22) - ld([[S11, S12], [S21, S22]])]."""
+  d1, d2 = s11.shape[0], s22.shape[0]
+  joint = jnp.block([[s11, s12], [s12.T, s22]])
+  ridge = lambda a, k: a + eps * jnp.eye(k, dtype=a.dtype)
+  return 0.5 * (
+      ld_lib.cholesky_logdet(ridge(s11, d1))
+      + ld_lib.cholesky_logdet(ridge(s22, d2))
+      - ld_lib.cholesky_logdet(ridge(joint, d1 + d2)))
+
+
+# ----------------------------------------------------------------------------------
+# The EMMI training loss.
+# ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EmmiConfig:
+  """The EMMI loss: -[H-term - w_inv * joint-entropy term] from log-determinants.
+
+  Attributes:
+    form: "symmetric" (training default, the seed's reformulation) or "joint".
+    logdet: how each log-determinant is evaluated (backend, eps, Taylor order K,
+      rescaling mode and constant c, EMA momentum of the tracked eigenvalue).
+    w_inv: weight of the joint-entropy (invariance) terms; 1 is the pure MI.
+  """
+
+  form: Form = "symmetric"
+  logdet: ld_lib.LogdetConfig = ld_lib.LogdetConfig()
+  w_inv: float = 1.0
+
+  def __post_init__(self):
+    if self.form not in FORMS:
+      raise ValueError(f"Unknown MI form {self.form!r}; choose one of {FORMS}.")
+
+
+def init_emmi_state(dim: int, cfg: EmmiConfig) -> dict[str, dict[str, Array]]:
+  """Objective state: one tracked eigenvalue per log-determinant term (or empty)."""
+  if not cfg.logdet.tracks_eigenvalue:
+    return {}
+  sizes = {"z1": dim, "z2": dim, "joint": 2 * dim, "marginal": dim, "sum": dim, "diff": dim}
+  return {name: ld_lib.init_eig_state(sizes[name], seed=i) for i, name in enumerate(_TERMS[cfg.form])}
+
+
+def emmi_loss(
+    z1: Array, z2: Array, state: dict[str, dict[str, Array]], cfg: EmmiConfig
+) -> tuple[Array, dict[str, dict[str, Array]], dict[str, Array]]:
+  """The EMMI loss -I (weighted per term), its new objective state and diagnostics.
+
+  Args:
+    z1, z2: (n, d) embeddings. With a momentum target, pass the target's embedding
+      under ``stop_gradient`` as one of them and call again with the views swapped.
+    state: from ``init_emmi_state`` (tracked eigenvectors and lambda_max EMAs).
+    cfg: the loss configuration.
+
+  Returns:
+    (loss, new state, metrics) where metrics hold ``mi`` (the surrogate MI), each
+    log-determinant ``ld_<term>``, ``beta_<term>`` and ``rescaled_eig_max_<term>``.
+  """
+  factors = covariance_factors(z1, z2, cfg.form)
+  lds, new_state, metrics = {}, {}, {}
+  for name, x in factors.items():
+    value, term_state, diag = ld_lib.covariance_logdet(x, cfg.logdet, state.get(name))
+    lds[name] = value
+    if term_state is not None:
+      new_state[name] = term_state
+    metrics[f"ld_{name}"] = value
+    metrics.update({f"{k}_{name}": v for k, v in diag.items()})
+  loss = -_combine(lds, cfg.form, cfg.w_inv)
+  metrics["mi"] = _combine(lds, cfg.form)
+  return loss, new_state, metrics

@@ -1,0 +1,42 @@
+"""Optimisers from the config: LARS, SGD or AdamW, linear warm-up then cosine decay.
+
+Biases and normalisation parameters (every parameter with fewer than two dimensions)
+are excluded from weight decay and from LARS's trust-ratio adaptation, as in SimCLR/BYOL.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+
+def decay_mask(params):
+  """True for weights (kernels), False for biases and BatchNorm scales/offsets."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: int, total_steps: int):
+  """base_lr * batch/256, linear warm-up for warmup_epochs, then cosine to 0."""
+  peak = cfg.base_lr * batch_size / 256.0
+  warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+  """The optax chain named by ``cfg.name`` (with gradient clipping when cfg.clip_norm > 0)."""
+  if cfg.name == "lars":
+    tx = optax.lars(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
+                    trust_coefficient=cfg.trust_coefficient, trust_ratio_mask=decay_mask, momentum=cfg.momentum)
+  elif cfg.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(schedule, momentum=cfg.momentum))
+  elif cfg.name == "adamw":
+    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
+  else:
+    raise ValueError(f"Unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}.")
+  if cfg.clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  return tx

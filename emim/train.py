@@ -1,0 +1,157 @@
+"""The training loop: mesh, data, state, restore, step, log, checkpoint.
+
+    python -m emim.main --config=configs/cifar10.py --workdir=/tmp/run
+
+A run resumes from the newest checkpoint in its work directory. Randomness and data
+order are functions of the step, so an interrupted run and an uninterrupted one give
+the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from emim import checkpoint as ckpt_lib
+from emim import methods, models, optim, sharding
+from emim.data import sources
+from emim.metric_writer import MetricWriter
+from emim.target import momentum_schedule
+from emim.train_step import StepParts, TrainState, device_data_step, init_state
+
+
+@dataclasses.dataclass
+class RunResult:
+  state: TrainState
+  final_metrics: dict
+  timings: dict
+
+
+def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int, total_steps: int) -> StepParts:
+  """The static pieces of the step from the config."""
+  method = methods.make_method(config.method)
+  encoder = models.make_encoder(config.model)
+  predictor = models.make_predictor(config.model) if method.uses_predictor else None
+  lr_fn = optim.learning_rate_schedule(config.optim, config.train.batch_size, steps_per_epoch, total_steps)
+  momentum_fn = momentum_schedule(config.method.target_momentum, total_steps) if method.uses_target else None
+  return StepParts(
+      method=method, encoder=encoder, predictor=predictor, tx=optim.make_optimizer(config.optim, lr_fn),
+      probe_tx=optax.adam(config.train.probe_lr), momentum_fn=momentum_fn, lr_fn=lr_fn,
+      view1=config.augment.view1, view2=config.augment.view2, image_size=config.data.image_size,
+      mean=tuple(config.data.mean), std=tuple(config.data.std), num_classes=num_classes)
+
+
+def default_cache_dir(workdir: pathlib.Path) -> str:
+  """Decoded datasets are cached beside the work directory, shared by runs next to it."""
+  return str(workdir.absolute().parent / ".emim_cache")
+
+
+def _format_eta(seconds: float) -> str:
+  h, rem = divmod(int(seconds), 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
+  """Train (or resume) the run in ``workdir``.
+
+  Args:
+    config: the experiment config (configs/*.py).
+    workdir: checkpoints, config.json and metrics.jsonl go here.
+    stop_at_step: stop (with a checkpoint) after this many steps, as a preemption would;
+      the schedule is still that of the full run, which a later call resumes.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timings = {}
+
+  # --- Mesh ------------------------------------------------------------------------
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+  # --- Data, decoded once (cached) and put on the devices --------------------------
+  t0 = time.perf_counter()
+  train_data = sources.load(config.data, "train", cache_dir=default_cache_dir(workdir))
+  timings["decode_s"] = time.perf_counter() - t0
+  batch_size = config.train.batch_size
+  steps_per_epoch = len(train_data) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"The training set has {len(train_data)} images, fewer than one batch of {batch_size}.")
+  total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+  images, labels = train_data.images, train_data.labels
+  if images.shape[1] != config.data.image_size and config.data.decode_size == 0:
+    logging.info("Images are %dx%d; views are cropped to %d.", images.shape[1], images.shape[2], config.data.image_size)
+  dataset = {"images": sharding.put_global(images, replicated), "labels": sharding.put_global(labels, replicated)}
+  logging.info("Data: %d images of %s, %d steps/epoch, %d steps.", len(train_data), images.shape[1:], steps_per_epoch, total_steps)
+
+  # --- State, created sharded, or restored ------------------------------------------
+  parts = build_parts(config, train_data.num_classes, steps_per_epoch, total_steps)
+  rng = jax.random.PRNGKey(config.seed)
+  init_fn = functools.partial(init_state, parts)
+  abstract = jax.eval_shape(init_fn, rng, None)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)
+  restore_step = None if config.checkpoint.restore_step < 0 else config.checkpoint.restore_step
+  state = checkpointer.restore(ckpt_lib.abstract_like(abstract, state_sharding), restore_step)
+  if state is None:
+    state = jax.jit(init_fn, static_argnums=1, out_shardings=state_sharding)(rng, None)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  else:
+    logging.info("Resumed from step %d in %s.", int(state.step), checkpointer.directory)
+  start_step = int(state.step)
+
+  # --- The step, compiled once ahead of time ----------------------------------------
+  step_fn = jax.jit(
+      functools.partial(device_data_step, parts=parts, batch_size=batch_size, batch_sharding=batch_sharding),
+      in_shardings=(state_sharding, replicated), out_shardings=(state_sharding, replicated), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, dataset).compile()
+  timings["compile_s"] = time.perf_counter() - t0
+
+  # --- Loop -------------------------------------------------------------------------
+  writer = MetricWriter(workdir)
+  last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+  log_every = max(1, config.train.log_every)
+  metrics, final = None, {}
+  t_train = time.perf_counter()
+  t_log, steps_at_log = t_train, start_step
+  try:
+    for step in range(start_step, last_step):
+      state, metrics = compiled(state, dataset)
+      done = step + 1
+      if done % log_every == 0 or done == last_step:
+        host = jax.device_get(metrics)
+        if int(state.nonfinite_steps) > 0:
+          raise FloatingPointError(
+              f"Non-finite loss or gradient at or before step {done} ({int(state.nonfinite_steps)} update(s) refused; "
+              f"last loss {float(host['loss'])}). The last checkpoint in {checkpointer.directory} is intact. Lower "
+              "--config.optim.base_lr, raise the objective's eps, or set --config.optim.clip_norm.")
+        now = time.perf_counter()
+        rate = (done - steps_at_log) / max(now - t_log, 1e-9)
+        t_log, steps_at_log = now, done
+        eta = (last_step - done) / max(rate, 1e-9)
+        terms = " ".join(f"{k}={float(v):.4g}" for k, v in host.items() if k in ("loss", "mi", "probe_acc", "embedding_std"))
+        logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, total_steps,
+                     done / steps_per_epoch, rate, rate * batch_size, _format_eta(eta), terms)
+        writer.write(done, {**host, "epoch": done / steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * batch_size})
+        final = host
+      checkpointer.save(done, state, force=done == last_step)
+  finally:
+    checkpointer.close()
+    writer.close()
+  timings["train_s"] = time.perf_counter() - t_train
+  logging.info("Timings: decode %.1fs, compile %.1fs, train %.1fs.", timings["decode_s"], timings["compile_s"], timings["train_s"])
+  (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
+  return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings)

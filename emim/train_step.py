@@ -1,0 +1,226 @@
+"""The train state and the pure train step: (state, batch) -> (state, metrics).
+
+Randomness comes from the step number (``fold_in(state.rng, step)``, then one key per
+example), and the data order from the epoch number, so nothing random is carried and a
+resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from emim import objectives as O
+from emim.data import augment
+from emim.methods import Method, Views
+from emim.models import MLP, Encoder
+from emim.target import ema_update
+
+Array = jax.Array
+Batch = dict[str, Array]  # {"images": uint8 (B, H, W, 3), "labels": int32 (B,)}
+Metrics = dict[str, Array]
+
+# Independent random streams derived from the one base key.
+_AUGMENT_STREAM, _DATA_STREAM, _INIT_STREAM = 0, 1, 2
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue, as one frozen pytree.
+
+  ``target`` (the EMA encoder: params and batch statistics) is its own field and None
+  for methods without one; the optimiser sees ``params`` only, so the target can never
+  receive a gradient.
+  """
+
+  step: Array
+  params: dict  # {"encoder": ..., "predictor": ... (when the method has one)}
+  batch_stats: dict
+  opt_state: optax.OptState
+  target: dict | None
+  objective_state: Any
+  probe_params: dict
+  probe_opt_state: optax.OptState
+  rng: Array
+  nonfinite_steps: Array  # steps whose update was refused because it was not finite
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+  """The static pieces of a train step (bound with functools.partial, never traced)."""
+
+  method: Method
+  encoder: Encoder
+  predictor: MLP | None
+  tx: optax.GradientTransformation
+  probe_tx: optax.GradientTransformation
+  momentum_fn: Callable[[Array], Array] | None
+  lr_fn: Callable[[Array], Array]
+  view1: ml_collections.ConfigDict
+  view2: ml_collections.ConfigDict
+  image_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  num_classes: int
+
+
+def init_state(parts: StepParts, rng: Array, sample_images: Array) -> TrainState:
+  """A fresh state: initialise online, predictor, target (a copy) and probe."""
+  k_enc, k_pred, k_probe = jax.random.split(jax.random.fold_in(rng, _INIT_STREAM), 3)
+  x = jnp.zeros((2, parts.image_size, parts.image_size, 3), jnp.float32)
+  enc_vars = parts.encoder.init(k_enc, x, train=False)
+  params = {"encoder": enc_vars["params"]}
+  batch_stats = {"encoder": enc_vars["batch_stats"]}
+  features, proj = jax.eval_shape(lambda v: parts.encoder.apply(v, x, train=False), enc_vars)
+  if parts.predictor is not None:
+    pred_vars = parts.predictor.init(k_pred, jnp.zeros(proj.shape, jnp.float32), train=False)
+    params["predictor"] = pred_vars["params"]
+    batch_stats["predictor"] = pred_vars["batch_stats"]
+  target = None
+  if parts.method.uses_target:
+    target = {"params": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}
+  probe_params = nn.Dense(parts.num_classes).init(k_probe, jnp.zeros(features.shape, jnp.float32))["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=parts.tx.init(params),
+      target=target,
+      objective_state=parts.method.init_objective_state(proj.shape[-1]),
+      probe_params=probe_params,
+      probe_opt_state=parts.probe_tx.init(probe_params),
+      rng=rng,
+      nonfinite_steps=jnp.zeros((), jnp.int32),
+  )
+
+
+def make_views(parts: StepParts, rng: Array, step: Array, images: Array) -> tuple[Array, Array]:
+  """Two augmented, normalised views of a uint8 batch; keys from (rng, step)."""
+  key = jax.random.fold_in(jax.random.fold_in(rng, _AUGMENT_STREAM), step)
+  k1, k2 = jax.random.split(key)
+  views = []
+  for k, cfg in ((k1, parts.view1), (k2, parts.view2)):
+    x = augment.augment_batch(k, images, cfg, parts.image_size)
+    views.append(augment.normalize(x, parts.mean, parts.std))
+  return views[0], views[1]
+
+
+def _apply(module, params, stats, x):
+  """A train-mode forward returning (output, updated batch statistics)."""
+  out, updates = module.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+  return out, updates["batch_stats"]
+
+
+def _global_norm(tree) -> Array:
+  return optax.global_norm(tree)
+
+
+def _all_finite(tree) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[TrainState, Metrics]:
+  """One optimisation step of the online encoder (and predictor), the EMA target and the
+  online linear probe. Pure: bind ``parts`` with functools.partial and jit."""
+  x1, x2 = make_views(parts, state.rng, state.step, batch["images"])
+
+  def loss_fn(params):
+    enc_stats = state.batch_stats["encoder"]
+    (f1, z1), enc_stats = _apply(parts.encoder, params["encoder"], enc_stats, x1)
+    (f2, z2), enc_stats = _apply(parts.encoder, params["encoder"], enc_stats, x2)
+    new_stats = {"encoder": enc_stats}
+    pred = target = None
+    if parts.predictor is not None:
+      pred_stats = state.batch_stats["predictor"]
+      p1, pred_stats = _apply(parts.predictor, params["predictor"], pred_stats, z1)
+      p2, pred_stats = _apply(parts.predictor, params["predictor"], pred_stats, z2)
+      pred, new_stats["predictor"] = (p1, p2), pred_stats
+    if state.target is not None:
+      tp, ts = state.target["params"], state.target["batch_stats"]
+      # The target normalises with its own batch statistics (train mode); its running
+      # averages are an EMA of the online ones, below.
+      (_, t1), _ = _apply(parts.encoder, tp, ts, x1)
+      (_, t2), _ = _apply(parts.encoder, tp, ts, x2)
+      target = (jax.lax.stop_gradient(t1), jax.lax.stop_gradient(t2))
+    loss, objective_state, metrics = parts.method.loss(Views((z1, z2), pred, target), state.objective_state)
+    aux = (new_stats, objective_state, metrics, jax.lax.stop_gradient(f1), jax.lax.stop_gradient((z1, z2)))
+    return loss, aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_stats, objective_state, method_metrics, features, (z1, z2) = aux
+  updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  # Online linear probe on stop-gradient features of the first view.
+  def probe_loss(probe_params):
+    logits = nn.Dense(parts.num_classes).apply({"params": probe_params}, features)
+    labels = batch["labels"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return ce, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+  (probe_ce, probe_acc), probe_grads = jax.value_and_grad(probe_loss, has_aux=True)(state.probe_params)
+  probe_updates, probe_opt_state = parts.probe_tx.update(probe_grads, state.probe_opt_state, state.probe_params)
+  probe_params = optax.apply_updates(state.probe_params, probe_updates)
+
+  target = state.target
+  momentum = jnp.float32(0.0)
+  if target is not None:
+    momentum = parts.momentum_fn(state.step)
+    target = ema_update(target, {"params": params["encoder"], "batch_stats": new_stats["encoder"]}, momentum)
+
+  proposed = state.replace(
+      step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state, target=target,
+      objective_state=objective_state, probe_params=probe_params, probe_opt_state=probe_opt_state)
+  # Never train on a non-finite update: keep the old state (the step still advances, so
+  # the data order is unchanged) and count it; the loop stops the run with a report.
+  ok = jnp.isfinite(loss) & _all_finite(grads) & jnp.isfinite(probe_ce)
+  refused = state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + 1)
+  new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), proposed, refused)
+
+  metrics = {
+      "loss": loss,
+      **method_metrics,
+      "lr": parts.lr_fn(state.step),
+      "target_momentum": momentum,
+      "grad_norm": _global_norm(grads),
+      "update_norm": _global_norm(updates),
+      "param_norm": _global_norm(params),
+      "probe_loss": probe_ce,
+      "probe_acc": probe_acc,
+      "embedding_std": O.embedding_std(z1),
+      "rank_renyi2": O.renyi2_rank(z1),
+      "finite": ok.astype(jnp.float32),
+  }
+  return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------
+# Batches gathered on device from a per-epoch permutation.
+# ----------------------------------------------------------------------------------
+def gather_batch(dataset: Batch, rng: Array, step: Array, batch_size: int, batch_sharding) -> Batch:
+  """The step's batch from a device-resident dataset, in a per-epoch random order.
+
+  Epoch e visits a permutation drawn from fold_in(data key, e); the last partial batch
+  of each epoch is dropped. The host does no per-step work.
+  """
+  n = dataset["labels"].shape[0]
+  steps_per_epoch = n // batch_size
+  epoch, offset = step // steps_per_epoch, step % steps_per_epoch
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, _DATA_STREAM), epoch), n)
+  idx = jax.lax.dynamic_slice(perm, (offset * batch_size,), (batch_size,))
+  batch = {k: jnp.take(v, idx, axis=0) for k, v in dataset.items()}
+  return jax.lax.with_sharding_constraint(batch, batch_sharding)
+
+
+def device_data_step(state: TrainState, dataset: Batch, parts: StepParts, batch_size: int, batch_sharding):
+  """gather_batch then train_step, as one jitted program."""
+  batch = gather_batch(dataset, state.rng, state.step, batch_size, batch_sharding)
+  return train_step(state, batch, parts)

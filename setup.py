@@ -1,0 +1,33 @@
+"""emim: self-supervised representation learning by mutual-information maximisation."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="emim",
+    version="0.1.0",
+    description="Explicit mutual-information maximisation for self-supervised learning, in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["emim", "emim.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Lower bounds only: the accelerator machines run newer jax/flax than CPU CI.
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources",  # tensorflow-datasets imports it without declaring it
+        "ml-collections>=1.1",
+        "clu>=0.0.12",
+        "grain>=0.2.18",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        # TensorFlow only for preparing TFDS datasets and writing TensorBoard events;
+        # the train and eval programs run without it.
+        "tf": ["tensorflow-cpu", "tensorboard"],
+        "test": ["pytest"],
+    },
+)

@@ -1,0 +1,21 @@
+"""Test set-up: 8 fake CPU devices, set before JAX initialises, so sharding is tested."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def cifar_archive():
+  """The shared CIFAR-10 image folder archive; skips when ../shared/data is absent."""
+  if not CIFAR_ARCHIVE.exists():
+    pytest.skip(f"needs the shared CIFAR-10 archive at {CIFAR_ARCHIVE} (absent here)")
+  return CIFAR_ARCHIVE

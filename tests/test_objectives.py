@@ -1,0 +1,314 @@
+"""The objective library against closed forms, references and published formulas."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import emim.objectives as O
+from emim.objectives import logdet as ld_lib
+
+
+def correlated_views(n, d, rho, seed=0):
+  """z2 = rho z1 + sqrt(1 - rho^2) noise: I(z1; z2) = -d/2 log(1 - rho^2)."""
+  rng = np.random.default_rng(seed)
+  z1 = rng.normal(size=(n, d))
+  z2 = rho * z1 + math.sqrt(1 - rho**2) * rng.normal(size=(n, d))
+  return jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32)
+
+
+def random_spd_factor(m, d, seed=0, scale=1.0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(m, d)) * scale
+  x = x - x.mean(0)
+  return jnp.asarray(x / math.sqrt(m), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------
+# Gaussian MI.
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["joint", "symmetric"])
+def test_gaussian_mi_matches_closed_form(form):
+  n, d, rho = 20000, 8, 0.7
+  z1, z2 = correlated_views(n, d, rho)
+  truth = -d / 2 * math.log(1 - rho**2)
+  # The plug-in estimator's bias is about d^2 / (2n) nats here; its sd about sqrt(d/n).
+  assert abs(float(O.gaussian_mi(z1, z2, form=form)) - truth) < 0.05 * truth
+
+
+def test_gaussian_mi_invariant_to_invertible_linear_maps():
+  z1, z2 = correlated_views(4000, 6, 0.5, seed=1)
+  rng = np.random.default_rng(2)
+  a = jnp.asarray(rng.normal(size=(6, 6)) + 3 * np.eye(6), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(6, 6)) + 3 * np.eye(6), jnp.float32)
+  base = O.gaussian_mi(z1, z2)
+  np.testing.assert_allclose(O.gaussian_mi(z1 @ a, z2), base, rtol=1e-4)
+  np.testing.assert_allclose(O.gaussian_mi(z1 @ a + 5.0, z2 @ b - 2.0), base, rtol=1e-4)
+  # And MI of independent views is ~0.
+  noise = jnp.asarray(rng.normal(size=(4000, 6)), jnp.float32)
+  assert abs(float(O.gaussian_mi(z1, noise))) < 0.02
+
+
+def test_symmetric_form_equals_joint_form_on_symmetrised_statistics():
+  rng = np.random.default_rng(3)
+  z1 = jnp.asarray(rng.normal(size=(500, 5)), jnp.float32)
+  z2 = 0.6 * z1 @ jnp.asarray(rng.normal(size=(5, 5)), jnp.float32) + jnp.asarray(rng.normal(size=(500, 5)), jnp.float32)
+  s11, s22, s12 = O.covariance(z1), O.covariance(z2), O.covariance(z1, z2)
+  s, c = (s11 + s22) / 2, (s12 + s12.T) / 2
+  joint_of_symmetrised = O.gaussian_mi_from_covariances(s, c, s)
+  np.testing.assert_allclose(O.gaussian_mi(z1, z2, form="symmetric"), joint_of_symmetrised, rtol=1e-4)
+  # And the joint form of the raw statistics is what gaussian_mi's joint form computes.
+  np.testing.assert_allclose(O.gaussian_mi(z1, z2, form="joint"), O.gaussian_mi_from_covariances(s11, s12, s22), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------
+# Log-determinant backends.
+# ----------------------------------------------------------------------------------
+def test_exact_backends_agree_and_gram_form_equals_direct():
+  for m, d in [(64, 16), (16, 64)]:
+    x = random_spd_factor(m, d, seed=m)
+    a = x.T @ x + 1e-3 * jnp.eye(d)
+    reference = float(np.linalg.slogdet(np.asarray(a, np.float64))[1])
+    for backend in ["cholesky", "eigh"]:
+      for gram in [False, "auto"]:
+        cfg = O.LogdetConfig(backend=backend, eps=1e-3, gram=gram)
+        value = O.covariance_logdet(x, cfg)[0]
+        np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5, 6])
+def test_taylor_equals_polynomial_on_eigh_spectrum_value_and_gradient(order):
+  x = random_spd_factor(48, 12, seed=order)
+  eps, beta = 1e-3, 2.0
+
+  def taylor(x):
+    a = x.T @ x + eps * jnp.eye(12)
+    return O.taylor_logdet(a, beta, order)
+
+  def polynomial_on_eigenvalues(x):
+    lam = jnp.linalg.eigvalsh(x.T @ x + eps * jnp.eye(12))
+    return 12 * jnp.log(beta) + jnp.sum(O.taylor_log(lam / beta, order))
+
+  np.testing.assert_allclose(taylor(x), polynomial_on_eigenvalues(x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.grad(taylor)(x), jax.grad(polynomial_on_eigenvalues)(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rescale", ["trace", "max_eig"])
+def test_taylor_gram_form_equals_direct(rescale):
+  x = random_spd_factor(10, 40, seed=5)
+  direct = O.LogdetConfig(backend="taylor", eps=0.05, order=4, rescale=rescale, gram=False)
+  gram = O.LogdetConfig(backend="taylor", eps=0.05, order=4, rescale=rescale, gram=True)
+  state = O.init_eig_state(40)
+  v_direct, _, d1 = O.covariance_logdet(x, direct, state)
+  v_gram, _, d2 = O.covariance_logdet(x, gram, state)
+  np.testing.assert_allclose(v_gram, v_direct, rtol=1e-5)
+  np.testing.assert_allclose(d1["beta"], d2["beta"], rtol=1e-6)
+  g_direct = jax.grad(lambda x: O.covariance_logdet(x, direct, state)[0])(x)
+  g_gram = jax.grad(lambda x: O.covariance_logdet(x, gram, state)[0])(x)
+  np.testing.assert_allclose(g_gram, g_direct, rtol=1e-4, atol=1e-6)
+
+
+def test_taylor_approaches_exact_logdet_as_order_grows():
+  # Spectrum of A / beta inside (0.3, 1]: well inside the convergence region (0, 2).
+  rng = np.random.default_rng(7)
+  q, _ = np.linalg.qr(rng.normal(size=(10, 10)))
+  lam = np.linspace(0.3, 1.0, 10)
+  a = jnp.asarray(q @ np.diag(lam) @ q.T, jnp.float32)
+  exact = float(np.sum(np.log(lam)))
+  errors = [abs(float(O.taylor_logdet(a, 1.0, k)) - exact) for k in (1, 2, 4, 8, 16, 32)]
+  assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+  assert errors[-1] < 1e-4
+
+
+def test_power_iteration_tracks_lambda_max_and_rescaling_keeps_spectrum_in_range():
+  x = random_spd_factor(200, 16, seed=8, scale=3.0)
+  truth = float(np.linalg.eigvalsh(np.asarray(x.T @ x, np.float64))[-1]) + 1e-3
+  lam, _ = O.power_iteration(x, 1e-3, O.init_eig_state(16)["v"], 200)
+  np.testing.assert_allclose(lam, truth, rtol=1e-4)
+  cfg = O.LogdetConfig(backend="taylor", eps=1e-3, rescale="max_eig", power_iters=3)
+  state = O.init_eig_state(16)
+  for _ in range(80):  # warm-started across "steps"; the EMA forgets its start
+    _, state, diag = O.covariance_logdet(x, cfg, state)
+  np.testing.assert_allclose(state["lam"], truth, rtol=1e-3)
+  assert 0.0 < float(diag["rescaled_eig_max"]) <= 1.0 + 1e-5
+
+
+def test_config_rejects_unknown_backend_and_unsafe_rescaling():
+  with pytest.raises(ValueError, match="backend"):
+    O.LogdetConfig(backend="svd")
+  with pytest.raises(ValueError, match="convergence region"):
+    O.LogdetConfig(rescale_c=0.4)
+  with pytest.raises(ValueError, match="form"):
+    O.EmmiConfig(form="asymmetric")
+
+
+# ----------------------------------------------------------------------------------
+# The EMMI loss.
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["joint", "symmetric"])
+def test_emmi_loss_with_exact_backend_is_minus_gaussian_mi(form):
+  z1, z2 = correlated_views(256, 8, 0.5, seed=9)
+  cfg = O.EmmiConfig(form=form, logdet=O.LogdetConfig(backend="cholesky", eps=1e-4))
+  loss, state, metrics = O.emmi_loss(z1, z2, O.init_emmi_state(8, cfg), cfg)
+  np.testing.assert_allclose(-loss, O.gaussian_mi(z1, z2, form=form, eps=1e-4), rtol=1e-4)
+  np.testing.assert_allclose(metrics["mi"], -loss, rtol=1e-6)
+  assert state == {}
+
+
+def test_emmi_weight_on_invariance_terms():
+  z1, z2 = correlated_views(128, 4, 0.5, seed=10)
+  base = O.EmmiConfig(logdet=O.LogdetConfig(backend="cholesky"))
+  weighted = O.EmmiConfig(logdet=O.LogdetConfig(backend="cholesky"), w_inv=2.0)
+  _, _, m = O.emmi_loss(z1, z2, {}, base)
+  loss2, _, _ = O.emmi_loss(z1, z2, {}, weighted)
+  expected = -(m["ld_marginal"] - 2.0 * 0.5 * (m["ld_sum"] + m["ld_diff"]))
+  np.testing.assert_allclose(loss2, expected, rtol=1e-5)
+
+
+def test_gradients_finite_for_rank_deficient_and_bf16_inputs():
+  rng = np.random.default_rng(11)
+  base = rng.normal(size=(4, 32))
+  z1 = jnp.asarray(np.repeat(base, 4, axis=0), jnp.float32)  # n=16 < d=32, duplicated rows
+  z2 = z1 + 0.01 * jnp.asarray(rng.normal(size=z1.shape), jnp.float32)
+  for backend in ["cholesky", "taylor"]:
+    for form in ["joint", "symmetric"]:
+      cfg = O.EmmiConfig(form=form, logdet=O.LogdetConfig(backend=backend, eps=1e-4))
+      state = O.init_emmi_state(32, cfg)
+      for dtype in [jnp.float32, jnp.bfloat16]:
+        grads = jax.grad(lambda a, b: O.emmi_loss(a, b, state, cfg)[0], argnums=(0, 1))(
+            z1.astype(dtype), z2.astype(dtype))
+        for g in grads:
+          assert np.all(np.isfinite(np.asarray(g, np.float32))), (backend, form, dtype)
+  # Fully collapsed views: every covariance is the ridge alone.
+  const = jnp.ones((16, 32))
+  cfg = O.EmmiConfig()
+  g = jax.grad(lambda a: O.emmi_loss(a, const, O.init_emmi_state(32, cfg), cfg)[0])(const)
+  assert np.all(np.isfinite(g))
+
+
+# ----------------------------------------------------------------------------------
+# MI estimators and the established losses on hand-checked examples.
+# ----------------------------------------------------------------------------------
+def test_estimators_on_hand_checked_example():
+  # Two pairs, orthogonal embeddings, tau = 1: T = [[1, 0], [0, 1]].
+  za = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  zb = jnp.array([[3.0, 0.0], [0.0, 0.5]])
+  # DV: mean diag = 1; log mean_{i != j} exp(0) = 0.
+  np.testing.assert_allclose(O.dv(za, zb), 1.0, rtol=1e-6)
+  # InfoNCE: 1 - log((e + 1)/2).
+  np.testing.assert_allclose(O.infonce(za, zb), 1.0 - math.log((math.e + 1) / 2), rtol=1e-6)
+  # JSD: -softplus(-1) - softplus(0).
+  sp = lambda x: math.log1p(math.exp(x))
+  np.testing.assert_allclose(O.jsd(za, zb), -sp(-1.0) - sp(0.0), rtol=1e-6)
+  # InfoNCE is bounded by log n.
+  z1, z2 = correlated_views(64, 16, 0.99)
+  assert float(O.infonce(z1, z2, tau=0.05)) <= math.log(64) + 1e-5
+
+
+def test_nt_xent_hand_checked():
+  # n = 2, tau = 1, z1 = [e1, e2], z2 = [e1, e2]: each anchor's positive has cos 1, the two
+  # others cos 0: loss = -log(e / (e + 2)).
+  e = jnp.eye(2)
+  loss, _ = O.nt_xent(e, e, tau=1.0)
+  np.testing.assert_allclose(loss, -math.log(math.e / (math.e + 2)), rtol=1e-6)
+
+
+def test_barlow_twins_hand_checked():
+  # Standardised columns: z1 = [[1, 1], [-1, -1]] -> C = [[1, 1], [1, 1]] with z2 = z1
+  # (up to the 1e-5 BatchNorm eps): on-diagonal 0, off-diagonal 2 * 1^2 = 2.
+  z = jnp.array([[1.0, 1.0], [-1.0, -1.0]])
+  loss, m = O.barlow_twins(z, z, lambd=0.5)
+  np.testing.assert_allclose(m["bt_on_diag"], 0.0, atol=1e-4)
+  np.testing.assert_allclose(m["bt_off_diag"], 2.0, rtol=1e-4)
+  np.testing.assert_allclose(loss, 1.0, rtol=1e-4)
+  # Anti-correlated views: C = -I on the diagonal -> (1 - (-1))^2 per dimension.
+  loss, m = O.barlow_twins(jnp.array([[1.0, -1.0], [-1.0, 1.0]]), jnp.array([[-1.0, 1.0], [1.0, -1.0]]), lambd=0.0)
+  np.testing.assert_allclose(loss, 8.0, rtol=1e-4)
+
+
+def test_vicreg_hand_checked():
+  # z1 = [[1, 0], [-1, 0]], z2 = z1 + 1: invariance = mean((-1)^2) = 1.
+  # Column stds (unbiased, n=2): sqrt(2) and 0 -> hinge terms 0 and 1 -> mean 0.5, /2 per branch.
+  # Off-diagonal covariance is 0.
+  z1 = jnp.array([[1.0, 0.0], [-1.0, 0.0]])
+  z2 = z1 + 1.0
+  loss, m = O.vicreg(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=0.0)
+  np.testing.assert_allclose(m["vic_invariance"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(m["vic_variance"], 0.5, rtol=1e-6)
+  np.testing.assert_allclose(m["vic_covariance"], 0.0, atol=1e-7)
+  np.testing.assert_allclose(loss, 25.0 + 12.5, rtol=1e-6)
+
+
+def test_taylor_dv_hand_checked():
+  # Standardised a = b = [[1, 1], [-1, -1]]: Sab = Saa = Sbb = [[1, 1], [1, 1]] (to eps).
+  # -tr(Sab) = -2, 1/2 tr(Saa Sbb) = 1/2 * 4 = 2.
+  z = jnp.array([[1.0, 1.0], [-1.0, -1.0]])
+  loss, m = O.taylor_dv(z, z, lambd=1.0)
+  np.testing.assert_allclose(m["dv_joint"], 2.0, rtol=1e-4)
+  np.testing.assert_allclose(m["dv_marginal"], 2.0, rtol=1e-4)
+  np.testing.assert_allclose(loss, 0.0, atol=1e-3)
+
+
+def test_sdmi_losses_hand_checked_and_stop_gradient():
+  p = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  t = jnp.array([[2.0, 0.0], [1.0, 0.0]])  # cos = 1 and 0
+  np.testing.assert_allclose(O.byol_loss(p, t)[0], 1.0, rtol=1e-6)  # mean(2 - 2*[1, 0])
+  np.testing.assert_allclose(O.sdmi_prototype_loss(p, t)[0], -0.5, rtol=1e-6)
+  np.testing.assert_allclose(O.simsiam_loss(p, t)[0], -0.5, rtol=1e-6)
+  for loss_fn in [O.byol_loss, O.sdmi_prototype_loss]:
+    g_target = jax.grad(lambda t: loss_fn(p, t)[0])(t)
+    np.testing.assert_array_equal(g_target, 0.0)  # the target receives no gradient
+  # MoCo: q = k = I, tau = 1: CE = -log(e / (e + 1)).
+  loss, m = O.moco_infonce(jnp.eye(2), jnp.eye(2), tau=1.0)
+  np.testing.assert_allclose(loss, -math.log(math.e / (math.e + 1)), rtol=1e-6)
+  assert float(m["moco_acc"]) == 1.0
+
+
+def test_diagnostics():
+  z1, _ = correlated_views(2000, 8, 0.5)
+  np.testing.assert_allclose(O.effective_rank(z1), 8.0, rtol=0.02)
+  assert 7.0 < float(O.renyi2_rank(z1)) <= float(O.effective_rank(z1)) + 1e-4
+  collapsed = jnp.ones((32, 8)) + 1e-6 * z1[:32]
+  assert float(O.embedding_std(collapsed)) < 1e-4
+  spectrum = O.rescaled_spectrum(z1, z1, eps=1e-4)
+  np.testing.assert_allclose(spectrum["rescaled_eig_max_marginal"], 1.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# Sharded over 8 devices: statistics over the global batch.
+# ----------------------------------------------------------------------------------
+def _all_losses(z1, z2):
+  emmi = O.EmmiConfig()
+  joint = O.EmmiConfig(form="joint", logdet=O.LogdetConfig(backend="cholesky"))
+  state = O.init_emmi_state(z1.shape[1], emmi)
+  return {
+      "emmi": O.emmi_loss(z1, z2, state, emmi)[0],
+      "emmi_joint": O.emmi_loss(z1, z2, {}, joint)[0],
+      "gaussian_sym": O.gaussian_mi(z1, z2, form="symmetric", eps=1e-4),
+      "dv": O.dv(z1, z2, 0.5),
+      "infonce": O.infonce(z1, z2, 0.5),
+      "jsd": O.jsd(z1, z2, 0.5),
+      "nt_xent": O.nt_xent(z1, z2)[0],
+      "barlow": O.barlow_twins(z1, z2)[0],
+      "vicreg": O.vicreg(z1, z2)[0],
+      "taylor_dv": O.taylor_dv(z1, z2)[0],
+      "byol": O.byol_loss(z1, z2)[0],
+      "moco": O.moco_infonce(z1, z2)[0],
+      "renyi2_rank": O.renyi2_rank(z1),
+  }
+
+
+def test_every_loss_sharded_over_8_devices_equals_unsharded():
+  assert jax.device_count() == 8, "conftest sets 8 host devices"
+  z1, z2 = correlated_views(64, 16, 0.6, seed=12)
+  unsharded = jax.jit(_all_losses)(z1, z2)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  batch = NamedSharding(mesh, P("data"))
+  s1, s2 = jax.device_put(z1, batch), jax.device_put(z2, batch)
+  assert len(s1.sharding.device_set) == 8
+  sharded = jax.jit(_all_losses)(s1, s2)
+  for name in unsharded:
+    np.testing.assert_allclose(sharded[name], unsharded[name], rtol=2e-5, atol=1e-5, err_msg=name)
