@@ -48,9 +48,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True, restore_step=-1))
 
   c.eval = ml_collections.ConfigDict(dict(
+      mi_batch_size=512,  # fixed batch for the MI estimates logged with every progress line
       every_steps=0,  # periodic kNN during training; 0 = off
       knn_k=(20, 200), knn_temperature=0.1, knn_train_subset=10000, knn_test_subset=2000, batch_size=512))
   return c
+
+
+def cifar_recipe(c: ml_collections.ConfigDict) -> None:
+  """The CIFAR pre-training recipe shared by CIFAR-10 and CIFAR-100 (solo-learn's
+  LARS settings; the EMMI paper's architecture: ResNet-18, CIFAR stem, Taylor order 4)."""
+  c.model.backbone, c.model.cifar_stem = "resnet18", True
+  # No blur at 32x32 (it removes most of the image); solarise on the second view only.
+  c.augment.view1.blur_p = c.augment.view2.blur_p = 0.0
+  c.optim.name, c.optim.base_lr, c.optim.weight_decay, c.optim.warmup_epochs = "lars", 1.0, 1e-5, 10
+  c.train.batch_size, c.train.num_epochs, c.train.log_every = 256, 1000, 100
+  c.checkpoint.every_steps = 2000
+  c.eval.every_steps = 5000
+
+
+def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
+  """ResNet-50 with the ImageNet stem at 224x224, the BYOL augmentation recipe, LARS."""
+  c.data.image_size, c.data.mean, c.data.std = 224, IMAGENET_MEAN, IMAGENET_STD
+  c.model.backbone, c.model.cifar_stem, c.model.dtype = "resnet50", False, "bfloat16"
+  c.model.projector_dims, c.model.predictor_dims = (4096, 4096, 1024), (4096, 1024)
+  c.method.target_momentum = 0.996
+  c.optim.name, c.optim.base_lr, c.optim.weight_decay, c.optim.warmup_epochs = "lars", 0.3, 1.5e-6, 10
+  c.train.batch_size, c.train.log_every = 1024, 100
+  c.checkpoint.every_steps = 5000
+  c.eval.every_steps = 10000
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -26,6 +26,7 @@ import optax
 from emim import checkpoint as ckpt_lib
 from emim import methods, models, optim, sharding
 from emim.data import sources
+from emim.evaluators.mi_tracker import make_mi_tracker
 from emim.metric_writer import MetricWriter
 from emim.target import momentum_schedule
 from emim.train_step import StepParts, TrainState, device_data_step, init_state
@@ -120,8 +121,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   compiled = step_fn.lower(state, dataset).compile()
   timings["compile_s"] = time.perf_counter() - t0
 
+  # --- Evaluators -------------------------------------------------------------------
+  track_mi = make_mi_tracker(parts)
+  mi_images = dataset["images"][: min(len(train_data), config.eval.mi_batch_size)]
+
+  def evaluate(step):
+    evals = jax.device_get(track_mi(state, mi_images))
+    logging.info("step %d | %s", step, " ".join(f"{k.split('/')[-1]}={float(v):.4g}" for k, v in evals.items()))
+    writer.write(step, evals)
+    return evals
+
   # --- Loop -------------------------------------------------------------------------
   writer = MetricWriter(workdir)
+  if start_step == 0:
+    evaluate(0)
   last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
   log_every = max(1, config.train.log_every)
   metrics, final = None, {}
@@ -146,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
         logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, total_steps,
                      done / steps_per_epoch, rate, rate * batch_size, _format_eta(eta), terms)
         writer.write(done, {**host, "epoch": done / steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * batch_size})
-        final = host
+        final = {**host, **evaluate(done)}
       checkpointer.save(done, state, force=done == last_step)
   finally:
     checkpointer.close()

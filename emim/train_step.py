@@ -119,10 +119,6 @@ def _apply(module, params, stats, x):
   return out, updates["batch_stats"]
 
 
-def _global_norm(tree) -> Array:
-  return optax.global_norm(tree)
-
-
 def _all_finite(tree) -> Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -190,9 +186,9 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
       **method_metrics,
       "lr": parts.lr_fn(state.step),
       "target_momentum": momentum,
-      "grad_norm": _global_norm(grads),
-      "update_norm": _global_norm(updates),
-      "param_norm": _global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "update_norm": optax.tree.norm(updates),
+      "param_norm": optax.tree.norm(params),
       "probe_loss": probe_ce,
       "probe_acc": probe_acc,
       "embedding_std": O.embedding_std(z1),

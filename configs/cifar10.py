@@ -1,0 +1,18 @@
+"""EMMI on CIFAR-10: ResNet-18 with the CIFAR stem, momentum encoder, Taylor order 4.
+
+    python -m emim.main --config=configs/cifar10.py --workdir=runs/cifar10
+    python -m emim.main --config=configs/cifar10.py:byol --workdir=runs/cifar10_byol
+
+Reads the image folder at data.path (here the shared CIFAR-10 archive, relative to the
+repository root); for TFDS use --config.data.source=tfds --config.data.tfds_name=cifar10.
+"""
+
+from emim.config_base import CIFAR_MEAN, CIFAR_STD, apply_variants, base_config, cifar_recipe
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.data.source, c.data.path, c.data.tfds_name = "image_folder", "../shared/data/cifar10-jpeg.tar.gz", "cifar10"
+  c.data.image_size, c.data.num_classes, c.data.mean, c.data.std = 32, 10, CIFAR_MEAN, CIFAR_STD
+  cifar_recipe(c)
+  return apply_variants(c, arg)

@@ -1,0 +1,84 @@
+"""Data sources: synthetic mixture, image folders (directory and .tar.gz) with their cache,
+and clear errors for missing or corrupt data."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emim.data import sources
+
+
+def write_folder(root, split="train", classes=("cat", "dog"), per_class=3, size=8):
+  rng = np.random.default_rng(0)
+  for c in classes:
+    (root / split / c).mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+  return root
+
+
+def test_synthetic_is_deterministic_labelled_and_splits_share_classes():
+  a = sources.synthetic(64, 16, 10, seed=0)
+  b = sources.synthetic(64, 16, 10, seed=0)
+  test = sources.synthetic(64, 16, 10, seed=1)
+  np.testing.assert_array_equal(a.images, b.images)
+  assert a.images.shape == (64, 16, 16, 3) and a.images.dtype == np.uint8
+  assert a.labels.min() >= 0 and a.labels.max() < 10 and a.num_classes == 10
+  assert not np.array_equal(a.images, test.images)
+  # Same class, different split: closer on average than different classes.
+  mean = lambda d, c: d.images[d.labels == c].astype(float).mean(0)
+  assert np.abs(mean(a, 0) - mean(test, 0)).mean() < np.abs(mean(a, 0) - mean(test, 1)).mean()
+
+
+def test_image_folder_directory_and_archive_decode_the_same(tmp_path):
+  root = write_folder(tmp_path / "folder")
+  from_dir = sources.image_folder(str(root), "train", None, cache_dir=None)
+  archive = tmp_path / "folder.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(root / "train", arcname="train")
+  from_tar = sources.image_folder(str(archive), "train", None, cache_dir=None)
+  assert from_dir.class_names == from_tar.class_names == ("cat", "dog")
+  np.testing.assert_array_equal(from_dir.images, from_tar.images)
+  np.testing.assert_array_equal(from_dir.labels, [0, 0, 0, 1, 1, 1])
+  expected = np.asarray(Image.open(root / "train" / "dog" / "0.png").convert("RGB"))
+  np.testing.assert_array_equal(from_dir.images[3], expected)
+
+
+def test_image_folder_resizes_to_decode_size(tmp_path):
+  root = write_folder(tmp_path / "folder", size=12)
+  data = sources.image_folder(str(root), "train", 6, cache_dir=None)
+  assert data.images.shape == (6, 6, 6, 3)
+
+
+def test_cache_makes_the_second_load_skip_decoding(tmp_path, monkeypatch):
+  root = write_folder(tmp_path / "folder")
+  first = sources.image_folder(str(root), "train", None, cache_dir=str(tmp_path / "cache"))
+  assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError("decoded again despite the cache")
+
+  monkeypatch.setattr(sources, "_decode", no_decoding)
+  second = sources.image_folder(str(root), "train", None, cache_dir=str(tmp_path / "cache"))
+  np.testing.assert_array_equal(first.images, second.images)
+
+
+def test_missing_and_corrupt_data_give_errors_that_name_the_fix(tmp_path):
+  with pytest.raises(sources.DatasetError, match="does not exist.*config.data.path"):
+    sources.image_folder(str(tmp_path / "nowhere"), "train", None, None)
+  root = write_folder(tmp_path / "folder")
+  with pytest.raises(sources.DatasetError, match="No split 'val'"):
+    sources.image_folder(str(root), "val", None, None)
+  (root / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+  with pytest.raises(sources.DatasetError, match="broken.jpg.*Remove or replace"):
+    sources.image_folder(str(root), "train", None, None)
+
+
+def test_shared_cifar10_archive_test_split(cifar_archive, tmp_path):
+  data = sources.image_folder(str(cifar_archive), "test", None, cache_dir=str(tmp_path))
+  assert data.images.shape == (10000, 32, 32, 3)
+  assert data.class_names[0] == "airplane" and data.num_classes == 10
+  np.testing.assert_array_equal(np.bincount(data.labels), [1000] * 10)
