@@ -23,6 +23,7 @@ setup(
         "grain>=0.2.18",
         "numpy",
         "pillow",
+        "safetensors",  # the PyTorch export
     ],
     extras_require={
         # TensorFlow only for preparing TFDS datasets and writing TensorBoard events;

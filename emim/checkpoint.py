@@ -67,21 +67,33 @@ def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _single_device():
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def restore_subtree(directory: str | pathlib.Path, step: int | None, keys: tuple[str, ...]):
   """Only ``keys`` of a saved state (e.g. params and batch_stats for evaluation), on the
   default device, from the latest or a given step, without building the full state."""
   directory = pathlib.Path(directory).absolute()
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  if not directory.is_dir():
+    raise CheckpointError(f"No checkpoints in {directory}: train first, or point --workdir at a training run.")
+  manager = ocp.CheckpointManager(
+      directory, item_handlers=ocp.PyTreeCheckpointHandler(), options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"No checkpoint in {directory}: train first, or point --workdir at a training run.")
+  if step is None or step not in manager.all_steps():
+    available = list(manager.all_steps())
+    manager.close()
+    if not available:
+      raise CheckpointError(f"No checkpoint in {directory}: train first, or point --workdir at a training run.")
+    raise CheckpointError(f"No checkpoint at step {step} in {directory}; available steps: {available}.")
   try:
     metadata = manager.item_metadata(step)
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
-    wanted = {k: tree[k] for k in keys}
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), abstract), partial_restore=True))
+    # Only the wanted subtrees are read (partial_restore); the optimiser state, target
+    # and the rest stay on disk.
+    abstract = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[k]) for k in keys}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=_single_device()), abstract)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True))
   except Exception as e:
     raise CheckpointError(f"Cannot read {keys} from the checkpoint at {directory / str(step)} ({type(e).__name__}: {e}).") from e
   finally:

@@ -8,6 +8,9 @@ works everywhere. The returned config is locked: an unknown key on the command l
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 from emim import methods
@@ -49,8 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       mi_batch_size=512,  # fixed batch for the MI estimates logged with every progress line
-      every_steps=0,  # periodic kNN during training; 0 = off
-      knn_k=(20, 200), knn_temperature=0.1, knn_train_subset=10000, knn_test_subset=2000, batch_size=512))
+      every_steps=0,  # periodic kNN on subsets during training; 0 = off
+      knn_train_subset=10000, knn_test_subset=2000,
+      knn_k=(20, 200), knn_temperature=0.07,
+      # The linear probe of the evaluation program (python -m emim.evaluate).
+      probe_mode="augmented", probe_epochs=100, probe_lr=0.1, probe_batch_size=256, probe_weight_decay=0.0,
+      batch_size=512,  # feature extraction
+  ))
   return c
 
 
@@ -92,7 +100,18 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.optim.warmup_epochs = 0
       c.checkpoint.every_steps = 2
       c.eval.knn_train_subset, c.eval.knn_test_subset, c.eval.batch_size = 256, 128, 64
+      c.eval.mi_batch_size, c.eval.probe_epochs, c.eval.probe_batch_size = 128, 2, 64
     else:
       raise ValueError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods.available())}) or 'runlocal'.")
   c.lock()
   return c
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file, as ``--config=path:arg`` loads it (for
+  notebooks and tests)."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"emim_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -1,16 +1,17 @@
 """The training program end to end on 8 CPU devices: runs, resumes exactly, refuses bad
 input with a clear error, and trains every registered method."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from emim.config_base import load_config_file
 from emim import methods, train
 from emim.checkpoint import Checkpointer
 from emim.metric_writer import read_metrics
@@ -19,11 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name="synthetic", variant="runlocal"):
-  """A config file of configs/, loaded as the command line loads it: get_config(variant)."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return load_config_file(REPO / "configs" / f"{name}.py", variant)
 
 
 def tiny_synthetic(variant="runlocal", **overrides):
@@ -104,9 +101,26 @@ def test_command_line_rejects_unknown_override(tmp_path):
   assert "batchsize" in result.stderr
 
 
-@pytest.mark.parametrize("name", sorted(set(methods.available()) - {"emmi"}))
-def test_every_method_trains_a_step(tmp_path, name):
-  config = tiny_synthetic(f"{name},runlocal", **{"train.num_steps": 2, "checkpoint.async_save": False})
+def test_every_registered_method_computes_a_finite_loss_with_its_needs():
+  rng = np.random.default_rng(0)
+  views = lambda: tuple(jnp.asarray(rng.normal(size=(16, 8)), jnp.float32) for _ in range(2))
+  for name in methods.available():
+    method = methods.make_method(methods.method_config(name))
+    v = methods.Views(proj=views(), pred=views() if method.uses_predictor else None,
+                      target=views() if method.uses_target else None)
+    loss, _, metrics = method.loss(v, method.init_objective_state(8))
+    assert np.isfinite(float(loss)) and metrics, name
+    assert method.paradigm in ("emmi", "sdmi", "jmi")
+
+
+# One method per structure (EMA target + predictor, shared weights + predictor, EMA
+# target without predictor, joint); emmi runs in every other test.
+@pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "barlow_twins"])
+def test_methods_train_a_step(tmp_path, name):
+  overrides = {"train.num_steps": 2, "checkpoint.async_save": False}
+  if name == "moco":
+    overrides["method.predictor"] = False  # MoCo v2's form; v3 (with predictor) is the default
+  config = tiny_synthetic(f"{name},runlocal", **overrides)
   result = train.run(config, str(tmp_path))
   assert np.isfinite(result.final_metrics["loss"]), name
   method = methods.make_method(config.method)
@@ -125,15 +139,3 @@ def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
   assert np.isfinite(result.final_metrics["loss"])
   assert list((tmp_path / "cache").glob("*.npz")), "the decoded archive is cached"
 
-
-def test_synthetic_default_raises_the_mi_estimates(tmp_path):
-  """The embedded default, shortened to 4 epochs: the tracked MI goes clearly up."""
-  config = load_config("synthetic", None)
-  with config.unlocked():
-    config.train.num_epochs, config.train.log_every = 4, 64
-  train.run(config, str(tmp_path))
-  rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/mi_infonce" in r]
-  first, last = rows[0], rows[-1]
-  assert first["step"] == 0 and last["step"] == 128
-  assert last["eval/mi_infonce"] > first["eval/mi_infonce"] + 0.2
-  assert last["eval/mi_gaussian"] > first["eval/mi_gaussian"] + 0.5

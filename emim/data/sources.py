@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import pathlib
 import tarfile
@@ -159,7 +160,8 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
   logging.info("Decoding %d images of %s/%s with %d processes.", len(payloads), src, split, workers)
   chunk = max(1, len(payloads) // (workers * 8))
   if workers > 1 and len(payloads) > 1000:
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # "spawn": forking a process that runs JAX's threads can deadlock.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
       decoded = list(pool.map(_decode, payloads, [image_size] * len(payloads), chunksize=chunk))
   else:
     decoded = [_decode(p, image_size) for p in payloads]

@@ -24,6 +24,19 @@ ARCHITECTURES = {
 }
 
 
+class TorchPaddedConv(nn.Conv):
+  """A convolution padded k//2 on every side, as torchvision's ResNet pads.
+
+  "SAME" differs for stride 2 on even inputs (it pads only after), which would shift
+  every strided window by one pixel against the exported PyTorch model.
+  """
+
+  def __post_init__(self):
+    ks = self.kernel_size if isinstance(self.kernel_size, (tuple, list)) else (self.kernel_size,) * 2
+    object.__setattr__(self, "padding", tuple((k // 2, k // 2) for k in ks))
+    super().__post_init__()
+
+
 class BasicBlock(nn.Module):
   filters: int
   strides: int
@@ -90,7 +103,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME")
+    conv = functools.partial(TorchPaddedConv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     block_cls = BottleneckBlock if self.block == "bottleneck" else BasicBlock
@@ -101,7 +114,7 @@ class ResNet(nn.Module):
     else:
       x = conv(self.width, (7, 7), (2, 2), name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)

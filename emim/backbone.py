@@ -1,0 +1,116 @@
+"""A frozen backbone for evaluation and export: the model, its variables and its input
+convention, restored from a training run's checkpoint without building the train state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from emim import checkpoint as ckpt_lib
+from emim import sharding
+from emim.data import augment
+from emim.models import ResNet, make_backbone, parse_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A ResNet trunk with its params and BatchNorm statistics.
+
+  Attributes:
+    model: the Flax module (inference: ``train=False``).
+    variables: {"params": ..., "batch_stats": ...}.
+    image_size: the input size it was trained at.
+    mean, std: the per-channel normalisation applied to [0, 1] images.
+    model_config: the config fields that rebuild ``model``.
+  """
+
+  model: ResNet
+  variables: dict
+  image_size: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  model_config: dict
+
+  @property
+  def feature_dim(self) -> int:
+    return self.model.feature_dim
+
+  def preprocess(self, images: jax.Array) -> jax.Array:
+    """uint8 or [0, 1] images of any square size -> normalised float32 at image_size
+    (a centre crop, resized, when the stored images are larger)."""
+    if images.dtype == jnp.uint8:
+      images = augment.to_float(images)
+    if images.shape[1] != self.image_size:
+      fraction = self.image_size / images.shape[1] if images.shape[1] > self.image_size else 1.0
+      images = jax.vmap(lambda x: augment.center_crop(x, self.image_size, fraction))(images)
+    return augment.normalize(images, self.mean, self.std)
+
+  def apply(self, variables: dict, images: jax.Array) -> jax.Array:
+    """Features (N, feature_dim) of raw images; pure, for jit."""
+    return self.model.apply(variables, self.preprocess(images), train=False)
+
+  def features_fn(self):
+    """A jitted fn(images) -> features with the variables bound."""
+    return jax.jit(lambda images: self.apply(self.variables, images))
+
+
+def model_config_of(config: ml_collections.ConfigDict) -> dict:
+  m, d = config.model, config.data
+  return {"backbone": m.backbone, "width": m.width, "cifar_stem": m.cifar_stem, "dtype": m.dtype,
+          "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std)}
+
+
+def backbone_from_model_config(mc: dict, variables: dict) -> Backbone:
+  model = make_backbone(mc["backbone"], mc["width"], mc["cifar_stem"], parse_dtype(mc["dtype"]))
+  return Backbone(model, variables, mc["image_size"], tuple(mc["mean"]), tuple(mc["std"]), dict(mc))
+
+
+def init_backbone(model_config: dict, seed: int = 0) -> Backbone:
+  """A randomly initialised backbone (a baseline for the probes, and for tests)."""
+  skeleton = backbone_from_model_config(model_config, {})
+  size = model_config["image_size"]
+  variables = skeleton.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)), train=False)
+  return backbone_from_model_config(model_config, variables)
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a training run saved as config.json."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"No {path}: --workdir must be a training run's work directory (or pass --config).")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_backbone(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, step: int | None = None) -> tuple[int, Backbone]:
+  """Only the online backbone's params and batch statistics, from the latest or a given
+  step; safe while training is still writing newer checkpoints."""
+  step, tree = ckpt_lib.restore_subtree(pathlib.Path(workdir) / "checkpoints", step, ("params", "batch_stats"))
+  variables = {"params": tree["params"]["encoder"]["backbone"], "batch_stats": tree["batch_stats"]["encoder"]["backbone"]}
+  return step, backbone_from_model_config(model_config_of(config), variables)
+
+
+def extract_features(fn, images: np.ndarray, batch_size: int, mesh=None) -> np.ndarray:
+  """Features of every image, in order, with batches sharded over the mesh's devices.
+
+  The last batch is padded to full size (and the padding dropped) so one compiled
+  program serves every batch.
+  """
+  mesh = mesh or sharding.make_mesh()
+  devices = mesh.devices.size
+  batch_size = max(devices, batch_size - batch_size % devices)
+  spec = sharding.batch_sharding(mesh)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start : start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(jax.device_get(fn(jax.device_put(chunk, spec))))[:n])
+  return np.concatenate(out)

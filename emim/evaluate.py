@@ -1,0 +1,98 @@
+"""The evaluation program: linear probe and kNN on a frozen backbone from a checkpoint.
+
+    python -m emim.evaluate --workdir=runs/cifar10 [--checkpoint_step=N] [--mode=all|linear|knn]
+    python -m emim.evaluate --workdir=runs/cifar10 --config=configs/cifar10.py \
+        --config.eval.probe_epochs=10 --config.eval.probe_mode=features
+
+Only the backbone's params and batch statistics are read from the Orbax checkpoint
+(the latest, or --checkpoint_step), so it runs beside a training job that is still
+writing checkpoints, on any number of devices. Without --config the run's own
+config.json is used. Results are added to evaluation.json in the work directory (keyed
+by step), to metrics_eval.jsonl (and TensorBoard when installed), and to the log.
+Re-running on the same checkpoint gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from emim import sharding
+from emim.backbone import extract_features, load_run_config, restore_backbone
+from emim.data import sources
+from emim.evaluators.knn import knn_accuracy
+from emim.evaluators.linear_probe import linear_probe
+from emim.metric_writer import MetricWriter
+
+MODES = ("all", "linear", "knn")
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, mode: str = "all") -> dict:
+  """Evaluate one checkpoint of the run in ``workdir``; returns (and records) the results."""
+  if mode not in MODES:
+    raise ValueError(f"Unknown --mode {mode!r}; choose one of {MODES}.")
+  workdir = pathlib.Path(workdir)
+  t0 = time.perf_counter()
+  step, backbone = restore_backbone(workdir, config, step)
+  cache_dir = str(workdir.absolute().parent / ".emim_cache")
+  train = sources.load(config.data, "train", cache_dir=cache_dir)
+  test = sources.load(config.data, "test", cache_dir=cache_dir)
+  mesh = sharding.make_mesh()
+  results = {"step": step, "num_train": len(train), "num_test": len(test)}
+  timings = {"load_s": time.perf_counter() - t0}
+  if mode in ("all", "knn"):
+    t = time.perf_counter()
+    fn = backbone.features_fn()
+    train_f = extract_features(fn, train.images, config.eval.batch_size, mesh)
+    test_f = extract_features(fn, test.images, config.eval.batch_size, mesh)
+    results.update(knn_accuracy(train_f, train.labels, test_f, test.labels, train.num_classes,
+                                tuple(config.eval.knn_k), config.eval.knn_temperature))
+    timings["knn_s"] = time.perf_counter() - t
+  if mode in ("all", "linear"):
+    t = time.perf_counter()
+    results.update(linear_probe(backbone, train, test, config.eval, config.eval.probe_mode, config.seed, mesh))
+    results["linear_mode"] = config.eval.probe_mode
+    results["linear_epochs"] = config.eval.probe_epochs
+    timings["linear_s"] = time.perf_counter() - t
+  results["timings"] = timings
+  record(workdir, results)
+  return results
+
+
+def record(workdir: pathlib.Path, results: dict) -> None:
+  """Merge into evaluation.json (keyed by step), append to metrics_eval.jsonl, log."""
+  path = workdir / "evaluation.json"
+  table = json.loads(path.read_text()) if path.exists() else {}
+  table[str(results["step"])] = results
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
+  tmp.replace(path)
+  writer = MetricWriter(workdir, "metrics_eval.jsonl")
+  writer.write(results["step"], {f"eval/{k}": v for k, v in results.items() if isinstance(v, float)})
+  writer.close()
+  logging.info("Evaluation at step %d: %s", results["step"],
+               " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS
+  config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
+  evaluate(config, FLAGS.workdir, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step, FLAGS.mode)
+
+
+if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module (tests,
+  # notebooks, emim.export) defines none.
+  config_flags.DEFINE_config_file("config", None, "Config file; default: the run's config.json.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The training run's work directory.")
+  flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate; -1 for the latest.")
+  flags.DEFINE_enum("mode", "all", MODES, "Which evaluations to run.")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

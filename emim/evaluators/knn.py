@@ -1,0 +1,45 @@
+"""Weighted k-nearest-neighbour classification on cosine similarity (Wu et al. 2018).
+
+Each of the k nearest training features votes for its label with weight
+exp(cos / temperature); the prediction is the class with the largest total.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emim.objectives import l2_normalize
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "num_classes"))
+def _knn_chunk(train_feats, train_onehot, test_feats, test_labels, ks, num_classes, temperature):
+  sims = test_feats @ train_feats.T
+  top_sims, top_idx = jax.lax.top_k(sims, max(ks))
+  weights = jnp.exp(top_sims / temperature)
+  votes_each = train_onehot[top_idx] * weights[..., None]  # (chunk, kmax, classes)
+  correct = {}
+  for k in ks:
+    prediction = jnp.argmax(jnp.sum(votes_each[:, :k], axis=1), axis=-1)
+    correct[k] = jnp.sum(prediction == test_labels)
+  return correct
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int,
+                 ks=(20, 200), temperature: float = 0.07, chunk: int = 256) -> dict[str, float]:
+  """Top-1 accuracy of the weighted kNN classifier for each k, as {"knn_top1_k20": ...}."""
+  ks = tuple(sorted({min(int(k), len(train_labels)) for k in ks}))
+  train = l2_normalize(jnp.asarray(train_features))
+  onehot = jax.nn.one_hot(jnp.asarray(train_labels), num_classes)
+  test = np.asarray(test_features)
+  labels = np.asarray(test_labels)
+  correct = {k: 0 for k in ks}
+  for start in range(0, len(test), chunk):
+    part = _knn_chunk(train, onehot, l2_normalize(jnp.asarray(test[start : start + chunk])),
+                      jnp.asarray(labels[start : start + chunk]), ks, num_classes, temperature)
+    for k in ks:
+      correct[k] += int(part[k])
+  return {f"knn_top1_k{k}": correct[k] / len(test) for k in ks}
