@@ -11,7 +11,6 @@ from emim.config_base import apply_variants, base_config, imagenet_recipe
 def get_config(arg=None):
   c = base_config()
   c.data.source, c.data.path, c.data.test_split, c.data.num_classes = "image_folder", "", "val", 100
-  c.data.decode_size = 256  # shorter side, centre crop; views are random-resized to 224
   imagenet_recipe(c)
   c.train.num_epochs = 400
   return apply_variants(c, arg)

@@ -34,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", train_split="train", test_split="test", tfds_name="", tfds_data_dir="",
       cache_dir="", decode_size=0, image_size=32, num_classes=10, num_train=4096, num_test=1024,
-      mean=CIFAR_MEAN, std=CIFAR_STD))
+      mean=CIFAR_MEAN, std=CIFAR_STD,
+      stream=False,  # True: a Grain pipeline on host workers (ImageNet) instead of data on device
+      workers=8))  # host decoding processes when streaming
 
   # Two views: the asymmetric BYOL recipe (blur 1.0 / 0.1, solarise 0.0 / 0.2).
   c.augment = ml_collections.ConfigDict(dict(
@@ -77,6 +79,7 @@ def cifar_recipe(c: ml_collections.ConfigDict) -> None:
 def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
   """ResNet-50 with the ImageNet stem at 224x224, the BYOL augmentation recipe, LARS."""
   c.data.image_size, c.data.mean, c.data.std = 224, IMAGENET_MEAN, IMAGENET_STD
+  c.data.stream, c.data.decode_size = True, 256
   c.model.backbone, c.model.cifar_stem, c.model.dtype = "resnet50", False, "bfloat16"
   c.model.projector_dims, c.model.predictor_dims = (4096, 4096, 1024), (4096, 1024)
   c.method.target_momentum = 0.996

@@ -25,11 +25,13 @@ import optax
 
 from emim import checkpoint as ckpt_lib
 from emim import methods, models, optim, sharding
-from emim.data import sources
+from emim.backbone import backbone_from_model_config, model_config_of
+from emim.data.pipeline import make_train_data
+from emim.evaluators.knn import PeriodicKnn
 from emim.evaluators.mi_tracker import make_mi_tracker
 from emim.metric_writer import MetricWriter
 from emim.target import momentum_schedule
-from emim.train_step import StepParts, TrainState, device_data_step, init_state
+from emim.train_step import StepParts, TrainState, init_state
 
 
 @dataclasses.dataclass
@@ -81,23 +83,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   sharding.check_batch_size(config.train.batch_size, mesh)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-  # --- Data, decoded once (cached) and put on the devices --------------------------
+  # --- Data: on the devices (CIFAR) or streamed from host workers (ImageNet) -------
   t0 = time.perf_counter()
-  train_data = sources.load(config.data, "train", cache_dir=default_cache_dir(workdir))
+  data = make_train_data(config.data, mesh, default_cache_dir(workdir), config.seed)
   timings["decode_s"] = time.perf_counter() - t0
   batch_size = config.train.batch_size
-  steps_per_epoch = len(train_data) // batch_size
+  steps_per_epoch = data.num_examples // batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"The training set has {len(train_data)} images, fewer than one batch of {batch_size}.")
+    raise ValueError(f"The training set has {data.num_examples} images, fewer than one batch of {batch_size}.")
   total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
-  images, labels = train_data.images, train_data.labels
-  if images.shape[1] != config.data.image_size and config.data.decode_size == 0:
-    logging.info("Images are %dx%d; views are cropped to %d.", images.shape[1], images.shape[2], config.data.image_size)
-  dataset = {"images": sharding.put_global(images, replicated), "labels": sharding.put_global(labels, replicated)}
-  logging.info("Data: %d images of %s, %d steps/epoch, %d steps.", len(train_data), images.shape[1:], steps_per_epoch, total_steps)
+  logging.info("Data: %d images, %d steps/epoch, %d steps.", data.num_examples, steps_per_epoch, total_steps)
 
   # --- State, created sharded, or restored ------------------------------------------
-  parts = build_parts(config, train_data.num_classes, steps_per_epoch, total_steps)
+  parts = build_parts(config, data.num_classes, steps_per_epoch, total_steps)
   rng = jax.random.PRNGKey(config.seed)
   init_fn = functools.partial(init_state, parts)
   abstract = jax.eval_shape(init_fn, rng, None)
@@ -114,16 +112,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   start_step = int(state.step)
 
   # --- The step, compiled once ahead of time ----------------------------------------
-  step_fn = jax.jit(
-      functools.partial(device_data_step, parts=parts, batch_size=batch_size, batch_sharding=batch_sharding),
-      in_shardings=(state_sharding, replicated), out_shardings=(state_sharding, replicated), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, dataset).compile()
+  step_fn = data.compile_step(parts, state, state_sharding, batch_size)
   timings["compile_s"] = time.perf_counter() - t0
 
   # --- Evaluators -------------------------------------------------------------------
   track_mi = make_mi_tracker(parts)
-  mi_images = dataset["images"][: min(len(train_data), config.eval.mi_batch_size)]
+  # A fixed random subset of the training images for the MI estimates.
+  mi_images = sharding.put_global(
+      data.train_subset(min(data.num_examples, config.eval.mi_batch_size), seed=1).images, replicated)
+  periodic_knn = None
+  if config.eval.every_steps > 0:
+    backbone = backbone_from_model_config(model_config_of(config), {})
+    periodic_knn = PeriodicKnn(backbone, data.train_subset(config.eval.knn_train_subset),
+                               data.test_subset(config.eval.knn_test_subset), config.eval, mesh)
+
+  def knn_eval(step):
+    variables = {"params": state.params["encoder"]["backbone"], "batch_stats": state.batch_stats["encoder"]["backbone"]}
+    t = time.perf_counter()
+    accuracy = periodic_knn(variables)
+    logging.info("step %d | kNN on %d test images: %s (%.1fs)", step, config.eval.knn_test_subset,
+                 " ".join(f"{k}={v:.4f}" for k, v in accuracy.items()), time.perf_counter() - t)
+    writer.write(step, {f"knn/{k}": v for k, v in accuracy.items()})
+    return {f"knn/{k}": v for k, v in accuracy.items()}
 
   def evaluate(step):
     evals = jax.device_get(track_mi(state, mi_images))
@@ -142,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   t_log, steps_at_log = t_train, start_step
   try:
     for step in range(start_step, last_step):
-      state, metrics = compiled(state, dataset)
+      state, metrics = step_fn(state)
       done = step + 1
       if done % log_every == 0 or done == last_step:
         host = jax.device_get(metrics)
@@ -160,6 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
                      done / steps_per_epoch, rate, rate * batch_size, _format_eta(eta), terms)
         writer.write(done, {**host, "epoch": done / steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * batch_size})
         final = {**host, **evaluate(done)}
+      if periodic_knn is not None and (done % config.eval.every_steps == 0 or done == last_step):
+        final.update(knn_eval(done))
       checkpointer.save(done, state, force=done == last_step)
   finally:
     checkpointer.close()

@@ -42,13 +42,15 @@ def params_of(state):
 
 def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
   assert jax.device_count() == 8
-  result = train.run(tiny_synthetic(), str(tmp_path))
+  result = train.run(tiny_synthetic(**{"eval.every_steps": 2}), str(tmp_path))
   assert int(result.state.step) == 4
   assert np.isfinite(result.final_metrics["loss"])
   rows = read_metrics(tmp_path / "metrics.jsonl")
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == [2, 4]
   assert any("eval/mi_infonce" in r for r in rows)
+  knn = [r for r in rows if "knn/knn_top1_k20" in r]
+  assert [r["step"] for r in knn] == [2, 4] and 0.0 <= knn[-1]["knn/knn_top1_k20"] <= 1.0
   assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
   assert json.loads((tmp_path / "config.json").read_text())["method"]["name"] == "emmi"
   assert set(json.loads((tmp_path / "timings.json").read_text())) == {"decode_s", "compile_s", "train_s"}

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emim.backbone import extract_features
 from emim.objectives import l2_normalize
 
 
@@ -43,3 +44,24 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     for k in ks:
       correct[k] += int(part[k])
   return {f"knn_top1_k{k}": correct[k] / len(test) for k in ks}
+
+
+class PeriodicKnn:
+  """kNN accuracy of the online backbone on fixed (small) train and test sets, cheap
+  enough to run inside training every ``config.eval.every_steps`` steps."""
+
+  def __init__(self, backbone, train_data, test_data, eval_cfg, mesh):
+    self._train = (train_data.images, train_data.labels)
+    self._test = (test_data.images, test_data.labels)
+    self._num_classes = train_data.num_classes
+    self._cfg = eval_cfg
+    self._mesh = mesh
+    self._apply = jax.jit(backbone.apply)
+
+  def __call__(self, variables) -> dict[str, float]:
+    fn = lambda images: self._apply(variables, images)
+    size = self._cfg.batch_size
+    train_f = extract_features(fn, self._train[0], size, self._mesh)
+    test_f = extract_features(fn, self._test[0], size, self._mesh)
+    return knn_accuracy(train_f, self._train[1], test_f, self._test[1], self._num_classes,
+                        tuple(self._cfg.knn_k), self._cfg.knn_temperature)

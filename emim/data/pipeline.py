@@ -1,0 +1,113 @@
+"""How batches reach the train step: gathered on device, or streamed from the host.
+
+``DeviceData`` holds a dataset that fits in accelerator memory (CIFAR) on the devices
+once; each step gathers its batch there from a per-epoch permutation, so the host does
+no per-step work. ``StreamData`` feeds a larger one (ImageNet) from the Grain pipeline
+of ``streaming.py``. Both give the loop the same three things: sizes, a compiled step
+``step(state) -> (state, metrics)``, and small decoded subsets for the evaluators.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import ml_collections
+import numpy as np
+
+from emim import sharding
+from emim.data import sources, streaming
+from emim.data.sources import ImageDataset
+from emim.train_step import device_data_step, train_step
+
+
+def _subset(dataset: ImageDataset, n: int, seed: int) -> ImageDataset:
+  idx = np.random.default_rng(seed).permutation(len(dataset))[:n]
+  return ImageDataset(dataset.images[idx], dataset.labels[idx], dataset.class_names)
+
+
+class DeviceData:
+  """The whole training set on the devices (replicated)."""
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, mesh, cache_dir: str):
+    self._cfg, self._mesh, self._cache_dir = data_cfg, mesh, cache_dir
+    self.train = sources.load(data_cfg, "train", cache_dir=cache_dir)
+    replicated = sharding.replicated(mesh)
+    self._on_device = {"images": sharding.put_global(self.train.images, replicated),
+                       "labels": sharding.put_global(self.train.labels, replicated)}
+    logging.info("Data on device: %d images of %s.", len(self.train), self.train.images.shape[1:])
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.train)
+
+  @property
+  def num_classes(self) -> int:
+    return self.train.num_classes
+
+  def compile_step(self, parts, state, state_sharding, batch_size: int):
+    replicated = sharding.replicated(self._mesh)
+    fn = jax.jit(
+        functools.partial(device_data_step, parts=parts, batch_size=batch_size,
+                          batch_sharding=sharding.batch_sharding(self._mesh)),
+        in_shardings=(state_sharding, replicated), out_shardings=(state_sharding, replicated), donate_argnums=0)
+    compiled = fn.lower(state, self._on_device).compile()
+    return lambda state: compiled(state, self._on_device)
+
+  def train_subset(self, n: int, seed: int = 0) -> ImageDataset:
+    return _subset(self.train, n, seed)
+
+  def test_subset(self, n: int, seed: int = 0) -> ImageDataset:
+    return _subset(sources.load(self._cfg, "test", cache_dir=self._cache_dir), n, seed)
+
+
+class StreamData:
+  """Batches decoded on host workers by Grain, then sharded onto the mesh."""
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, mesh, seed: int):
+    self._cfg, self._mesh, self._seed = data_cfg, mesh, seed
+    self._records, self._decode, self._num_classes = streaming.stream_source(data_cfg, "train")
+    logging.info("Streaming %d training images with %d host workers.", len(self._records), data_cfg.workers)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self._records)
+
+  @property
+  def num_classes(self) -> int:
+    return self._num_classes
+
+  def compile_step(self, parts, state, state_sharding, batch_size: int):
+    batch_sharding = sharding.batch_sharding(self._mesh)
+    replicated = sharding.replicated(self._mesh)
+    stream = streaming.make_stream(self._records, self._decode, batch_size, self._seed, int(state.step), self._cfg.workers)
+    fn = jax.jit(functools.partial(train_step, parts=parts), in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+    first = next(stream)
+    to_global = lambda local: {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+    compiled = fn.lower(state, to_global(first)).compile()
+    pending = [first]  # the batch used to compile is the first one trained on
+
+    def step(state):
+      local = pending.pop() if pending else next(stream)
+      return compiled(state, to_global(local))
+
+    return step
+
+  def _decoded(self, records, n: int, seed: int) -> ImageDataset:
+    idx = np.random.default_rng(seed).permutation(len(records))[:n]
+    examples = [self._decode.map(records[int(i)]) for i in idx]
+    return ImageDataset(np.stack([e["images"] for e in examples]), np.array([e["labels"] for e in examples], np.int32),
+                        tuple(str(i) for i in range(self._num_classes)))
+
+  def train_subset(self, n: int, seed: int = 0) -> ImageDataset:
+    return self._decoded(self._records, n, seed)
+
+  def test_subset(self, n: int, seed: int = 0) -> ImageDataset:
+    records, _, _ = streaming.stream_source(self._cfg, "test")
+    return self._decoded(records, n, seed)
+
+
+def make_train_data(data_cfg: ml_collections.ConfigDict, mesh, cache_dir: str, seed: int):
+  return StreamData(data_cfg, mesh, seed) if data_cfg.stream else DeviceData(data_cfg, mesh, cache_dir)
