@@ -5,7 +5,7 @@
         --config.data.path=/data/cifar100-folder --workdir=runs/cifar100
 """
 
-from emim.config_base import CIFAR_MEAN, CIFAR_STD, apply_variants, base_config, cifar_recipe
+from emim.config_base import apply_variants, base_config, cifar_recipe
 
 
 def get_config(arg=None):

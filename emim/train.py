@@ -13,12 +13,10 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -81,7 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   # --- Mesh ------------------------------------------------------------------------
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh)
-  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  replicated = sharding.replicated(mesh)
 
   # --- Data: on the devices (CIFAR) or streamed from host workers (ImageNet) -------
   t0 = time.perf_counter()
@@ -98,14 +96,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   parts = build_parts(config, data.num_classes, steps_per_epoch, total_steps)
   rng = jax.random.PRNGKey(config.seed)
   init_fn = functools.partial(init_state, parts)
-  abstract = jax.eval_shape(init_fn, rng, None)
+  abstract = jax.eval_shape(init_fn, rng)
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   checkpointer = ckpt_lib.Checkpointer(
       workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)
   restore_step = None if config.checkpoint.restore_step < 0 else config.checkpoint.restore_step
   state = checkpointer.restore(ckpt_lib.abstract_like(abstract, state_sharding), restore_step)
   if state is None:
-    state = jax.jit(init_fn, static_argnums=1, out_shardings=state_sharding)(rng, None)
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   else:
     logging.info("Resumed from step %d in %s.", int(state.step), checkpointer.directory)

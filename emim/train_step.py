@@ -8,7 +8,6 @@ resumed run repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax
@@ -72,7 +71,7 @@ class StepParts:
   num_classes: int
 
 
-def init_state(parts: StepParts, rng: Array, sample_images: Array) -> TrainState:
+def init_state(parts: StepParts, rng: Array) -> TrainState:
   """A fresh state: initialise online, predictor, target (a copy) and probe."""
   k_enc, k_pred, k_probe = jax.random.split(jax.random.fold_in(rng, _INIT_STREAM), 3)
   x = jnp.zeros((2, parts.image_size, parts.image_size, 3), jnp.float32)

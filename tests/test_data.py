@@ -1,7 +1,6 @@
 """Data sources: synthetic mixture, image folders (directory and .tar.gz) with their cache,
 and clear errors for missing or corrupt data."""
 
-import io
 import tarfile
 
 import numpy as np

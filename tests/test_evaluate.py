@@ -5,14 +5,13 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import emim
 from emim.config_base import load_config_file
 from emim import evaluate, export, train
-from emim.backbone import backbone_from_model_config, init_backbone, model_config_of, restore_backbone
+from emim.backbone import init_backbone, model_config_of, restore_backbone
 from emim.checkpoint import CheckpointError
 from emim.data import sources
 from emim.evaluators.knn import knn_accuracy

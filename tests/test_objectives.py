@@ -9,7 +9,6 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import emim.objectives as O
-from emim.objectives import logdet as ld_lib
 
 
 def correlated_views(n, d, rho, seed=0):
