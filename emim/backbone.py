@@ -113,3 +113,15 @@ def extract_features(fn, images: np.ndarray, batch_size: int, mesh=None) -> np.n
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
     out.append(np.asarray(jax.device_get(fn(jax.device_put(chunk, spec))))[:n])
   return np.concatenate(out)
+
+
+def features_and_labels(fn, data, batch_size: int, mesh=None, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Features of every example of an in-memory ``ImageDataset`` or a ``StreamSplit``
+  (decoded batch by batch on the host), with their labels, in order."""
+  if hasattr(data, "images"):
+    return extract_features(fn, data.images, batch_size, mesh), np.asarray(data.labels)
+  features, labels = [], []
+  for batch in data.ordered_batches(batch_size, workers):
+    features.append(extract_features(fn, batch["images"], batch_size, mesh))
+    labels.append(batch["labels"])
+  return np.concatenate(features), np.concatenate(labels)

@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       knn_train_subset=10000, knn_test_subset=2000,
       knn_k=(20, 200), knn_temperature=0.07,
       # The linear probe of the evaluation program (python -m emim.evaluate).
-      probe_mode="augmented", probe_epochs=100, probe_lr=0.1, probe_batch_size=256, probe_weight_decay=0.0,
+      probe_mode="augmented", probe_epochs=100, probe_optimizer="sgd", probe_lr=0.1, probe_batch_size=256, probe_weight_decay=0.0,
       batch_size=512,  # feature extraction
   ))
   return c

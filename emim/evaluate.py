@@ -23,8 +23,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from emim import sharding
-from emim.backbone import extract_features, load_run_config, restore_backbone
-from emim.data import sources
+from emim.backbone import features_and_labels, load_run_config, restore_backbone
+from emim.data import sources, streaming
 from emim.evaluators.knn import knn_accuracy
 from emim.evaluators.linear_probe import linear_probe
 from emim.metric_writer import MetricWriter
@@ -39,23 +39,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   workdir = pathlib.Path(workdir)
   t0 = time.perf_counter()
   step, backbone = restore_backbone(workdir, config, step)
-  cache_dir = str(workdir.absolute().parent / ".emim_cache")
-  train = sources.load(config.data, "train", cache_dir=cache_dir)
-  test = sources.load(config.data, "test", cache_dir=cache_dir)
+  if config.data.stream:  # decoded on host workers batch by batch (ImageNet)
+    train, test = streaming.stream_split(config.data, "train"), streaming.stream_split(config.data, "test")
+  else:
+    cache_dir = str(workdir.absolute().parent / ".emim_cache")
+    train = sources.load(config.data, "train", cache_dir=cache_dir)
+    test = sources.load(config.data, "test", cache_dir=cache_dir)
+  workers = config.data.workers if config.data.stream else 0
   mesh = sharding.make_mesh()
   results = {"step": step, "num_train": len(train), "num_test": len(test)}
   timings = {"load_s": time.perf_counter() - t0}
   if mode in ("all", "knn"):
     t = time.perf_counter()
     fn = backbone.features_fn()
-    train_f = extract_features(fn, train.images, config.eval.batch_size, mesh)
-    test_f = extract_features(fn, test.images, config.eval.batch_size, mesh)
-    results.update(knn_accuracy(train_f, train.labels, test_f, test.labels, train.num_classes,
+    train_f, train_l = features_and_labels(fn, train, config.eval.batch_size, mesh, workers)
+    test_f, test_l = features_and_labels(fn, test, config.eval.batch_size, mesh, workers)
+    results.update(knn_accuracy(train_f, train_l, test_f, test_l, train.num_classes,
                                 tuple(config.eval.knn_k), config.eval.knn_temperature))
     timings["knn_s"] = time.perf_counter() - t
   if mode in ("all", "linear"):
     t = time.perf_counter()
-    results.update(linear_probe(backbone, train, test, config.eval, config.eval.probe_mode, config.seed, mesh))
+    results.update(linear_probe(backbone, train, test, config.eval, config.eval.probe_mode, config.seed, mesh, workers))
     results["linear_mode"] = config.eval.probe_mode
     results["linear_epochs"] = config.eval.probe_epochs
     timings["linear_s"] = time.perf_counter() - t

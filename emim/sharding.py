@@ -40,3 +40,8 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 def put_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A host array (identical on every process) placed as a global array."""
   return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays sharded over the data axis."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emim import train
+from emim import evaluate, train
 from emim.config_base import load_config_file
 from emim.data import streaming
 from emim.data.sources import DatasetError
@@ -68,3 +68,9 @@ def test_streamed_run_trains_and_resumes_exactly(folder, tmp_path):
   resumed = train.run(config, str(tmp_path / "resumed"))
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.state.params)), jax.tree.leaves(jax.device_get(resumed.state.params))):
     np.testing.assert_array_equal(a, b)
+  # The evaluation program reads the same streamed splits (probe on augmented crops).
+  with config.unlocked():
+    config.eval.probe_epochs, config.eval.probe_batch_size, config.eval.probe_mode = 2, 16, "augmented"
+  results = evaluate.evaluate(config, str(tmp_path / "resumed"))
+  assert results["num_train"] == 64 and results["num_test"] == 16
+  assert 0.0 <= results["linear_top1"] <= 1.0 and 0.0 <= results["knn_top1_k20"] <= 1.0

@@ -85,7 +85,7 @@ class StreamData:
     fn = jax.jit(functools.partial(train_step, parts=parts), in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
     first = next(stream)
-    to_global = lambda local: {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+    to_global = functools.partial(sharding.global_batch, sharding=batch_sharding)
     compiled = fn.lower(state, to_global(first)).compile()
     pending = [first]  # the batch used to compile is the first one trained on
 

@@ -14,6 +14,7 @@ sees. Nothing about the iterator needs to be saved in the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any, Iterator
 
@@ -107,3 +108,31 @@ def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, s
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSplit:
+  """One split of a streamed dataset, for the evaluation program: records, their
+  decoder and the number of classes."""
+
+  records: Any
+  decode: grain.transforms.Map
+  num_classes: int
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def ordered_batches(self, batch_size: int, workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once, in order (the last batch may be short)."""
+    ds = grain.MapDataset.source(self.records).map(self.decode).batch(batch_size, drop_remainder=False)
+    it = ds.to_iter_dataset()
+    if workers > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+  def shuffled_batches(self, batch_size: int, seed: int, workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    return make_stream(self.records, self.decode, batch_size, seed, 0, workers)
+
+
+def stream_split(data_cfg: ml_collections.ConfigDict, split: str) -> StreamSplit:
+  return StreamSplit(*stream_source(data_cfg, split))

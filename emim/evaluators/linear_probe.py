@@ -24,9 +24,8 @@ import numpy as np
 import optax
 
 from emim import sharding
-from emim.backbone import Backbone, extract_features
+from emim.backbone import Backbone, features_and_labels
 from emim.data import augment
-from emim.data.sources import ImageDataset
 from emim.train_step import gather_batch
 
 MODES = ("augmented", "features")
@@ -62,12 +61,27 @@ def topk_accuracy(logits, labels, k: int) -> float:
   return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
-def linear_probe(backbone: Backbone, train: ImageDataset, test: ImageDataset, cfg: ml_collections.ConfigDict,
-                 mode: str = "augmented", seed: int = 0, mesh=None) -> dict[str, float]:
+def _probe_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int) -> optax.GradientTransformation:
+  schedule = optax.cosine_decay_schedule(cfg.probe_lr * batch_size / 256.0, max(total_steps, 1))
+  if cfg.probe_optimizer == "lars":
+    return optax.lars(schedule, weight_decay=cfg.probe_weight_decay, momentum=0.9)
+  if cfg.probe_optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(cfg.probe_weight_decay), optax.sgd(schedule, momentum=0.9))
+  raise ValueError(f"Unknown probe optimizer {cfg.probe_optimizer!r}; choose 'sgd' or 'lars'.")
+
+
+def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict,
+                 mode: str = "augmented", seed: int = 0, mesh=None, workers: int = 0) -> dict[str, float]:
   """Train the probe and report {"linear_top1", "linear_top5", "linear_train_s"}.
 
-  cfg fields: probe_epochs, probe_lr (per 256 examples), probe_batch_size,
-  probe_weight_decay, batch_size (feature extraction).
+  Args:
+    backbone: the frozen backbone.
+    train, test: in-memory ``ImageDataset``s, or ``streaming.StreamSplit``s for data
+      decoded on the host batch by batch (ImageNet).
+    cfg: probe_epochs, probe_optimizer ("sgd" or "lars"), probe_lr (per 256 examples),
+      probe_batch_size, probe_weight_decay, batch_size (feature extraction).
+    mode: "augmented" or "features".
+    workers: host decoding processes for streamed splits.
   """
   if mode not in MODES:
     raise ValueError(f"Unknown linear-probe mode {mode!r}; choose one of {MODES}.")
@@ -82,22 +96,31 @@ def linear_probe(backbone: Backbone, train: ImageDataset, test: ImageDataset, cf
   t0 = time.perf_counter()
 
   if mode == "features":
-    inputs = extract_features(features_fn, train.images, cfg.batch_size, mesh)
+    inputs, labels = features_and_labels(features_fn, train, cfg.batch_size, mesh, workers)
     to_features = lambda variables, key, x: x
   else:
-    inputs = train.images
+    inputs, labels = (train.images, train.labels) if hasattr(train, "images") else (None, None)
     to_features = lambda variables, key, x: backbone.model.apply(
         variables, augment.normalize(_train_augment(backbone, key, x), backbone.mean, backbone.std), train=False)
-  data = {"inputs": sharding.put_global(inputs, replicated), "labels": sharding.put_global(train.labels, replicated)}
 
-  schedule = optax.cosine_decay_schedule(cfg.probe_lr * batch_size / 256.0, max(total_steps, 1))
-  tx = optax.chain(optax.add_decayed_weights(cfg.probe_weight_decay), optax.sgd(schedule, momentum=0.9))
-  params = {"kernel": jnp.zeros((backbone.feature_dim, train.num_classes)), "bias": jnp.zeros((train.num_classes,))}
+  if inputs is not None:  # on the devices: each step gathers its batch there
+    data = {"inputs": sharding.put_global(inputs, replicated), "labels": sharding.put_global(labels, replicated)}
+    gather = jax.jit(functools.partial(gather_batch, batch_size=batch_size, batch_sharding=batch_spec))
+    next_batch = lambda state: gather(data, state.rng, state.step)
+  else:  # streamed: host workers decode, the device augments
+    stream = train.shuffled_batches(batch_size, seed, workers)
+
+    def next_batch(state):
+      local = next(stream)
+      return sharding.global_batch({"inputs": local["images"], "labels": local["labels"]}, batch_spec)
+
+  tx = _probe_optimizer(cfg, batch_size, total_steps)
+  num_classes = train.num_classes
+  params = {"kernel": jnp.zeros((backbone.feature_dim, num_classes)), "bias": jnp.zeros((num_classes,))}
   state = ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def step(state: ProbeState, data, variables):
-    batch = gather_batch(data, state.rng, state.step, batch_size, batch_spec)
+  def step(state: ProbeState, batch, variables):
     key = jax.random.fold_in(state.rng, state.step)
     features = jax.lax.stop_gradient(to_features(variables, key, batch["inputs"]))
 
@@ -112,16 +135,16 @@ def linear_probe(backbone: Backbone, train: ImageDataset, test: ImageDataset, cf
   variables = jax.device_put(backbone.variables, replicated)
   loss = jnp.nan
   for i in range(total_steps):
-    state, loss = step(state, data, variables)
+    state, loss = step(state, next_batch(state), variables)
     if (i + 1) % max(steps_per_epoch * max(cfg.probe_epochs // 5, 1), 1) == 0:
       logging.info("linear probe: epoch %d/%d, loss %.4f", (i + 1) // steps_per_epoch, cfg.probe_epochs, float(loss))
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f"The linear probe's loss is {float(loss)}: lower --config.eval.probe_lr.")
   train_s = time.perf_counter() - t0
-  test_features = extract_features(features_fn, test.images, cfg.batch_size, mesh)
+  test_features, test_labels = features_and_labels(features_fn, test, cfg.batch_size, mesh, workers)
   logits = np.asarray(_classifier(jax.device_get(state.params), test_features))
   return {
-      "linear_top1": topk_accuracy(logits, test.labels, 1),
-      "linear_top5": topk_accuracy(logits, test.labels, min(5, train.num_classes)),
+      "linear_top1": topk_accuracy(logits, test_labels, 1),
+      "linear_top5": topk_accuracy(logits, test_labels, min(5, num_classes)),
       "linear_train_s": train_s,
   }

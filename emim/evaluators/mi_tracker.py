@@ -23,8 +23,11 @@ def online_embeddings(parts: StepParts, state: TrainState, images: jax.Array):
   return parts.encoder.apply(variables, images, train=False)
 
 
-def make_mi_tracker(parts: StepParts, tau: float = 0.1, eps: float = 1e-3):
-  """A jitted fn(state, images) -> metrics on two fixed views of ``images``."""
+def make_mi_tracker(parts: StepParts, tau: float = 0.1, eps: float = 1e-3, parts_eps: float = 1e-4):
+  """A jitted fn(state, images) -> metrics on two fixed views of ``images``.
+
+  ``parts_eps`` is the objective's ridge, for the rescaled spectrum.
+  """
 
   @jax.jit
   def track(state: TrainState, images: jax.Array):
@@ -35,10 +38,14 @@ def make_mi_tracker(parts: StepParts, tau: float = 0.1, eps: float = 1e-3):
     # The Gaussian MI is invariant to per-dimension scaling: standardise, then a ridge
     # that means the same for every run keeps rank-deficient batches (n < 2d) finite.
     estimates["mi_gaussian"] = O.gaussian_mi(O.standardize(z1), O.standardize(z2), eps=eps)
+    # The smallest eigenvalue of each symmetric-form statistic over its lambda_max: how far
+    # into the Taylor polynomial's flat tail the spectrum reaches (exact, eigvalsh).
+    spectrum = O.rescaled_spectrum(z1, z2, eps=parts_eps)
     return {
         **{f"eval/{k}": v for k, v in estimates.items()},
         "eval/effective_rank": O.effective_rank(z1),
         "eval/embedding_std": O.embedding_std(z1),
+        **{f"eval/{k}": v for k, v in spectrum.items() if k.startswith("rescaled_eig_min")},
     }
 
   return track

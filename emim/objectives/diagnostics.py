@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from emim.objectives.gaussian import covariance, covariance_factors
+from emim.objectives.gaussian import _renyi2_rank_of_factor, centred, covariance, covariance_factors
 
 Array = jax.Array
 
@@ -25,13 +25,8 @@ def renyi2_rank(z: Array) -> Array:
 
   Traces only, so cheap enough for every step; a lower bound of ``effective_rank``.
   """
-  z = z.astype(jnp.float32)
-  zc = z - jnp.mean(z, axis=0)
-  n, d = z.shape
-  # tr(S^2) = ||S||_F^2 with S = zc^T zc / n; the Gram form is cheaper when n < d.
-  inner = zc @ zc.T if n < d else zc.T @ zc
-  tr_s = jnp.sum(zc * zc)
-  return tr_s**2 / (jnp.sum(inner * inner) + 1e-30)
+  # The ratio is scale-free, so the centred samples serve as the factor of S.
+  return _renyi2_rank_of_factor(centred(z))
 
 
 def effective_rank(z: Array) -> Array:

@@ -63,6 +63,12 @@ def covariance_factors(z1: Array, z2: Array, form: Form) -> dict[str, Array]:
   }
 
 
+def _renyi2_rank_of_factor(x: Array) -> Array:
+  """tr(A)^2 / tr(A^2) for A = x^T x: the effective rank from traces, no eigenvalues."""
+  inner = x @ x.T if x.shape[0] < x.shape[1] else x.T @ x
+  return jnp.sum(x * x) ** 2 / (jnp.sum(inner * inner) + 1e-30)
+
+
 def _combine(lds: dict[str, Array], form: Form, w_inv: float = 1.0) -> Array:
   """The MI (w_inv = 1) or its weighted variant from the named log-determinants."""
   if form == "joint":
@@ -150,7 +156,10 @@ def emmi_loss(
 
   Returns:
     (loss, new state, metrics) where metrics hold ``mi`` (the surrogate MI), each
-    log-determinant ``ld_<term>``, ``beta_<term>`` and ``rescaled_eig_max_<term>``.
+    log-determinant ``ld_<term>``, ``beta_<term>``, ``rescaled_eig_max_<term>`` (must
+    stay below 2) and ``rank_renyi2`` (the effective rank tr(S)^2 / tr(S^2) of the
+    marginal covariance, from traces; ``rescaled_spectrum`` gives the exact extremes
+    off the hot path).
   """
   factors = covariance_factors(z1, z2, cfg.form)
   lds, new_state, metrics = {}, {}, {}
@@ -163,4 +172,5 @@ def emmi_loss(
     metrics.update({f"{k}_{name}": v for k, v in diag.items()})
   loss = -_combine(lds, cfg.form, cfg.w_inv)
   metrics["mi"] = _combine(lds, cfg.form)
+  metrics["rank_renyi2"] = _renyi2_rank_of_factor(jax.lax.stop_gradient(factors["z1" if cfg.form == "joint" else "marginal"]))
   return loss, new_state, metrics
