@@ -29,6 +29,8 @@ setup(
         # TensorFlow only for preparing TFDS datasets and writing TensorBoard events;
         # the train and eval programs run without it.
         "tf": ["tensorflow-cpu", "tensorboard"],
-        "test": ["pytest"],
+        # TensorBoard event files need only the tensorboard package, not TensorFlow.
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "tensorboard"],
     },
 )

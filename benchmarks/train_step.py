@@ -1,0 +1,129 @@
+"""Train-step throughput, side by side with ../shared/bench/torch_reference.py.
+
+    python benchmarks/train_step.py --config=configs/cifar10.py --batch 256 512
+    python benchmarks/train_step.py --config=configs/synthetic.py:runlocal --batch 32 --steps 3   # CPU smoke
+
+Two rows per batch size:
+  * ``model``: what the PyTorch reference times, on the same footing: ResNet-18 (the
+    config's backbone) + a 2048-2048-2048 projector, the two views concatenated into one
+    forward, Barlow Twins, SGD with momentum, bf16 compute, inputs already on the device
+    (no augmentation);
+  * ``emim``: emim's real step for the config (method, EMA target, online probe, LARS),
+    with the batch gathered and augmented on the device from a uint8 dataset held there.
+Prints ms/step and pairs/s (a pair = two views of one image), and the compile time.
+Absolute figures count only from an accelerator; on a CPU compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from emim import objectives as O
+from emim import sharding, train
+from emim.config_base import load_config_file
+from emim.models import MLP, make_backbone, parse_dtype
+from emim.train_step import device_data_step, init_state
+
+
+def timed(step, state, args, steps: int, warmup: int = 5) -> tuple[float, float]:
+  """(compile seconds, seconds per step) of a jitted step threading its state."""
+  t0 = time.perf_counter()
+  state, _ = step(state, *args)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, _ = step(state, *args)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, _ = step(state, *args)
+  jax.block_until_ready(state)
+  return compile_s, (time.perf_counter() - t0) / steps
+
+
+def model_step_row(config, batch: int, steps: int, dtype: str, mesh) -> tuple[float, float]:
+  """The PyTorch reference's step, in emim's modules."""
+  cdtype = parse_dtype(dtype)
+  backbone = make_backbone(config.model.backbone, config.model.width, config.model.cifar_stem, cdtype)
+  projector = MLP((2048, 2048, 2048), dtype=cdtype)
+  size = config.data.image_size
+
+  def forward(variables, x):
+    feats, bb_stats = backbone.apply(variables["backbone"], x, train=True, mutable=["batch_stats"])
+    z, head_stats = projector.apply(variables["head"], feats, train=True, mutable=["batch_stats"])
+    return z, (bb_stats, head_stats)
+
+  key = jax.random.PRNGKey(0)
+  x = jnp.zeros((2, size, size, 3))
+  variables = {"backbone": backbone.init(key, x, train=False)}
+  variables["head"] = projector.init(key, jnp.zeros((2, backbone.feature_dim)), train=False)
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+  params = jax.tree.map(lambda v: v["params"], variables, is_leaf=lambda v: "params" in v)
+  stats = jax.tree.map(lambda v: v["batch_stats"], variables, is_leaf=lambda v: "params" in v)
+  state = (params, stats, tx.init(params))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, x1, x2):
+    params, stats, opt_state = state
+
+    def loss_fn(params):
+      v = {k: {"params": params[k], "batch_stats": stats[k]} for k in params}
+      z, (bb, head) = forward(v, jnp.concatenate([x1, x2]))
+      loss, _ = O.barlow_twins(*jnp.split(z, 2), lambd=0.0051)
+      return loss, {"backbone": bb["batch_stats"], "head": head["batch_stats"]}
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), new_stats, opt_state), loss
+
+  spec = sharding.batch_sharding(mesh)
+  x1 = jax.device_put(jax.random.normal(key, (batch, size, size, 3)), spec)
+  x2 = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), (batch, size, size, 3)), spec)
+  return timed(step, state, (x1, x2), steps)
+
+
+def emim_step_row(config, batch: int, steps: int, mesh) -> tuple[float, float]:
+  """emim's own step for the config, data gathered and augmented on device."""
+  with config.unlocked():
+    config.train.batch_size = batch
+  n = max(4 * batch, 1024)
+  size = config.data.image_size
+  rng = np.random.default_rng(0)
+  replicated = sharding.replicated(mesh)
+  dataset = {"images": sharding.put_global(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8), replicated),
+             "labels": sharding.put_global(rng.integers(0, config.data.num_classes, n).astype(np.int32), replicated)}
+  parts = train.build_parts(config, config.data.num_classes, n // batch, 10_000)
+  state = jax.jit(functools.partial(init_state, parts))(jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(device_data_step, parts=parts, batch_size=batch,
+                                   batch_sharding=sharding.batch_sharding(mesh)), donate_argnums=0)
+  return timed(step, state, (dataset,), steps)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/cifar10.py", help="config file[:variant]")
+  parser.add_argument("--batch", type=int, nargs="+", default=[256, 512])
+  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the model row")
+  args = parser.parse_args()
+  path, _, variant = args.config.partition(":")
+  mesh = sharding.make_mesh()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}", flush=True)
+  for batch in args.batch:
+    config = load_config_file(path, variant or None)
+    compile_s, dt = model_step_row(config, batch, args.steps, args.dtype, mesh)
+    print(f"model batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s (compile {compile_s:.1f}s)", flush=True)
+    compile_s, dt = emim_step_row(config, batch, args.steps, mesh)
+    print(f"emim[{config.method.name}] batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s "
+          f"(compile {compile_s:.1f}s)", flush=True)
+
+
+if __name__ == "__main__":
+  main()
