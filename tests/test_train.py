@@ -13,7 +13,7 @@ import pytest
 
 from emim.config_base import load_config_file
 from emim import methods, train
-from emim.checkpoint import Checkpointer
+from emim.checkpoint import CheckpointError, Checkpointer
 from emim.metric_writer import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -122,12 +122,16 @@ def test_methods_train_a_step(tmp_path, name):
   overrides = {"train.num_steps": 2, "checkpoint.async_save": False}
   if name == "moco":
     overrides["method.predictor"] = False  # MoCo v2's form; v3 (with predictor) is the default
+  if name == "byol":
+    overrides["model.dtype"] = "bfloat16"  # the network in bf16, every statistic in float32
   config = tiny_synthetic(f"{name},runlocal", **overrides)
   result = train.run(config, str(tmp_path))
   assert np.isfinite(result.final_metrics["loss"]), name
   method = methods.make_method(config.method)
   assert (result.state.target is not None) == method.uses_target
   assert ("predictor" in result.state.params) == method.uses_predictor
+  # Parameters stay float32 whatever the compute dtype.
+  assert {leaf.dtype for leaf in jax.tree.leaves(result.state.params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
@@ -141,3 +145,14 @@ def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
   assert np.isfinite(result.final_metrics["loss"])
   assert list((tmp_path / "cache").glob("*.npz")), "the decoded archive is cached"
 
+
+
+def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path):
+  config = tiny_synthetic()
+  train.run(config, str(tmp_path), stop_at_step=2)
+  metadata = tmp_path / "checkpoints" / "2" / "default" / "_METADATA"
+  assert metadata.exists()
+  metadata.write_bytes(b"\x00garbage")  # a torn write
+  with pytest.raises(CheckpointError, match="left as it is.*restore_step"):
+    train.run(config, str(tmp_path))
+  assert (tmp_path / "checkpoints" / "2").is_dir()  # nothing already saved was deleted
