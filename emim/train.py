@@ -83,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
 
   # --- Data: on the devices (CIFAR) or streamed from host workers (ImageNet) -------
   t0 = time.perf_counter()
-  data = make_train_data(config.data, mesh, default_cache_dir(workdir), config.seed)
+  data = make_train_data(config, mesh, default_cache_dir(workdir))
   timings["decode_s"] = time.perf_counter() - t0
   batch_size = config.train.batch_size
   steps_per_epoch = data.num_examples // batch_size

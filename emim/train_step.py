@@ -24,7 +24,9 @@ from emim.models import MLP, Encoder
 from emim.target import ema_update
 
 Array = jax.Array
-Batch = dict[str, Array]  # {"images": uint8 (B, H, W, 3), "labels": int32 (B,)}
+# {"images": uint8 (B, H, W, 3), "labels": int32 (B,)}, or for streamed data whose
+# random resized crops were taken on the host, {"views": uint8 (B, 2, S, S, 3), "labels"}.
+Batch = dict[str, Array]
 Metrics = dict[str, Array]
 
 # Independent random streams derived from the one base key.
@@ -101,13 +103,15 @@ def init_state(parts: StepParts, rng: Array) -> TrainState:
   )
 
 
-def make_views(parts: StepParts, rng: Array, step: Array, images: Array) -> tuple[Array, Array]:
+def make_views(parts: StepParts, rng: Array, step: Array, batch: Batch) -> tuple[Array, Array]:
   """Two augmented, normalised views of a uint8 batch; keys from (rng, step)."""
   key = jax.random.fold_in(jax.random.fold_in(rng, _AUGMENT_STREAM), step)
   k1, k2 = jax.random.split(key)
+  precropped = "views" in batch
+  sources = (batch["views"][:, 0], batch["views"][:, 1]) if precropped else (batch["images"], batch["images"])
   views = []
-  for k, cfg in ((k1, parts.view1), (k2, parts.view2)):
-    x = augment.augment_batch(k, images, cfg, parts.image_size)
+  for k, cfg, images in ((k1, parts.view1, sources[0]), (k2, parts.view2, sources[1])):
+    x = augment.augment_batch(k, images, cfg, parts.image_size, crop=not precropped)
     views.append(augment.normalize(x, parts.mean, parts.std))
   return views[0], views[1]
 
@@ -125,7 +129,7 @@ def _all_finite(tree) -> Array:
 def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[TrainState, Metrics]:
   """One optimisation step of the online encoder (and predictor), the EMA target and the
   online linear probe. Pure: bind ``parts`` with functools.partial and jit."""
-  x1, x2 = make_views(parts, state.rng, state.step, batch["images"])
+  x1, x2 = make_views(parts, state.rng, state.step, batch)
 
   def loss_fn(params):
     enc_stats = state.batch_stats["encoder"]

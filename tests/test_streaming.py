@@ -33,20 +33,36 @@ def folder(tmp_path_factory):
 def test_batches_depend_only_on_the_step(folder):
   records, classes = streaming.image_folder_records(str(folder), "train")
   assert len(records) == 64 and classes == ("c0", "c1", "c2", "c3")
-  decode = streaming._DecodeFile(16)
+  decode = streaming.TwoCropDecode(streaming._open_file, 16, ((0.2, 1.0), (0.2, 1.0)))
   from_start = streaming.make_stream(records, decode, 8, seed=3)
   batches = [next(from_start) for _ in range(12)]  # 1.5 epochs: crosses an epoch boundary
-  assert batches[0]["images"].shape == (8, 16, 16, 3) and batches[0]["images"].dtype == np.uint8
+  assert batches[0]["views"].shape == (8, 2, 16, 16, 3) and batches[0]["views"].dtype == np.uint8
+  assert not np.array_equal(batches[0]["views"][:, 0], batches[0]["views"][:, 1])  # two different crops
   resumed = streaming.make_stream(records, decode, 8, seed=3, start_step=5)
   for expected in batches[5:]:
     got = next(resumed)
-    np.testing.assert_array_equal(got["images"], expected["images"])
+    np.testing.assert_array_equal(got["views"], expected["views"])
     np.testing.assert_array_equal(got["labels"], expected["labels"])
   # Every example once per epoch, in a new order each epoch.
   epoch0 = np.concatenate([b["labels"] for b in batches[:8]])
   np.testing.assert_array_equal(np.bincount(epoch0), [16] * 4)
   assert not np.array_equal(batches[0]["labels"], batches[8]["labels"]) or not np.array_equal(
-      batches[0]["images"], batches[8]["images"])
+      batches[0]["views"], batches[8]["views"])
+
+
+def test_host_crops_cover_the_full_image_and_centre_view_is_square(folder):
+  records, _ = streaming.image_folder_records(str(folder), "train")
+  wide = folder / "wide.png"
+  image = np.zeros((10, 40, 3), np.uint8)
+  image[:, :10] = 255  # only the left quarter is white: outside any centre square
+  Image.fromarray(image).save(wide)
+  centre = streaming.CentreDecode(streaming._open_file, 10).map((str(wide), 0))["images"]
+  assert centre.shape == (10, 10, 3) and centre.max() == 0  # the centre square misses it
+  crops = streaming.TwoCropDecode(streaming._open_file, 8, ((0.05, 0.3), (0.05, 0.3)))
+  rng = np.random.default_rng(0)
+  seen_white = any(crops.random_map((str(wide), 0), rng)["views"].max() > 200 for _ in range(40))
+  assert seen_white  # host crops are drawn from the whole image
+  wide.unlink()
 
 
 def test_streaming_needs_a_directory(tmp_path):

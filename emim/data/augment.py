@@ -157,14 +157,16 @@ def solarize(image: Array, threshold: float = 0.5) -> Array:
 # ----------------------------------------------------------------------------------
 # The view recipe.
 # ----------------------------------------------------------------------------------
-def augment_view(key: Array, image: Array, cfg: ml_collections.ConfigDict, size: int) -> Array:
+def augment_view(key: Array, image: Array, cfg: ml_collections.ConfigDict, size: int, crop: bool = True) -> Array:
   """One augmented view of one image (float32 in [0, 1]) under the view config ``cfg``.
 
   Keys of cfg: crop_scale (min, max), flip_p, jitter_p, brightness, contrast,
   saturation, hue, grayscale_p, blur_p, blur_sigma (min, max), solarize_p.
+  ``crop=False`` when the random resized crop was already taken (on the host, from the
+  full image, for streamed data): the image must then be (size, size).
   """
   keys = jax.random.split(key, 10)
-  x = random_resized_crop(keys[0], image, size, scale=tuple(cfg.crop_scale))
+  x = random_resized_crop(keys[0], image, size, scale=tuple(cfg.crop_scale)) if crop else image
   x = random_flip(keys[1], x, cfg.flip_p)
 
   def maybe(k_apply, p, fn, x):
@@ -189,12 +191,14 @@ def normalize(images: Array, mean, std) -> Array:
   return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def augment_batch(key: Array, images: Array, cfg: ml_collections.ConfigDict, size: int) -> Array:
+def augment_batch(key: Array, images: Array, cfg: ml_collections.ConfigDict, size: int, crop: bool = True) -> Array:
   """Augment a uint8 (or [0, 1] float) batch with one key per example."""
   if images.dtype == jnp.uint8:
     images = to_float(images)
+  if not crop and images.shape[1:3] != (size, size):
+    raise ValueError(f"Pre-cropped views must be {size}x{size}, got {images.shape[1:3]}.")
   keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(lambda k, x: augment_view(k, x, cfg, size))(keys, images)
+  return jax.vmap(lambda k, x: augment_view(k, x, cfg, size, crop))(keys, images)
 
 
 def view_config(**overrides) -> ml_collections.ConfigDict:

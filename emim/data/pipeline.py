@@ -65,9 +65,14 @@ class DeviceData:
 class StreamData:
   """Batches decoded on host workers by Grain, then sharded onto the mesh."""
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, mesh, seed: int):
+  def __init__(self, data_cfg: ml_collections.ConfigDict, augment_cfg: ml_collections.ConfigDict, mesh, seed: int):
     self._cfg, self._mesh, self._seed = data_cfg, mesh, seed
-    self._records, self._decode, self._num_classes = streaming.stream_source(data_cfg, "train")
+    self._records, open_fn, self._num_classes = streaming.stream_source(data_cfg, "train")
+    # Training: each view's random resized crop from the full image, on the host.
+    self._two_crops = streaming.TwoCropDecode(
+        open_fn, data_cfg.image_size, (augment_cfg.view1.crop_scale, augment_cfg.view2.crop_scale))
+    # Evaluators: centre squares.
+    self._centre = streaming.CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size)
     logging.info("Streaming %d training images with %d host workers.", len(self._records), data_cfg.workers)
 
   @property
@@ -81,7 +86,7 @@ class StreamData:
   def compile_step(self, parts, state, state_sharding, batch_size: int):
     batch_sharding = sharding.batch_sharding(self._mesh)
     replicated = sharding.replicated(self._mesh)
-    stream = streaming.make_stream(self._records, self._decode, batch_size, self._seed, int(state.step), self._cfg.workers)
+    stream = streaming.make_stream(self._records, self._two_crops, batch_size, self._seed, int(state.step), self._cfg.workers)
     fn = jax.jit(functools.partial(train_step, parts=parts), in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
     first = next(stream)
@@ -97,7 +102,7 @@ class StreamData:
 
   def _decoded(self, records, n: int, seed: int) -> ImageDataset:
     idx = np.random.default_rng(seed).permutation(len(records))[:n]
-    examples = [self._decode.map(records[int(i)]) for i in idx]
+    examples = [self._centre.map(records[int(i)]) for i in idx]
     return ImageDataset(np.stack([e["images"] for e in examples]), np.array([e["labels"] for e in examples], np.int32),
                         tuple(str(i) for i in range(self._num_classes)))
 
@@ -109,5 +114,7 @@ class StreamData:
     return self._decoded(records, n, seed)
 
 
-def make_train_data(data_cfg: ml_collections.ConfigDict, mesh, cache_dir: str, seed: int):
-  return StreamData(data_cfg, mesh, seed) if data_cfg.stream else DeviceData(data_cfg, mesh, cache_dir)
+def make_train_data(config: ml_collections.ConfigDict, mesh, cache_dir: str):
+  if config.data.stream:
+    return StreamData(config.data, config.augment, mesh, config.seed)
+  return DeviceData(config.data, mesh, cache_dir)

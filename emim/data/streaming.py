@@ -2,9 +2,9 @@
 
 A Grain ``MapDataset`` over a random-access source (an image-folder directory or a
 prepared TFDS dataset), sharded per process, shuffled with a new permutation each epoch,
-decoded on host workers (shorter side resized to ``decode_size``, centre square), and
-batched. The per-example augmentations (random resized crop, flip, colour, blur,
-solarisation) then run on the device, as for in-memory data.
+decoded on host workers, where each view's random resized crop is taken from the full
+image, and batched. The rest of each view's augmentation (flip, colour, blur,
+solarisation) then runs on the device, one key per example, as for in-memory data.
 
 The data position is a function of the step: batch ``s`` of the pipeline is the same
 whenever it is asked for, so a resumed run starts the pipeline at its restored step
@@ -22,8 +22,9 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 
-from emim.data.sources import IMAGE_SUFFIXES, DatasetError, _decode
+from emim.data.sources import IMAGE_SUFFIXES, DatasetError
 
 
 def image_folder_records(path: str, split: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
@@ -41,41 +42,71 @@ def image_folder_records(path: str, split: str) -> tuple[list[tuple[str, int]], 
   return records, classes
 
 
-class _DecodeFile(grain.transforms.Map):
-  """(file, label) -> {"images": uint8 (S, S, 3), "labels": int32}."""
+def _open_file(record) -> tuple[Image.Image, int, str]:
+  path, label = record
+  try:
+    with Image.open(path) as im:
+      return im.convert("RGB"), label, path
+  except Exception as e:
+    raise DatasetError(f"Cannot decode image {path!r} ({e}). Remove or replace the file and run again.") from e
 
-  def __init__(self, size: int):
-    self.size = size
+
+def _open_tfds(example) -> tuple[Image.Image, int, str]:
+  return Image.fromarray(np.asarray(example["image"], np.uint8)).convert("RGB"), int(example["label"]), "tfds example"
+
+
+def _centre_square(im: Image.Image, size: int) -> np.ndarray:
+  """Shorter side resized to ``size``, then the central square."""
+  w, h = im.size
+  s = size / min(w, h)
+  im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+  left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+  return np.asarray(im.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def _random_box(rng: np.random.Generator, w: int, h: int, scale, ratio) -> tuple[float, float, float, float]:
+  """An Inception-style crop box (left, top, right, bottom): area fraction ~ U(scale),
+  log aspect ratio ~ U(log ratio), clipped to the image, placed uniformly."""
+  area = w * h * rng.uniform(*scale)
+  aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+  cw, ch = min(w, max(1.0, np.sqrt(area * aspect))), min(h, max(1.0, np.sqrt(area / aspect)))
+  left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+  return left, top, left + cw, top + ch
+
+
+class CentreDecode(grain.transforms.Map):
+  """record -> {"images": uint8 (S, S, 3), "labels"}: the evaluation view."""
+
+  def __init__(self, open_fn, size: int):
+    self.open_fn, self.size = open_fn, size
 
   def map(self, record):
-    path, label = record
-    image = _decode((path, pathlib.Path(path).read_bytes()), self.size)
-    return {"images": image, "labels": np.int32(label)}
+    im, label, _ = self.open_fn(record)
+    return {"images": _centre_square(im, self.size), "labels": np.int32(label)}
 
 
-class _DecodeTfds(grain.transforms.Map):
-  """A TFDS example -> {"images": uint8 (S, S, 3), "labels": int32}."""
+class TwoCropDecode(grain.transforms.RandomMap):
+  """record -> {"views": uint8 (2, S, S, 3), "labels"}: the two training views' random
+  resized crops, taken on the host from the full decoded image (the rest of each
+  view's augmentation runs on the device). Grain seeds ``rng`` from the dataset seed and
+  the element's index, so the crops are a function of the step too."""
 
-  def __init__(self, size: int):
-    self.size = size
+  def __init__(self, open_fn, size: int, scales, ratio=(3 / 4, 4 / 3)):
+    self.open_fn, self.size, self.scales, self.ratio = open_fn, size, tuple(scales), ratio
 
-  def map(self, example):
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(example["image"], np.uint8)).save(buf, format="PNG")
-    return {"images": _decode(("tfds example", buf.getvalue()), self.size), "labels": np.int32(example["label"])}
+  def random_map(self, record, rng: np.random.Generator):
+    im, label, _ = self.open_fn(record)
+    views = [np.asarray(im.resize((self.size, self.size), Image.BILINEAR, box=_random_box(rng, *im.size, scale, self.ratio)), np.uint8)
+             for scale in self.scales]
+    return {"views": np.stack(views), "labels": np.int32(label)}
 
 
-def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, grain.transforms.Map, int]:
-  """(random-access records, decode transform, number of classes) for config.data."""
-  size = data_cfg.decode_size or data_cfg.image_size
+def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, Any, int]:
+  """(random-access records, a function record -> (PIL image, label, name), classes)."""
   split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
   if data_cfg.source == "image_folder":
     records, classes = image_folder_records(data_cfg.path, split_name)
-    return records, _DecodeFile(size), len(classes)
+    return records, _open_file, len(classes)
   if data_cfg.source == "tfds":
     import tensorflow_datasets as tfds
 
@@ -83,7 +114,7 @@ def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any,
       source = tfds.data_source(data_cfg.tfds_name, split=split_name, data_dir=data_cfg.tfds_data_dir or None, download=False)
     except Exception as e:
       raise DatasetError(f"TFDS dataset {data_cfg.tfds_name!r} is not prepared ({e}); see the README's Data section.") from e
-    return source, _DecodeTfds(size), data_cfg.num_classes
+    return source, _open_tfds, data_cfg.num_classes
   raise DatasetError(f"Streaming reads 'image_folder' or 'tfds' sources, not {data_cfg.source!r}.")
 
 
@@ -103,7 +134,9 @@ def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, s
   if global_batch_size % processes:
     raise ValueError(f"The global batch size {global_batch_size} is not divisible by the {processes} processes.")
   ds = grain.MapDataset.source(records)[index::processes]
-  ds = ds.shuffle(seed=seed).repeat(None).map(decode).batch(global_batch_size // processes, drop_remainder=True)
+  ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds.random_map(decode, seed=seed) if isinstance(decode, grain.transforms.RandomMap) else ds.map(decode)
+  ds = ds.batch(global_batch_size // processes, drop_remainder=True)
   it = ds[start_step:].to_iter_dataset()
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -135,4 +168,6 @@ class StreamSplit:
 
 
 def stream_split(data_cfg: ml_collections.ConfigDict, split: str) -> StreamSplit:
-  return StreamSplit(*stream_source(data_cfg, split))
+  """A split for evaluation: centre squares of ``decode_size``."""
+  records, open_fn, num_classes = stream_source(data_cfg, split)
+  return StreamSplit(records, CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size), num_classes)

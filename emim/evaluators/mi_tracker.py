@@ -31,7 +31,7 @@ def make_mi_tracker(parts: StepParts, tau: float = 0.1, eps: float = 1e-3, parts
 
   @jax.jit
   def track(state: TrainState, images: jax.Array):
-    x1, x2 = make_views(parts, jax.random.PRNGKey(_EVAL_KEY), jnp.int32(0), images)
+    x1, x2 = make_views(parts, jax.random.PRNGKey(_EVAL_KEY), jnp.int32(0), {"images": images})
     _, z1 = online_embeddings(parts, state, x1)
     _, z2 = online_embeddings(parts, state, x2)
     estimates = O.mi_estimates(z1, z2, tau=tau, eps=0.0)
