@@ -58,6 +58,16 @@ def default_cache_dir(workdir: pathlib.Path) -> str:
   return str(workdir.absolute().parent / ".emim_cache")
 
 
+# Step metrics that are not loss terms; the progress line shows the rest (the loss, the
+# method's own terms, e.g. ld_sum or bt_off_diag) and the online-probe accuracy.
+_NOT_TERMS = ("lr", "target_momentum", "grad_norm", "update_norm", "param_norm", "probe_loss", "embedding_std",
+              "rank_renyi2", "finite")
+
+
+def _is_loss_term(name: str) -> bool:
+  return name not in _NOT_TERMS and not name.startswith(("beta_", "rescaled_eig"))
+
+
 def _format_eta(seconds: float) -> str:
   h, rem = divmod(int(seconds), 3600)
   return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
@@ -134,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     writer.write(step, {f"knn/{k}": v for k, v in accuracy.items()})
     return {f"knn/{k}": v for k, v in accuracy.items()}
 
-  def evaluate(step):
+  def log_mi(step):
     evals = jax.device_get(track_mi(state, mi_images))
     logging.info("step %d | %s", step, " ".join(f"{k.split('/')[-1]}={float(v):.4g}" for k, v in evals.items()))
     writer.write(step, evals)
@@ -143,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   # --- Loop -------------------------------------------------------------------------
   writer = MetricWriter(workdir)
   if start_step == 0:
-    evaluate(0)
+    log_mi(0)
   last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
   log_every = max(1, config.train.log_every)
   metrics, final = None, {}
@@ -164,11 +174,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
         rate = (done - steps_at_log) / max(now - t_log, 1e-9)
         t_log, steps_at_log = now, done
         eta = (last_step - done) / max(rate, 1e-9)
-        terms = " ".join(f"{k}={float(v):.4g}" for k, v in host.items() if k in ("loss", "mi", "probe_acc", "embedding_std"))
+        terms = " ".join(f"{k}={float(v):.4g}" for k, v in host.items() if _is_loss_term(k))
         logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, total_steps,
                      done / steps_per_epoch, rate, rate * batch_size, _format_eta(eta), terms)
         writer.write(done, {**host, "epoch": done / steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * batch_size})
-        final = {**host, **evaluate(done)}
+        final = {**host, **log_mi(done)}
       if periodic_knn is not None and (done % config.eval.every_steps == 0 or done == last_step):
         final.update(knn_eval(done))
       checkpointer.save(done, state, force=done == last_step)
