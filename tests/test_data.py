@@ -81,3 +81,31 @@ def test_shared_cifar10_archive_test_split(cifar_archive, tmp_path):
   assert data.images.shape == (10000, 32, 32, 3)
   assert data.class_names[0] == "airplane" and data.num_classes == 10
   np.testing.assert_array_equal(np.bincount(data.labels), [1000] * 10)
+
+
+@pytest.mark.parametrize("name,shape", [("cifar10", (32, 32, 3)), ("mnist", (28, 28, 3))])
+def test_tfds_source_reads_a_data_source_without_tensorflow(name, shape):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import ml_collections
+
+  from emim.data import streaming
+
+  cfg = ml_collections.ConfigDict(dict(source="tfds", tfds_name=name, tfds_data_dir="", train_split="train",
+                                       test_split="test", decode_size=0, image_size=32, num_classes=10))
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = sources.load(cfg, "train")
+    records, open_fn, _ = streaming.stream_source(cfg, "train")
+    image, label, _ = open_fn(records[0])
+  assert data.images.shape == (6,) + shape and data.images.dtype == np.uint8
+  assert data.labels.shape == (6,) and data.labels.dtype == np.int32
+  assert image.mode == "RGB" and image.size == shape[:2] and 0 <= label < 10
+
+
+def test_unprepared_tfds_dataset_names_the_fix():
+  pytest.importorskip("tensorflow_datasets")
+  import ml_collections
+
+  cfg = ml_collections.ConfigDict(dict(source="tfds", tfds_name="cifar10", tfds_data_dir="/nonexistent",
+                                       train_split="train", test_split="test", decode_size=0))
+  with pytest.raises(sources.DatasetError, match="(?s)not prepared.*tfds build"):
+    sources.load(cfg, "train")

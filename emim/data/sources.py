@@ -194,13 +194,20 @@ def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | N
   images, labels = [], []
   for i in range(len(source)):
     example = source[i]
-    image = example["image"]
+    image = _rgb(np.asarray(example["image"], np.uint8))
     if image_size is not None and image.shape[:2] != (image_size, image_size):
       image = _decode((f"{name}[{i}]", _png_bytes(image)), image_size)
-    images.append(np.asarray(image, np.uint8))
+    images.append(image)
     labels.append(int(example["label"]))
   num_classes = int(max(labels)) + 1
   return ImageDataset(np.stack(images), np.array(labels, np.int32), tuple(str(i) for i in range(num_classes)))
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+  """(H, W, 1) or (H, W) grayscale -> (H, W, 3); RGB unchanged."""
+  if image.ndim == 2:
+    image = image[..., None]
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -52,7 +52,9 @@ def _open_file(record) -> tuple[Image.Image, int, str]:
 
 
 def _open_tfds(example) -> tuple[Image.Image, int, str]:
-  return Image.fromarray(np.asarray(example["image"], np.uint8)).convert("RGB"), int(example["label"]), "tfds example"
+  image = np.asarray(example["image"], np.uint8)
+  image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image  # grayscale (MNIST)
+  return Image.fromarray(image).convert("RGB"), int(example["label"]), "tfds example"
 
 
 def _centre_square(im: Image.Image, size: int) -> np.ndarray:
