@@ -2,7 +2,13 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated devices on a 2-core machine: a device thread can wait long for the others
+# at a collective (BatchNorm and covariance statistics over the sharded batch); raise
+# XLA:CPU's rendezvous timeouts so a slow moment is not turned into an abort.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=1800 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiled programs are cached on disk: runs that compile the same step (resume tests,
 # the evaluation fixture) compile once. Keys include the JAX version, so stale entries

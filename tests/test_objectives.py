@@ -312,3 +312,39 @@ def test_every_loss_sharded_over_8_devices_equals_unsharded():
   sharded = jax.jit(_all_losses)(s1, s2)
   for name in unsharded:
     np.testing.assert_allclose(sharded[name], unsharded[name], rtol=2e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cholesky", "taylor"])
+def test_covariance_smoothing_blends_running_and_batch_statistics(backend):
+  lam, eps = 0.25, 1e-3
+  cfg = O.EmmiConfig(logdet=O.LogdetConfig(backend=backend, eps=eps, rescale="trace"), smoothing=lam)
+  plain = O.EmmiConfig(logdet=O.LogdetConfig(backend=backend, eps=eps, rescale="trace"))
+  a1, b1 = correlated_views(64, 6, 0.5, seed=20)
+  a2, b2 = correlated_views(64, 6, 0.5, seed=21)
+  state = O.init_emmi_state(6, cfg)
+  # The first batch has no history: exactly the unsmoothed loss.
+  loss1, state, _ = O.emmi_loss(a1, b1, state, cfg)
+  np.testing.assert_allclose(loss1, O.emmi_loss(a1, b1, {}, plain)[0], rtol=1e-5)
+  # Then R = lam R_prev + (1 - lam) R_batch for each statistic.
+  _, state2, metrics = O.emmi_loss(a2, b2, state, cfg)
+  x1 = O.covariance_factors(a1, b1, "symmetric")["diff"]
+  x2 = O.covariance_factors(a2, b2, "symmetric")["diff"]
+  blended = lam * x1.T @ x1 + (1 - lam) * x2.T @ x2
+  expected = O.matrix_logdet(blended, cfg.logdet)[0]
+  np.testing.assert_allclose(metrics["ld_diff"], expected, rtol=1e-5)
+  np.testing.assert_allclose(state2["diff"]["cov"], blended, rtol=1e-5)
+  # The history carries no gradient: only the batch part, scaled by (1 - lam).
+  g = jax.grad(lambda a: O.emmi_loss(a, b2, state, cfg)[0])(a2)
+  assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
+  with pytest.raises(ValueError, match="smoothing"):
+    O.EmmiConfig(smoothing=1.0)
+
+
+def test_matrix_logdet_equals_factor_logdet():
+  x = random_spd_factor(40, 8, seed=22)
+  for backend in ["cholesky", "eigh", "taylor"]:
+    cfg = O.LogdetConfig(backend=backend, eps=1e-3, gram=False)
+    state = O.init_eig_state(8)
+    v1, s1, _ = O.covariance_logdet(x, cfg, state)
+    v2, s2, _ = O.matrix_logdet(x.T @ x, cfg, state)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)

@@ -21,6 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
       eig_momentum=0.9,
       power_iters=3,
       w_inv=1.0,  # weight of the joint-entropy terms; 1 is the pure MI
+      smoothing=0.0,  # covariance smoothing lam (CorInfoMax: 0.01); 0 = batch statistics
       target=True,  # momentum encoder
       target_momentum=0.99,  # m0 of the cosine schedule to 1
   ))
@@ -30,7 +31,7 @@ def emmi_config(cfg: ml_collections.ConfigDict) -> O.EmmiConfig:
   logdet = O.LogdetConfig(
       backend=cfg.backend, eps=cfg.eps, order=cfg.order, rescale=cfg.rescale, rescale_c=cfg.rescale_c,
       eig_momentum=cfg.eig_momentum, power_iters=cfg.power_iters)
-  return O.EmmiConfig(form=cfg.form, logdet=logdet, w_inv=cfg.w_inv)
+  return O.EmmiConfig(form=cfg.form, logdet=logdet, w_inv=cfg.w_inv, smoothing=cfg.smoothing)
 
 
 @register("emmi", default_config)

@@ -124,23 +124,50 @@ class EmmiConfig:
     logdet: how each log-determinant is evaluated (backend, eps, Taylor order K,
       rescaling mode and constant c, EMA momentum of the tracked eigenvalue).
     w_inv: weight of the joint-entropy (invariance) terms; 1 is the pure MI.
+    smoothing: lam of the covariance smoothing R = lam sg(R_prev) + (1 - lam) R_batch
+      (CorInfoMax); 0 (the default) uses the batch statistics alone. The running
+      matrices live in the objective state; smoothing uses the d x d form.
   """
 
   form: Form = "symmetric"
   logdet: ld_lib.LogdetConfig = ld_lib.LogdetConfig()
   w_inv: float = 1.0
+  smoothing: float = 0.0
 
   def __post_init__(self):
     if self.form not in FORMS:
       raise ValueError(f"Unknown MI form {self.form!r}; choose one of {FORMS}.")
+    if not 0.0 <= self.smoothing < 1.0:
+      raise ValueError(f"smoothing is the weight of the running covariance, in [0, 1); got {self.smoothing}.")
 
 
 def init_emmi_state(dim: int, cfg: EmmiConfig) -> dict[str, dict[str, Array]]:
-  """Objective state: one tracked eigenvalue per log-determinant term (or empty)."""
-  if not cfg.logdet.tracks_eigenvalue:
-    return {}
+  """Objective state per log-determinant term: the tracked eigenvalue ("v", "lam")
+  and, with smoothing, the running covariance ("cov", "seen"). Empty when neither."""
   sizes = {"z1": dim, "z2": dim, "joint": 2 * dim, "marginal": dim, "sum": dim, "diff": dim}
-  return {name: ld_lib.init_eig_state(sizes[name], seed=i) for i, name in enumerate(_TERMS[cfg.form])}
+  state = {}
+  for i, name in enumerate(_TERMS[cfg.form]):
+    term = {}
+    if cfg.logdet.tracks_eigenvalue:
+      term.update(ld_lib.init_eig_state(sizes[name], seed=i))
+    if cfg.smoothing > 0:
+      term.update(cov=jnp.zeros((sizes[name],) * 2, jnp.float32), seen=jnp.zeros((), bool))
+    if term:
+      state[name] = term
+  return state
+
+
+def _term_logdet(x: Array, term: dict[str, Array], cfg: EmmiConfig):
+  """One log-determinant term, with smoothing when configured; returns its new state."""
+  eig = {k: term[k] for k in ("v", "lam")} if "v" in term else None
+  if cfg.smoothing <= 0:
+    value, eig, diag = ld_lib.covariance_logdet(x, cfg.logdet, eig)
+    return value, eig or {}, diag
+  batch_cov = x.T @ x
+  smoothed = jnp.where(term["seen"], cfg.smoothing * jax.lax.stop_gradient(term["cov"]) + (1.0 - cfg.smoothing) * batch_cov,
+                       batch_cov)  # the first batch has no history
+  value, eig, diag = ld_lib.matrix_logdet(smoothed, cfg.logdet, eig)
+  return value, {**(eig or {}), "cov": jax.lax.stop_gradient(smoothed), "seen": jnp.ones((), bool)}, diag
 
 
 def emmi_loss(
@@ -164,9 +191,9 @@ def emmi_loss(
   factors = covariance_factors(z1, z2, cfg.form)
   lds, new_state, metrics = {}, {}, {}
   for name, x in factors.items():
-    value, term_state, diag = ld_lib.covariance_logdet(x, cfg.logdet, state.get(name))
+    value, term_state, diag = _term_logdet(x, state.get(name, {}), cfg)
     lds[name] = value
-    if term_state is not None:
+    if term_state:
       new_state[name] = term_state
     metrics[f"ld_{name}"] = value
     metrics.update({f"{k}_{name}": v for k, v in diag.items()})

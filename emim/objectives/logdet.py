@@ -149,26 +149,26 @@ def eigh_logdet(a: Array) -> Array:
 # ----------------------------------------------------------------------------------
 # Tracking lambda_max for the rescaling.
 # ----------------------------------------------------------------------------------
-def _factor_matvec(x: Array, eps: float, v: Array) -> Array:
-  """(x^T x + eps I) v without forming the d x d matrix."""
-  return x.T @ (x @ v) + eps * v
-
-
-def power_iteration(x: Array, eps: float, v: Array, iters: int) -> tuple[Array, Array]:
-  """Largest eigenvalue of x^T x + eps I by power iteration warm-started at v.
-
-  Returns:
-    (lambda_max estimate as the Rayleigh quotient, the unit eigenvector estimate).
-  """
+def _power_iteration(matvec, v: Array, iters: int) -> tuple[Array, Array]:
+  """(Rayleigh quotient, unit vector) after ``iters`` power iterations from v."""
 
   def body(_, v):
-    w = _factor_matvec(x, eps, v)
+    w = matvec(v)
     return w / (jnp.linalg.norm(w) + 1e-30)
 
   v = v / (jnp.linalg.norm(v) + 1e-30)
   v = jax.lax.fori_loop(0, iters, body, v)
-  lam = jnp.vdot(v, _factor_matvec(x, eps, v))
-  return lam, v
+  return jnp.vdot(v, matvec(v)), v
+
+
+def power_iteration(x: Array, eps: float, v: Array, iters: int) -> tuple[Array, Array]:
+  """Largest eigenvalue of x^T x + eps I by power iteration warm-started at v, without
+  forming the d x d matrix.
+
+  Returns:
+    (lambda_max estimate as the Rayleigh quotient, the unit eigenvector estimate).
+  """
+  return _power_iteration(lambda v: x.T @ (x @ v) + eps * v, v, iters)
 
 
 def init_eig_state(dim: int, seed: int = 0) -> dict[str, Array]:
@@ -180,8 +180,13 @@ def init_eig_state(dim: int, seed: int = 0) -> dict[str, Array]:
   return {"v": v / jnp.linalg.norm(v), "lam": jnp.zeros((), jnp.float32)}
 
 
-def rescaling_beta(x: Array, cfg: LogdetConfig, eig_state: dict[str, Array] | None):
-  """beta for the Taylor surrogate (a constant: its gradient is stopped).
+def rescaling_beta(matvec, trace: Array, d: int, cfg: LogdetConfig, eig_state: dict[str, Array] | None):
+  """beta for the Taylor surrogate of ld(A + eps I) (a constant: its gradient is stopped).
+
+  Args:
+    matvec: v -> (A + eps I) v.
+    trace: tr(A), without the ridge.
+    d: the dimension of A.
 
   In "max_eig" mode lambda_max is tracked across steps; beta = c * max(EMA, current).
   The EMA steadies beta while the spectrum shrinks; taking the max with the current
@@ -191,14 +196,11 @@ def rescaling_beta(x: Array, cfg: LogdetConfig, eig_state: dict[str, Array] | No
   Returns:
     (beta, new eig_state or None, lambda_max estimate of this batch or None).
   """
-  x = jax.lax.stop_gradient(x)
-  d = x.shape[1]
   if cfg.rescale == "trace":
-    beta = cfg.rescale_c * (jnp.sum(x * x) + d * cfg.eps) / d
-    return beta, eig_state, None
+    return cfg.rescale_c * (trace + d * cfg.eps) / d, eig_state, None
   if eig_state is None:
     raise ValueError("rescale='max_eig' needs its tracked state; build it with init_eig_state.")
-  lam, v = power_iteration(x, cfg.eps, eig_state["v"], cfg.power_iters)
+  lam, v = _power_iteration(matvec, eig_state["v"], cfg.power_iters)
   prev = eig_state["lam"]
   ema = jnp.where(prev > 0, cfg.eig_momentum * prev + (1.0 - cfg.eig_momentum) * lam, lam)
   beta = cfg.rescale_c * jnp.maximum(ema, lam)
@@ -237,14 +239,34 @@ def covariance_logdet(
   mat = inner + eps * jnp.eye(size, dtype=jnp.float32)
   n_eps = d - size  # eigenvalues of A equal to eps that the Gram matrix leaves out
 
+  sg_x = jax.lax.stop_gradient(x)
+  return _backend_logdet(mat, n_eps, d, cfg, eig_state, lambda v: sg_x.T @ (sg_x @ v) + eps * v, jnp.sum(sg_x * sg_x))
+
+
+def matrix_logdet(
+    a: Array, cfg: LogdetConfig, eig_state: dict[str, Array] | None = None
+) -> tuple[Array, dict[str, Array] | None, dict[str, Array]]:
+  """ld(a + eps I) for a symmetric PSD (d, d) matrix (e.g. a smoothed covariance), with
+  the configured backend; as ``covariance_logdet`` but without the Gram form."""
+  a = a.astype(jnp.float32)
+  d = a.shape[0]
+  sg_a = jax.lax.stop_gradient(a)
+  mat = a + cfg.eps * jnp.eye(d, dtype=jnp.float32)
+  return _backend_logdet(mat, 0, d, cfg, eig_state, lambda v: sg_a @ v + cfg.eps * v, jnp.trace(sg_a))
+
+
+def _backend_logdet(mat, n_eps, d, cfg, eig_state, matvec, trace):
+  """The backend dispatch shared by the factor and matrix forms. ``mat`` carries the
+  ridge; ``n_eps`` more eigenvalues equal to eps were left out of it (Gram form)."""
+  eps = cfg.eps
   diag = {}
   if cfg.backend == "taylor":
-    beta, eig_state, lam = rescaling_beta(x, cfg, eig_state)
+    beta, eig_state, lam = rescaling_beta(matvec, trace, d, cfg, eig_state)
     beta = jax.lax.stop_gradient(beta)
     value = taylor_logdet(mat, beta, cfg.order)
     if n_eps:
       # The left-out eigenvalues each add p_K(eps / beta) + log(beta); the call above
-      # already counted log(beta) for `size` of the d eigenvalues.
+      # already counted log(beta) for the others.
       value = value + n_eps * (jnp.log(beta) + taylor_log(eps / beta, cfg.order))
     diag["beta"] = beta
     if lam is not None:
