@@ -54,9 +54,6 @@ class Checkpointer:
     """Save when the interval says so (or ``force``); returns whether it saved."""
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
-  def wait(self):
-    self._manager.wait_until_finished()
-
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()

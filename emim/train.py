@@ -125,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   timings["compile_s"] = time.perf_counter() - t0
 
   # --- Evaluators -------------------------------------------------------------------
-  track_mi = make_mi_tracker(parts, parts_eps=config.method.get("eps", 1e-4))
+  track_mi = make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4))
   # A fixed random subset of the training images for the MI estimates.
   mi_images = sharding.put_global(
       data.train_subset(min(data.num_examples, config.eval.mi_batch_size), seed=1).images, replicated)

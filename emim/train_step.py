@@ -134,7 +134,7 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
   def loss_fn(params):
     enc_stats = state.batch_stats["encoder"]
     (f1, z1), enc_stats = _apply(parts.encoder, params["encoder"], enc_stats, x1)
-    (f2, z2), enc_stats = _apply(parts.encoder, params["encoder"], enc_stats, x2)
+    (_, z2), enc_stats = _apply(parts.encoder, params["encoder"], enc_stats, x2)
     new_stats = {"encoder": enc_stats}
     pred = target = None
     if parts.predictor is not None:
@@ -150,11 +150,11 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
       (_, t2), _ = _apply(parts.encoder, tp, ts, x2)
       target = (jax.lax.stop_gradient(t1), jax.lax.stop_gradient(t2))
     loss, objective_state, metrics = parts.method.loss(Views((z1, z2), pred, target), state.objective_state)
-    aux = (new_stats, objective_state, metrics, jax.lax.stop_gradient(f1), jax.lax.stop_gradient((z1, z2)))
+    aux = (new_stats, objective_state, metrics, jax.lax.stop_gradient(f1), jax.lax.stop_gradient(z1))
     return loss, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_stats, objective_state, method_metrics, features, (z1, z2) = aux
+  new_stats, objective_state, method_metrics, features, z1 = aux
   updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -195,7 +195,8 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
       "probe_loss": probe_ce,
       "probe_acc": probe_acc,
       "embedding_std": O.embedding_std(z1),
-      "rank_renyi2": O.renyi2_rank(z1),
+      # The effective rank from traces, unless the objective already reports it (EMMI).
+      "rank_renyi2": method_metrics["rank_renyi2"] if "rank_renyi2" in method_metrics else O.renyi2_rank(z1),
       "finite": ok.astype(jnp.float32),
   }
   return new_state, metrics

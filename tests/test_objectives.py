@@ -348,3 +348,12 @@ def test_matrix_logdet_equals_factor_logdet():
     v1, s1, _ = O.covariance_logdet(x, cfg, state)
     v2, s2, _ = O.matrix_logdet(x.T @ x, cfg, state)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
+
+
+def test_mi_estimates_are_finite_on_rank_deficient_batches_and_scale_free():
+  z1, z2 = correlated_views(4000, 4, 0.7, seed=23)
+  est = O.mi_estimates(z1, z2 * 50.0, tau=0.5)  # per-dimension scale does not matter
+  np.testing.assert_allclose(est["mi_gaussian"], -2 * math.log(1 - 0.7**2), rtol=0.05)
+  assert float(est["mi_infonce"]) > 0.0 and float(est["mi_dv"]) > 0.0
+  w1, w2 = correlated_views(16, 64, 0.7, seed=24)  # n = 16 < 2d = 128: rank-deficient
+  assert all(np.isfinite(float(v)) for v in O.mi_estimates(w1, w2).values())

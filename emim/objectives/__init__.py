@@ -11,8 +11,9 @@ from emim.objectives.gaussian import (
     gaussian_mi,
     gaussian_mi_from_covariances,
     init_emmi_state,
+    standardize,
 )
-from emim.objectives.jmi import barlow_twins, nt_xent, standardize, taylor_dv, vicreg
+from emim.objectives.jmi import barlow_twins, nt_xent, taylor_dv, vicreg
 from emim.objectives.logdet import (
     LogdetConfig,
     cholesky_logdet,

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from emim.objectives.gaussian import gaussian_mi
+from emim.objectives.gaussian import gaussian_mi, standardize
 
 Array = jax.Array
 
@@ -57,13 +57,18 @@ def jsd(za: Array, zb: Array, tau: float = 1.0) -> Array:
   return positive - negative
 
 
-def mi_estimates(za: Array, zb: Array, tau: float = 1.0, eps: float = 1e-4) -> dict[str, Array]:
-  """All four estimates on one batch: DV, InfoNCE, JSD (cosine critic) and Gaussian."""
+def mi_estimates(za: Array, zb: Array, tau: float = 1.0, eps: float = 1e-3) -> dict[str, Array]:
+  """All four estimates on one batch: DV, InfoNCE, JSD (cosine critic) and Gaussian.
+
+  The Gaussian MI is invariant to per-dimension scaling, so it is taken of the
+  standardised embeddings with a ridge ``eps`` that means the same for every run and
+  keeps rank-deficient batches (n < 2d) finite.
+  """
   za = jax.lax.stop_gradient(za)
   zb = jax.lax.stop_gradient(zb)
   return {
       "mi_dv": dv(za, zb, tau),
       "mi_infonce": infonce(za, zb, tau),
       "mi_jsd": jsd(za, zb, tau),
-      "mi_gaussian": gaussian_mi(za, zb, form="joint", eps=eps),
+      "mi_gaussian": gaussian_mi(standardize(za), standardize(zb), form="joint", eps=eps),
   }

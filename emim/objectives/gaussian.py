@@ -36,6 +36,13 @@ def centred(z: Array) -> Array:
   return z - jnp.mean(z, axis=0, keepdims=True)
 
 
+def standardize(z: Array, eps: float = 1e-5) -> Array:
+  """(z - mean) / sqrt(var + eps) per dimension over the batch (biased variance, as the
+  affine-free BatchNorm that Barlow Twins applies)."""
+  zc = centred(z)
+  return zc * jax.lax.rsqrt(jnp.mean(zc * zc, axis=0, keepdims=True) + eps)
+
+
 def covariance(a: Array, b: Array | None = None) -> Array:
   """cov(a, b) = (a - mean a)^T (b - mean b) / n, in float32."""
   ac = centred(a)

@@ -8,20 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from emim.objectives.estimators import l2_normalize
-from emim.objectives.gaussian import centred
+from emim.objectives.gaussian import centred, standardize
 
 Array = jax.Array
 
 
 def _off_diagonal(m: Array) -> Array:
   return m - jnp.diag(jnp.diagonal(m))
-
-
-def standardize(z: Array, eps: float = 1e-5) -> Array:
-  """(z - mean) / sqrt(var + eps) per dimension over the batch (biased variance, as the
-  affine-free BatchNorm that Barlow Twins applies)."""
-  zc = centred(z)
-  return zc * jax.lax.rsqrt(jnp.mean(zc * zc, axis=0, keepdims=True) + eps)
 
 
 def nt_xent(z1: Array, z2: Array, tau: float = 0.5) -> tuple[Array, dict[str, Array]]:
