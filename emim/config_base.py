@@ -50,7 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=256, num_epochs=100, num_steps=0,  # num_steps > 0 overrides num_epochs
       log_every=50, probe_lr=1e-3))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True, restore_step=-1))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, keep=3, async_save=True,
+      restore_step=-1,  # -1: the latest
+      init_from=""))  # another run's work directory to fork from, when this one has no checkpoint
 
   c.eval = ml_collections.ConfigDict(dict(
       mi_batch_size=512,  # fixed batch for the MI estimates logged with every progress line

@@ -2,9 +2,11 @@
 
     python -m emim.main --config=configs/cifar10.py --workdir=/tmp/run
 
-A run resumes from the newest checkpoint in its work directory. Randomness and data
-order are functions of the step, so an interrupted run and an uninterrupted one give
-the same parameters.
+A run resumes from the newest checkpoint in its work directory, or forks another run's
+(``--config.checkpoint.init_from=DIR [--config.checkpoint.restore_step=N]``). Randomness
+and the order of data held on the device are functions of the step, and a streamed
+pipeline's iterator position is saved with each checkpoint, so an interrupted run and an
+uninterrupted one give the same parameters.
 """
 
 from __future__ import annotations
@@ -73,6 +75,32 @@ def _format_eta(seconds: float) -> str:
   return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer, abstract_state, data):
+  """The state to start from, with the data iterator positioned to match it: the run's own
+  latest checkpoint (or ``checkpoint.restore_step``), else the checkpoint of the run named
+  by ``checkpoint.init_from`` (a fork), else None (a fresh start)."""
+  restore_step = None if config.checkpoint.restore_step < 0 else config.checkpoint.restore_step
+  source = checkpointer
+  if checkpointer.latest_step() is not None:
+    ckpt_lib.check_can_continue(checkpointer, restore_step)
+  elif config.checkpoint.init_from:
+    source = ckpt_lib.Checkpointer(pathlib.Path(config.checkpoint.init_from) / "checkpoints", read_only=True)
+  else:
+    return None
+  try:
+    state, data_restored = source.restore(abstract_state, restore_step, data.iterator)
+  finally:
+    if source is not checkpointer:
+      source.close()
+  if state is None:
+    raise ckpt_lib.CheckpointError(f"--config.checkpoint.init_from: {source.directory} holds no checkpoint.")
+  if data.iterator is not None and not data_restored:
+    data.start_at(int(state.step))
+  logging.info("Resumed from step %d in %s%s.", int(state.step), source.directory,
+               " with the data iterator's position" if data_restored else "")
+  return state
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
   """Train (or resume) the run in ``workdir``.
 
@@ -110,18 +138,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   checkpointer = ckpt_lib.Checkpointer(
       workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)
-  restore_step = None if config.checkpoint.restore_step < 0 else config.checkpoint.restore_step
-  state = checkpointer.restore(ckpt_lib.abstract_like(abstract, state_sharding), restore_step)
+  state = restore_or_init(config, checkpointer, ckpt_lib.abstract_like(abstract, state_sharding), data)
   if state is None:
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+  if not (workdir / "config.json").exists():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  else:
-    logging.info("Resumed from step %d in %s.", int(state.step), checkpointer.directory)
   start_step = int(state.step)
 
   # --- The step, compiled once ahead of time ----------------------------------------
   t0 = time.perf_counter()
-  step_fn = data.compile_step(parts, state, state_sharding, batch_size)
+  step_fn = data.compile_step(parts, state, state_sharding)
   timings["compile_s"] = time.perf_counter() - t0
 
   # --- Evaluators -------------------------------------------------------------------
@@ -181,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
         final = {**host, **log_mi(done)}
       if periodic_knn is not None and (done % config.eval.every_steps == 0 or done == last_step):
         final.update(knn_eval(done))
-      checkpointer.save(done, state, force=done == last_step)
+      checkpointer.save(done, state, data.iterator, force=done == last_step)
   finally:
     checkpointer.close()
     writer.close()

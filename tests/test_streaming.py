@@ -1,6 +1,7 @@
 """The streaming (Grain) path: batches are a function of the step, and a run that reads
 an image-folder directory through it trains and resumes exactly."""
 
+import json
 import pathlib
 
 import jax
@@ -50,6 +51,24 @@ def test_batches_depend_only_on_the_step(folder):
       batches[0]["views"], batches[8]["views"])
 
 
+def test_iterator_state_restores_the_stream_with_worker_processes(folder):
+  """What the checkpoints save: with decoding worker processes, a fresh stream given a
+  saved state continues exactly where the saved one stood."""
+  records, _ = streaming.image_folder_records(str(folder), "train")
+  decode = streaming.TwoCropDecode(streaming._open_file, 16, ((0.2, 1.0), (0.2, 1.0)))
+  stream = streaming.make_stream(records, decode, 8, seed=5, workers=2)
+  for _ in range(3):
+    next(stream)
+  state = stream.get_state()
+  expected = [next(stream) for _ in range(3)]
+  restored = streaming.make_stream(records, decode, 8, seed=5, workers=2)
+  restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    np.testing.assert_array_equal(got["views"], want["views"])
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+
+
 def test_host_crops_cover_the_full_image_and_centre_view_is_square(folder):
   records, _ = streaming.image_folder_records(str(folder), "train")
   wide = folder / "wide.png"
@@ -81,6 +100,9 @@ def test_streamed_run_trains_and_resumes_exactly(folder, tmp_path):
   assert int(straight.state.step) == 4 and np.isfinite(straight.final_metrics["loss"])
   assert 0.0 <= straight.final_metrics["knn/knn_top1_k20"] <= 1.0
   train.run(config, str(tmp_path / "resumed"), stop_at_step=2)
+  # The checkpoint holds the data iterator's position beside the state.
+  saved = json.loads((tmp_path / "resumed" / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text())
+  assert saved["next_index"] == 2
   resumed = train.run(config, str(tmp_path / "resumed"))
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.state.params)), jax.tree.leaves(jax.device_get(resumed.state.params))):
     np.testing.assert_array_equal(a, b)

@@ -72,6 +72,22 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
       jax.device_get(straight.state.objective_state["marginal"]["v"]),
       jax.device_get(resumed.state.objective_state["marginal"]["v"]))
 
+  # Training on from an earlier step where later checkpoints exist is refused, with the
+  # fork that does it instead; the fork reproduces the run exactly.
+  source_steps = Checkpointer(tmp_path / "straight" / "checkpoints").all_steps()
+  assert source_steps[-2:] == [2, 4]  # (Orbax also saves a fresh run's first step)
+  with config.unlocked():
+    config.checkpoint.restore_step = 2
+  with pytest.raises(CheckpointError, match="mix two runs.*init_from"):
+    train.run(config, str(tmp_path / "straight"))
+  with config.unlocked():
+    config.checkpoint.init_from = str(tmp_path / "straight")
+  forked = train.run(config, str(tmp_path / "fork"))
+  assert int(forked.state.step) == 4 and Checkpointer(tmp_path / "fork" / "checkpoints").all_steps() == [3, 4]
+  assert Checkpointer(tmp_path / "straight" / "checkpoints").all_steps() == source_steps  # the source is untouched
+  for a, b in zip(jax.tree.leaves(params_of(straight.state)), jax.tree.leaves(params_of(forked.state))):
+    np.testing.assert_array_equal(a, b)
+
 
 def test_batch_not_divisible_by_devices_names_the_fix(tmp_path):
   with pytest.raises(ValueError, match="multiple of 8"):
@@ -150,7 +166,7 @@ def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
 def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path):
   config = tiny_synthetic()
   train.run(config, str(tmp_path), stop_at_step=2)
-  metadata = tmp_path / "checkpoints" / "2" / "default" / "_METADATA"
+  metadata = tmp_path / "checkpoints" / "2" / "state" / "_METADATA"
   assert metadata.exists()
   metadata.write_bytes(b"\x00garbage")  # a torn write
   with pytest.raises(CheckpointError, match="left as it is.*restore_step"):

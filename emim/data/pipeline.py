@@ -3,8 +3,10 @@
 ``DeviceData`` holds a dataset that fits in accelerator memory (CIFAR) on the devices
 once; each step gathers its batch there from a per-epoch permutation, so the host does
 no per-step work. ``StreamData`` feeds a larger one (ImageNet) from the Grain pipeline
-of ``streaming.py``. Both give the loop the same three things: sizes, a compiled step
-``step(state) -> (state, metrics)``, and small decoded subsets for the evaluators.
+of ``streaming.py``. Both give the loop the same things: sizes, a compiled step
+``step(state) -> (state, metrics)``, small decoded subsets for the evaluators, and
+``iterator``, the data position the checkpoints save (None when the order is a function
+of the step alone, as on the device).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ def _subset(dataset: ImageDataset, n: int, seed: int) -> ImageDataset:
 class DeviceData:
   """The whole training set on the devices (replicated)."""
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, mesh, cache_dir: str):
-    self._cfg, self._mesh, self._cache_dir = data_cfg, mesh, cache_dir
+  iterator = None  # each step's batch is a function of the step: nothing to checkpoint
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, mesh, cache_dir: str, batch_size: int):
+    self._cfg, self._mesh, self._cache_dir, self._batch_size = data_cfg, mesh, cache_dir, batch_size
     self.train = sources.load(data_cfg, "train", cache_dir=cache_dir)
     replicated = sharding.replicated(mesh)
     self._on_device = {"images": sharding.put_global(self.train.images, replicated),
@@ -46,10 +50,10 @@ class DeviceData:
   def num_classes(self) -> int:
     return self.train.num_classes
 
-  def compile_step(self, parts, state, state_sharding, batch_size: int):
+  def compile_step(self, parts, state, state_sharding):
     replicated = sharding.replicated(self._mesh)
     fn = jax.jit(
-        functools.partial(device_data_step, parts=parts, batch_size=batch_size,
+        functools.partial(device_data_step, parts=parts, batch_size=self._batch_size,
                           batch_sharding=sharding.batch_sharding(self._mesh)),
         in_shardings=(state_sharding, replicated), out_shardings=(state_sharding, replicated), donate_argnums=0)
     compiled = fn.lower(state, self._on_device).compile()
@@ -65,8 +69,9 @@ class DeviceData:
 class StreamData:
   """Batches decoded on host workers by Grain, then sharded onto the mesh."""
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, augment_cfg: ml_collections.ConfigDict, mesh, seed: int):
-    self._cfg, self._mesh, self._seed = data_cfg, mesh, seed
+  def __init__(self, data_cfg: ml_collections.ConfigDict, augment_cfg: ml_collections.ConfigDict, mesh, seed: int,
+               batch_size: int):
+    self._cfg, self._mesh, self._seed, self._batch_size = data_cfg, mesh, seed, batch_size
     self._records, open_fn, self._num_classes = streaming.stream_source(data_cfg, "train")
     # Training: each view's random resized crop from the full image, on the host.
     self._two_crops = streaming.TwoCropDecode(
@@ -74,6 +79,17 @@ class StreamData:
     # Evaluators: centre squares.
     self._centre = streaming.CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size)
     logging.info("Streaming %d training images with %d host workers.", len(self._records), data_cfg.workers)
+    # The checkpoints save this iterator's state and restore sets it (before compile_step).
+    self.iterator = self._stream(start_step=0)
+
+  def _stream(self, start_step: int):
+    return streaming.make_stream(self._records, self._two_crops, self._batch_size, self._seed, start_step, self._cfg.workers)
+
+  def start_at(self, step: int) -> None:
+    """Position the stream at batch ``step`` without a saved iterator state (a checkpoint
+    written before the data item existed): the pipeline is a function of the step."""
+    logging.warning("The checkpoint has no data-iterator state; starting the stream at batch %d.", step)
+    self.iterator = self._stream(start_step=step)
 
   @property
   def num_examples(self) -> int:
@@ -83,10 +99,10 @@ class StreamData:
   def num_classes(self) -> int:
     return self._num_classes
 
-  def compile_step(self, parts, state, state_sharding, batch_size: int):
+  def compile_step(self, parts, state, state_sharding):
     batch_sharding = sharding.batch_sharding(self._mesh)
     replicated = sharding.replicated(self._mesh)
-    stream = streaming.make_stream(self._records, self._two_crops, batch_size, self._seed, int(state.step), self._cfg.workers)
+    stream = self.iterator
     fn = jax.jit(functools.partial(train_step, parts=parts), in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
     first = next(stream)
@@ -116,5 +132,5 @@ class StreamData:
 
 def make_train_data(config: ml_collections.ConfigDict, mesh, cache_dir: str):
   if config.data.stream:
-    return StreamData(config.data, config.augment, mesh, config.seed)
-  return DeviceData(config.data, mesh, cache_dir)
+    return StreamData(config.data, config.augment, mesh, config.seed, config.train.batch_size)
+  return DeviceData(config.data, mesh, cache_dir, config.train.batch_size)

@@ -6,10 +6,11 @@ decoded on host workers, where each view's random resized crop is taken from the
 image, and batched. The rest of each view's augmentation (flip, colour, blur,
 solarisation) then runs on the device, one key per example, as for in-memory data.
 
-The data position is a function of the step: batch ``s`` of the pipeline is the same
-whenever it is asked for, so a resumed run starts the pipeline at its restored step
-(``make_stream(..., start_step=s)``) and sees exactly the batches an uninterrupted run
-sees. Nothing about the iterator needs to be saved in the checkpoint.
+The iterator's state (per process: how far it has read, and its workers' positions) is
+saved in every checkpoint beside the train state and set again on resume, so a resumed run
+sees exactly the batches an uninterrupted run sees. The pipeline is also a function of the
+step (batch ``s`` is the same whenever it is asked for), which ``start_step`` uses to
+start a stream at a given batch without a saved state.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pathlib
 from typing import Any, Iterator
 
 import grain
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -121,8 +123,9 @@ def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any,
 
 
 def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, seed: int, start_step: int = 0,
-                workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """This process's share of the global batches, from ``start_step`` on, forever.
+                workers: int = 0) -> grain.DatasetIterator:
+  """This process's share of the global batches, from ``start_step`` on, forever: an
+  iterator whose ``get_state()``/``set_state()`` the checkpoints save and restore.
 
   Args:
     records: a random-access sequence of examples.
@@ -141,8 +144,16 @@ def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, s
   ds = ds.batch(global_batch_size // processes, drop_remainder=True)
   it = ds[start_step:].to_iter_dataset()
   if workers > 0:
+    _absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it)
+
+
+def _absl_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; outside an absl app (a notebook, a test)
+  nothing has parsed them, so take their defaults."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +173,7 @@ class StreamSplit:
     ds = grain.MapDataset.source(self.records).map(self.decode).batch(batch_size, drop_remainder=False)
     it = ds.to_iter_dataset()
     if workers > 0:
+      _absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it)
 
