@@ -17,11 +17,25 @@ from __future__ import annotations
 import logging
 import pathlib
 
+from absl import logging as absl_logging
+
 import jax
 import orbax.checkpoint as ocp
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+
+
+class _OrbaxInfoFilter(logging.Filter):
+  """Drops the INFO chatter of Orbax's every save and restore (warnings pass)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+  """Keep the programs' logs readable: progress lines, not Orbax's I/O statistics."""
+  absl_logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
 
 
 class CheckpointError(RuntimeError):

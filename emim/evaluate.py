@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from emim import sharding
 from emim.backbone import features_and_labels, load_run_config, restore_backbone
+from emim.checkpoint import quiet_orbax_logs
 from emim.data import sources, streaming
 from emim.evaluators.knn import knn_accuracy
 from emim.evaluators.linear_probe import linear_probe
@@ -86,6 +87,7 @@ def record(workdir: pathlib.Path, results: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_orbax_logs()
   FLAGS = flags.FLAGS
   config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
   evaluate(config, FLAGS.workdir, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step, FLAGS.mode)

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from emim.backbone import Backbone, backbone_from_model_config, load_run_config, restore_backbone
+from emim.checkpoint import quiet_orbax_logs
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
 
@@ -105,6 +106,7 @@ def load_backbone(path: str | pathlib.Path):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_orbax_logs()
   FLAGS = flags.FLAGS
   config = load_run_config(FLAGS.workdir)
   step, backbone = restore_backbone(FLAGS.workdir, config, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step)

@@ -5,8 +5,6 @@ are rejected. Several processes (a TPU pod, a multi-host GPU job) call
 ``jax.distributed.initialize()`` first.
 """
 
-import logging as logging_std
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -16,18 +14,14 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drop the INFO chatter of Orbax's every save so the progress lines stay readable."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
+
+  from emim.checkpoint import quiet_orbax_logs
+
+  quiet_orbax_logs()
 
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

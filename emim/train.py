@@ -150,7 +150,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   step_fn = data.compile_step(parts, state, state_sharding)
   timings["compile_s"] = time.perf_counter() - t0
 
-  # --- Evaluators -------------------------------------------------------------------
+  # --- Evaluators (decoding their test subsets counts here, not in decode_s) ---------
+  t0 = time.perf_counter()
   track_mi = make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4))
   # A fixed random subset of the training images for the MI estimates.
   mi_images = sharding.put_global(
@@ -160,6 +161,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     backbone = backbone_from_model_config(model_config_of(config), {})
     periodic_knn = PeriodicKnn(backbone, data.train_subset(config.eval.knn_train_subset),
                                data.test_subset(config.eval.knn_test_subset), config.eval, mesh)
+
+  timings["eval_setup_s"] = time.perf_counter() - t0
+  # Written now and again at the end, so a run stopped early still tells its set-up costs.
+  (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
 
   def knn_eval(step):
     variables = {"params": state.params["encoder"]["backbone"], "batch_stats": state.batch_stats["encoder"]["backbone"]}
@@ -212,6 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     checkpointer.close()
     writer.close()
   timings["train_s"] = time.perf_counter() - t_train
-  logging.info("Timings: decode %.1fs, compile %.1fs, train %.1fs.", timings["decode_s"], timings["compile_s"], timings["train_s"])
+  logging.info("Timings: decode %.1fs, compile %.1fs, evaluator set-up %.1fs, train %.1fs.", timings["decode_s"],
+               timings["compile_s"], timings["eval_setup_s"], timings["train_s"])
   (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
   return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings)

@@ -53,7 +53,7 @@ def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
   assert [r["step"] for r in knn] == [2, 4] and 0.0 <= knn[-1]["knn/knn_top1_k20"] <= 1.0
   assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
   assert json.loads((tmp_path / "config.json").read_text())["method"]["name"] == "emmi"
-  assert set(json.loads((tmp_path / "timings.json").read_text())) == {"decode_s", "compile_s", "train_s"}
+  assert set(json.loads((tmp_path / "timings.json").read_text())) == {"decode_s", "compile_s", "eval_setup_s", "train_s"}
   # The state is replicated over the 8-device mesh and the batch was sharded over it.
   leaf = jax.tree.leaves(result.state.params)[0]
   assert len(leaf.sharding.device_set) == 8

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The accelerator figures of BENCHMARKS.md, in a few full commands on a borrowed GPU
+# (after benchmarks/prepare_accelerator.sh here). Each stage fits in one 10-minute call
+# and writes its logs to $OUT:
+#   bash benchmarks/accelerator.sh bench   # objective cost; train step vs torch_reference.py
+#   bash benchmarks/accelerator.sh cifar   # a short configs/cifar10.py run, then emim.evaluate
+#                                          # (and torch_cifar_ssl.py for the same epochs, when
+#                                          # TORCH_EPOCHS > 0)
+# CPU smoke test of the script itself: SMOKE=1 bash benchmarks/accelerator.sh cifar
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: accelerator.sh bench|cifar}
+OUT=${OUT:-/tmp/emim_accelerator}
+mkdir -p "$OUT"
+if ! python3 -c "import grain, ml_collections" 2> /dev/null; then  # the carried wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+CIFAR=${CIFAR:-$PWD/.accel/cifar10-jpeg.tar.gz}
+WORKDIR=${WORKDIR:-/tmp/emim_cifar10}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+case "$stage" in
+  bench)
+    objective=(--dims 512 2048 4096); step=(--config=configs/cifar10.py --batch 256 512)
+    if [ "${SMOKE:-0}" = 1 ]; then
+      objective=(--dims 128 --repeats 1); step=(--config=configs/synthetic.py:runlocal --batch 32 --steps 3)
+    fi
+    python3 benchmarks/objective_cost.py "${objective[@]}" 2>&1 | tee "$OUT/objective_cost.txt"
+    python3 benchmarks/train_step.py "${step[@]}" 2>&1 | tee "$OUT/train_step.txt"
+    if [ -f .accel/torch_reference.py ] && python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+      python3 .accel/torch_reference.py --batch 256 512 --compile both 2>&1 | tee "$OUT/torch_reference.txt"
+    fi
+    ;;
+  cifar)
+    EPOCHS=${EPOCHS:-20}
+    PROBE_EPOCHS=${PROBE_EPOCHS:-20}
+    TORCH_EPOCHS=${TORCH_EPOCHS:-0}
+    run=(--config=configs/cifar10.py --config.data.path="$CIFAR")
+    if [ "${SMOKE:-0}" = 1 ]; then  # the script's own CPU check: a tiny model, a few steps
+      run+=(--config.model.backbone=resnet_tiny --config.model.width=8 "--config.model.projector_dims=(64,32)"
+            --config.train.batch_size=32 --config.eval.knn_train_subset=256 --config.eval.knn_test_subset=128
+            --config.eval.mi_batch_size=64 --config.eval.batch_size=256)
+      train=(--config.train.num_steps=4 --config.train.log_every=2)
+      probe=(--config.eval.probe_epochs=1 --config.eval.probe_mode=features)
+    else
+      train=(--config.train.num_epochs="$EPOCHS" --config.optim.warmup_epochs=2 --config.eval.every_steps=0)
+      probe=(--config.eval.probe_epochs="$PROBE_EPOCHS")
+    fi
+    rm -rf "$WORKDIR"
+    SECONDS=0
+    # Past TRAIN_LIMIT the run is stopped and evaluation reads its last checkpoint, so the
+    # call still ends inside the device's 10-minute limit with figures to show.
+    timeout "${TRAIN_LIMIT:-330}" python3 -m emim.main "${run[@]}" "${train[@]}" --workdir="$WORKDIR" 2>&1 \
+      | grep -v "^W" | tee "$OUT/train.log"
+    echo "train wall clock: ${SECONDS}s" | tee -a "$OUT/train.log"
+    cp "$WORKDIR/metrics.jsonl" "$OUT/"; cp "$WORKDIR/timings.json" "$OUT/" 2> /dev/null
+    SECONDS=0
+    # The model fields must match the checkpoint's: the same config and overrides.
+    python3 -m emim.evaluate "${run[@]}" "${probe[@]}" --workdir="$WORKDIR" 2>&1 | grep -v "^W" | tee "$OUT/evaluate.log"
+    echo "evaluate wall clock: ${SECONDS}s" | tee -a "$OUT/evaluate.log"
+    cp "$WORKDIR/evaluation.json" "$OUT/"
+    if [ "$TORCH_EPOCHS" -gt 0 ] && [ -f .accel/torch_cifar_ssl.py ]; then
+      python3 .accel/torch_cifar_ssl.py --data "$CIFAR" --epochs "$TORCH_EPOCHS" --workers 16 --eval_every "$TORCH_EPOCHS" \
+        2>&1 | tee "$OUT/torch_cifar_ssl.txt"
+    fi
+    ;;
+  *) echo "unknown stage $stage: bench or cifar" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
