@@ -50,17 +50,25 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   mesh = sharding.make_mesh()
   results = {"step": step, "num_train": len(train), "num_test": len(test)}
   timings = {"load_s": time.perf_counter() - t0}
-  if mode in ("all", "knn"):
+  # Centre-view features of both splits, extracted once: kNN uses them, and the probe
+  # tests on them (and trains on them in its "features" mode).
+  features = None
+  if mode in ("all", "knn") or config.eval.probe_mode == "features":
     t = time.perf_counter()
     fn = backbone.features_fn()
-    train_f, train_l = features_and_labels(fn, train, config.eval.batch_size, mesh, workers)
-    test_f, test_l = features_and_labels(fn, test, config.eval.batch_size, mesh, workers)
+    features = (features_and_labels(fn, train, config.eval.batch_size, mesh, workers),
+                features_and_labels(fn, test, config.eval.batch_size, mesh, workers))
+    timings["features_s"] = time.perf_counter() - t
+  if mode in ("all", "knn"):
+    t = time.perf_counter()
+    (train_f, train_l), (test_f, test_l) = features
     results.update(knn_accuracy(train_f, train_l, test_f, test_l, train.num_classes,
                                 tuple(config.eval.knn_k), config.eval.knn_temperature))
     timings["knn_s"] = time.perf_counter() - t
   if mode in ("all", "linear"):
     t = time.perf_counter()
-    results.update(linear_probe(backbone, train, test, config.eval, config.eval.probe_mode, config.seed, mesh, workers))
+    results.update(linear_probe(backbone, train, test, config.eval, config.eval.probe_mode, config.seed, mesh, workers,
+                                features))
     results["linear_mode"] = config.eval.probe_mode
     results["linear_epochs"] = config.eval.probe_epochs
     timings["linear_s"] = time.perf_counter() - t

@@ -94,6 +94,22 @@ def test_restores_a_given_step_and_reports_missing_ones(trained_run):
     restore_backbone(workdir / "nothing_here", config)
 
 
+def test_reads_the_latest_finished_checkpoint_while_one_is_being_written(trained_run):
+  """Training saves asynchronously into '<step>.orbax-checkpoint-tmp-*' and renames it when
+  done; an evaluation started meanwhile reads the newest finished step."""
+  import shutil
+
+  config, workdir = trained_run
+  unfinished = workdir / "checkpoints" / "500.orbax-checkpoint-tmp-1795383294"
+  shutil.copytree(workdir / "checkpoints" / "192" / "state", unfinished / "state")
+  (unfinished / "state" / "_METADATA").write_bytes(b"")  # half written
+  try:
+    step, _ = restore_backbone(workdir, config)
+    assert step == 192
+  finally:
+    shutil.rmtree(unfinished)
+
+
 def test_knn_on_hand_made_features():
   # Two tight clusters: every test point takes its cluster's label.
   train_f = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])

@@ -71,7 +71,8 @@ def _probe_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_step
 
 
 def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict,
-                 mode: str = "augmented", seed: int = 0, mesh=None, workers: int = 0) -> dict[str, float]:
+                 mode: str = "augmented", seed: int = 0, mesh=None, workers: int = 0,
+                 features: tuple | None = None) -> dict[str, float]:
   """Train the probe and report {"linear_top1", "linear_top5", "linear_train_s"}.
 
   Args:
@@ -82,6 +83,9 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
       probe_batch_size, probe_weight_decay, batch_size (feature extraction).
     mode: "augmented" or "features".
     workers: host decoding processes for streamed splits.
+    features: ((train features, labels), (test features, labels)) of centre views when
+      already computed (the evaluation program's kNN has them): the "features" mode
+      trains on the first, and both modes test on the second, without extracting again.
   """
   if mode not in MODES:
     raise ValueError(f"Unknown linear-probe mode {mode!r}; choose one of {MODES}.")
@@ -96,7 +100,7 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   t0 = time.perf_counter()
 
   if mode == "features":
-    inputs, labels = features_and_labels(features_fn, train, cfg.batch_size, mesh, workers)
+    inputs, labels = features[0] if features else features_and_labels(features_fn, train, cfg.batch_size, mesh, workers)
     to_features = lambda variables, key, x: x
   else:
     inputs, labels = (train.images, train.labels) if hasattr(train, "images") else (None, None)
@@ -141,7 +145,7 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f"The linear probe's loss is {float(loss)}: lower --config.eval.probe_lr.")
   train_s = time.perf_counter() - t0
-  test_features, test_labels = features_and_labels(features_fn, test, cfg.batch_size, mesh, workers)
+  test_features, test_labels = features[1] if features else features_and_labels(features_fn, test, cfg.batch_size, mesh, workers)
   logits = np.asarray(_classifier(jax.device_get(state.params), test_features))
   return {
       "linear_top1": topk_accuracy(logits, test_labels, 1),
