@@ -96,6 +96,11 @@ class Checkpointer:
           "--workdir; a config that changed the model or method since it was written also fails here.") from e
     return restored[STATE_ITEM], with_data
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether JAX's preemption service (multi-process jobs) asks every process to save
+    and stop at ``step``; False when the service is not running."""
+    return self._manager.reached_preemption(step)
+
   def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
     """Save when the interval says so (or ``force``); returns whether it saved. The data
     iterator's position is read now, synchronously, so it matches ``state``."""

@@ -5,6 +5,8 @@ are rejected. Several processes (a TPU pod, a multi-host GPU job) call
 ``jax.distributed.initialize()`` first.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,7 +31,11 @@ def main(argv):
 
   logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
                jax.default_backend(), jax.process_index(), jax.process_count())
-  train.run(_CONFIG.value, _WORKDIR.value)
+  result = train.run(_CONFIG.value, _WORKDIR.value)
+  if result.stopped_by_signal is not None:
+    # The shell's convention for a process ended by a signal, so schedulers see a stop,
+    # not a finished job (the checkpoint is saved: the same command resumes).
+    sys.exit(128 + result.stopped_by_signal)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import functools
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
 
 import jax
@@ -39,6 +41,44 @@ class RunResult:
   state: TrainState
   final_metrics: dict
   timings: dict
+  stopped_by_signal: int | None = None  # SIGTERM/SIGINT: saved at the step reached, resumable
+
+
+class StopRequest:
+  """Turns SIGTERM and SIGINT (a preempted VM, a Slurm time limit, Ctrl-C) into a request
+  the loop honours between steps: it saves a checkpoint at the step reached and stops, so
+  a preemption costs no training. A second signal acts as usual (the handlers are
+  restored on the first).
+
+  Installed only in the main thread of a single-process job. With several processes,
+  JAX's preemption service (``jax.distributed.initialize``) tells every process, through
+  Orbax, to stop at the same step instead.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    self._restore()
+    logging.warning("Received %s: saving a checkpoint after the current step, then stopping.", signal.Signals(signum).name)
+
+  def _restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    self._restore()
 
 
 def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int, total_steps: int) -> StepParts:
@@ -190,34 +230,41 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   metrics, final = None, {}
   t_train = time.perf_counter()
   t_log, steps_at_log = t_train, start_step
-  try:
-    for step in range(start_step, last_step):
-      state, metrics = step_fn(state)
-      done = step + 1
-      if done % log_every == 0 or done == last_step:
-        host = jax.device_get(metrics)
-        if int(state.nonfinite_steps) > 0:
-          raise FloatingPointError(
-              f"Non-finite loss or gradient at or before step {done} ({int(state.nonfinite_steps)} update(s) refused; "
-              f"last loss {float(host['loss'])}). The last checkpoint in {checkpointer.directory} is intact. Lower "
-              "--config.optim.base_lr, raise the objective's eps, or set --config.optim.clip_norm.")
-        now = time.perf_counter()
-        rate = (done - steps_at_log) / max(now - t_log, 1e-9)
-        t_log, steps_at_log = now, done
-        eta = (last_step - done) / max(rate, 1e-9)
-        terms = " ".join(f"{k}={float(v):.4g}" for k, v in host.items() if _is_loss_term(k))
-        logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, total_steps,
-                     done / steps_per_epoch, rate, rate * batch_size, _format_eta(eta), terms)
-        writer.write(done, {**host, "epoch": done / steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * batch_size})
-        final = {**host, **log_mi(done)}
-      if periodic_knn is not None and (done % config.eval.every_steps == 0 or done == last_step):
-        final.update(knn_eval(done))
-      checkpointer.save(done, state, data.iterator, force=done == last_step)
-  finally:
-    checkpointer.close()
-    writer.close()
+  with StopRequest() as stop:
+    try:
+      for step in range(start_step, last_step):
+        state, metrics = step_fn(state)
+        done = step + 1
+        if done % log_every == 0 or done == last_step:
+          host = jax.device_get(metrics)
+          if int(state.nonfinite_steps) > 0:
+            raise FloatingPointError(
+                f"Non-finite loss or gradient at or before step {done} ({int(state.nonfinite_steps)} update(s) refused; "
+                f"last loss {float(host['loss'])}). The last checkpoint in {checkpointer.directory} is intact. Lower "
+                "--config.optim.base_lr, raise the objective's eps, or set --config.optim.clip_norm.")
+          now = time.perf_counter()
+          rate = (done - steps_at_log) / max(now - t_log, 1e-9)
+          t_log, steps_at_log = now, done
+          eta = (last_step - done) / max(rate, 1e-9)
+          terms = " ".join(f"{k}={float(v):.4g}" for k, v in host.items() if _is_loss_term(k))
+          logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, total_steps,
+                       done / steps_per_epoch, rate, rate * batch_size, _format_eta(eta), terms)
+          writer.write(done, {**host, "epoch": done / steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * batch_size})
+          final = {**host, **log_mi(done)}
+        if periodic_knn is not None and (done % config.eval.every_steps == 0 or done == last_step):
+          final.update(knn_eval(done))
+        preempted = stop.signum is not None or checkpointer.reached_preemption(done)
+        checkpointer.save(done, state, data.iterator, force=preempted or done == last_step)
+        if preempted:
+          logging.warning("Stopped at step %d of %d; the checkpoint is in %s. Run the same command to resume.",
+                          done, total_steps, checkpointer.directory)
+          break
+    finally:
+      checkpointer.close()
+      writer.close()
   timings["train_s"] = time.perf_counter() - t_train
   logging.info("Timings: decode %.1fs, compile %.1fs, evaluator set-up %.1fs, train %.1fs.", timings["decode_s"],
                timings["compile_s"], timings["eval_setup_s"], timings["train_s"])
   (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
-  return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings)
+  return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings,
+                   stopped_by_signal=stop.signum)

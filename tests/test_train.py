@@ -3,6 +3,7 @@ input with a clear error, and trains every registered method."""
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -161,6 +162,29 @@ def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
   assert np.isfinite(result.final_metrics["loss"])
   assert list((tmp_path / "cache").glob("*.npz")), "the decoded archive is cached"
 
+
+
+def test_sigterm_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
+  """A preempted job (SIGTERM) saves a checkpoint at the step it reached, wherever the
+  save interval stands, and exits with 128 + SIGTERM; the run resumes from that step."""
+  overrides = ["--config.train.num_steps=1000", "--config.train.log_every=1", "--config.checkpoint.every_steps=1000"]
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal", *overrides,
+       f"--workdir={tmp_path}"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+  log = []
+  for line in proc.stderr:  # wait until training is under way
+    log.append(line)
+    if " step 3/1000 " in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  _, rest = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, "".join(log) + rest
+  assert "Run the same command to resume" in rest
+  stopped = Checkpointer(tmp_path / "checkpoints").latest_step()
+  assert 3 <= stopped < 1000
+  config = tiny_synthetic(**{"train.num_steps": 1000, "checkpoint.every_steps": 1000})
+  resumed = train.run(config, str(tmp_path), stop_at_step=stopped + 1)
+  assert int(resumed.state.step) == stopped + 1
 
 
 def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path):
