@@ -125,6 +125,10 @@ def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Ch
     ckpt_lib.check_can_continue(checkpointer, restore_step)
   elif config.checkpoint.init_from:
     source = ckpt_lib.Checkpointer(pathlib.Path(config.checkpoint.init_from) / "checkpoints", read_only=True)
+  elif restore_step is not None:
+    raise ckpt_lib.CheckpointError(
+        f"--config.checkpoint.restore_step={restore_step}, but {checkpointer.directory} holds no checkpoint. To start "
+        "from another run's step, add --config.checkpoint.init_from=THAT_RUNS_WORKDIR.")
   else:
     return None
   try:

@@ -88,6 +88,10 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   assert Checkpointer(tmp_path / "straight" / "checkpoints").all_steps() == source_steps  # the source is untouched
   for a, b in zip(jax.tree.leaves(params_of(straight.state)), jax.tree.leaves(params_of(forked.state))):
     np.testing.assert_array_equal(a, b)
+  with config.unlocked():
+    config.checkpoint.init_from = ""
+  with pytest.raises(CheckpointError, match="holds no checkpoint.*init_from"):
+    train.run(config, str(tmp_path / "empty"))  # a restore_step with nothing to restore
 
 
 def test_batch_not_divisible_by_devices_names_the_fix(tmp_path):
