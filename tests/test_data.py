@@ -101,6 +101,41 @@ def test_tfds_source_reads_a_data_source_without_tensorflow(name, shape):
   assert image.mode == "RGB" and image.size == shape[:2] and 0 <= label < 10
 
 
+def _tfrecord_only(tfds, monkeypatch):
+  """tfds.data_source fails as it does on a dataset prepared as TFRecord (tfds.load's default)."""
+  def no_array_record(name, **kwargs):
+    raise NotImplementedError(f"{name} has no ArrayRecord files")
+  monkeypatch.setattr(tfds, "data_source", no_array_record)
+
+
+def test_tfds_dataset_not_in_array_record_is_read_with_tfds_load(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("tensorflow", reason="tfds.load reads through TensorFlow, an optional extra (pip install -e .[tf])")
+  import ml_collections
+
+  _tfrecord_only(tfds, monkeypatch)
+  cfg = ml_collections.ConfigDict(dict(source="tfds", tfds_name="cifar10", tfds_data_dir="", train_split="train",
+                                       test_split="test", decode_size=0))
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = sources.load(cfg, "train")
+  assert data.images.shape == (5, 32, 32, 3) and data.images.dtype == np.uint8 and data.labels.shape == (5,)
+
+
+def test_tfds_dataset_not_in_array_record_without_tensorflow_names_both_fixes(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import importlib.util
+
+  import ml_collections
+
+  _tfrecord_only(tfds, monkeypatch)
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else find_spec(name, *a))
+  cfg = ml_collections.ConfigDict(dict(source="tfds", tfds_name="cifar10", tfds_data_dir="", train_split="train",
+                                       test_split="test", decode_size=0))
+  with pytest.raises(sources.DatasetError, match=r"(?s)not prepared as ArrayRecord.*file_format=array_record.*install TensorFlow"):
+    sources.load(cfg, "train")
+
+
 def test_unprepared_tfds_dataset_names_the_fix():
   pytest.importorskip("tensorflow_datasets")
   import ml_collections

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -179,21 +180,42 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
 
 
 # ----------------------------------------------------------------------------------
-# TFDS, read from ArrayRecord without TensorFlow.
+# TFDS: ArrayRecord without TensorFlow, or any prepared format through tfds.load.
 # ----------------------------------------------------------------------------------
-def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | None) -> ImageDataset:
+def tfds_examples(name: str, split: str, data_dir: str | None):
+  """(examples, number of examples) of a prepared TFDS split.
+
+  ArrayRecord is read with ``tfds.data_source`` (random access, no TensorFlow). Any other
+  prepared format (``tfds.load``'s default TFRecord) is read with ``tfds.load`` when
+  TensorFlow is installed.
+  """
   import tensorflow_datasets as tfds  # imported here: only this source needs it
 
+  where = data_dir or "~/tensorflow_datasets"
+  prepare = (f"Prepare it where TensorFlow and the internet are available (pip install -e .[tf]; "
+             f"tfds build {name} --file_format=array_record) and set config.data.tfds_data_dir")
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    return (source[i] for i in range(len(source))), len(source)
   except Exception as e:
-    raise DatasetError(
-        f"TFDS dataset {name!r} split {split!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
-        f"({e}). Prepare it where TensorFlow and the internet are available (pip install -e .[tf]; "
-        f"tfds build {name} --file_format=array_record) and set config.data.tfds_data_dir.") from e
+    if importlib.util.find_spec("tensorflow") is None:
+      raise DatasetError(
+          f"TFDS dataset {name!r} split {split!r} is not prepared as ArrayRecord in {where} ({e}). {prepare}; "
+          "or, for a dataset prepared in another format, install TensorFlow (pip install -e .[tf]) so that "
+          "tfds.load reads it.") from e
+    logging.info("tfds.data_source cannot read %s (%s); reading it with tfds.load.", name, e)
+  try:
+    dataset = tfds.load(name, split=split, data_dir=data_dir or None, download=False)
+    return tfds.as_numpy(dataset), len(dataset)
+  except Exception as e:
+    raise DatasetError(f"TFDS dataset {name!r} split {split!r} is not prepared in {where} ({e}). {prepare}.") from e
+
+
+def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | None) -> ImageDataset:
+  examples, count = tfds_examples(name, split, data_dir)
+  logging.info("Reading %d examples of TFDS %s/%s.", count, name, split)
   images, labels = [], []
-  for i in range(len(source)):
-    example = source[i]
+  for i, example in enumerate(examples):
     image = _rgb(np.asarray(example["image"], np.uint8))
     if image_size is not None and image.shape[:2] != (image_size, image_size):
       image = _decode((f"{name}[{i}]", _png_bytes(image)), image_size)

@@ -117,7 +117,10 @@ def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any,
     try:
       source = tfds.data_source(data_cfg.tfds_name, split=split_name, data_dir=data_cfg.tfds_data_dir or None, download=False)
     except Exception as e:
-      raise DatasetError(f"TFDS dataset {data_cfg.tfds_name!r} is not prepared ({e}); see the README's Data section.") from e
+      raise DatasetError(
+          f"TFDS dataset {data_cfg.tfds_name!r} split {split_name!r} is not prepared as ArrayRecord ({e}). Streaming "
+          f"reads at random, which needs ArrayRecord: tfds build {data_cfg.tfds_name} --file_format=array_record "
+          "(see the README's Data section).") from e
     return source, _open_tfds, data_cfg.num_classes
   raise DatasetError(f"Streaming reads 'image_folder' or 'tfds' sources, not {data_cfg.source!r}.")
 
