@@ -115,6 +115,35 @@ def _format_eta(seconds: float) -> str:
   return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+class ProgressLine:
+  """The steady progress line: step, epoch, steps/s and pairs/s since the last line, ETA,
+  and the loss terms."""
+
+  def __init__(self, start_step: int, last_step: int, total_steps: int, steps_per_epoch: int, batch_size: int):
+    self.last_step, self.total_steps, self.steps_per_epoch, self.batch_size = last_step, total_steps, steps_per_epoch, batch_size
+    self._time, self._step = time.perf_counter(), start_step
+
+  def __call__(self, done: int, host_metrics: dict) -> dict:
+    """Log the line for step ``done``; returns the rates to record with the metrics."""
+    now = time.perf_counter()
+    rate = (done - self._step) / max(now - self._time, 1e-9)
+    self._time, self._step = now, done
+    eta = (self.last_step - done) / max(rate, 1e-9)
+    terms = " ".join(f"{k}={float(v):.4g}" for k, v in host_metrics.items() if _is_loss_term(k))
+    logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, self.total_steps,
+                 done / self.steps_per_epoch, rate, rate * self.batch_size, _format_eta(eta), terms)
+    return {"epoch": done / self.steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * self.batch_size}
+
+
+def _check_finite(state: TrainState, host_metrics: dict, done: int, checkpoint_dir: pathlib.Path) -> None:
+  """The step refuses non-finite updates and counts them; the loop stops at the next line."""
+  if int(state.nonfinite_steps) > 0:
+    raise FloatingPointError(
+        f"Non-finite loss or gradient at or before step {done} ({int(state.nonfinite_steps)} update(s) refused; "
+        f"last loss {float(host_metrics['loss'])}). The last checkpoint in {checkpoint_dir} is intact. Lower "
+        "--config.optim.base_lr, raise the objective's eps, or set --config.optim.clip_norm.")
+
+
 def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer, abstract_state, data):
   """The state to start from, with the data iterator positioned to match it: the run's own
   latest checkpoint (or ``checkpoint.restore_step``), else the checkpoint of the run named
@@ -233,7 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   log_every = max(1, config.train.log_every)
   metrics, final = None, {}
   t_train = time.perf_counter()
-  t_log, steps_at_log = t_train, start_step
+  progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
   with StopRequest() as stop:
     try:
       for step in range(start_step, last_step):
@@ -241,19 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
         done = step + 1
         if done % log_every == 0 or done == last_step:
           host = jax.device_get(metrics)
-          if int(state.nonfinite_steps) > 0:
-            raise FloatingPointError(
-                f"Non-finite loss or gradient at or before step {done} ({int(state.nonfinite_steps)} update(s) refused; "
-                f"last loss {float(host['loss'])}). The last checkpoint in {checkpointer.directory} is intact. Lower "
-                "--config.optim.base_lr, raise the objective's eps, or set --config.optim.clip_norm.")
-          now = time.perf_counter()
-          rate = (done - steps_at_log) / max(now - t_log, 1e-9)
-          t_log, steps_at_log = now, done
-          eta = (last_step - done) / max(rate, 1e-9)
-          terms = " ".join(f"{k}={float(v):.4g}" for k, v in host.items() if _is_loss_term(k))
-          logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, total_steps,
-                       done / steps_per_epoch, rate, rate * batch_size, _format_eta(eta), terms)
-          writer.write(done, {**host, "epoch": done / steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * batch_size})
+          _check_finite(state, host, done, checkpointer.directory)
+          writer.write(done, {**host, **progress(done, host)})
           final = {**host, **log_mi(done)}
         if periodic_knn is not None and (done % config.eval.every_steps == 0 or done == last_step):
           final.update(knn_eval(done))
