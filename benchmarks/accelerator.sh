@@ -6,10 +6,12 @@
 #   bash benchmarks/accelerator.sh cifar   # a short configs/cifar10.py run, then emim.evaluate
 #                                          # (and torch_cifar_ssl.py for the same epochs, when
 #                                          # TORCH_EPOCHS > 0)
+#   bash benchmarks/accelerator.sh resume  # bit-exact restart on the GPU, default and
+#                                          # deterministic XLA kernels, and their cost
 # CPU smoke test of the script itself: SMOKE=1 bash benchmarks/accelerator.sh cifar
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: accelerator.sh bench|cifar}
+stage=${1:?usage: accelerator.sh bench|cifar|resume}
 OUT=${OUT:-/tmp/emim_accelerator}
 mkdir -p "$OUT"
 if ! python3 -c "import grain, ml_collections" 2> /dev/null; then  # the carried wheels
@@ -68,6 +70,18 @@ case "$stage" in
         2>&1 | tee "$OUT/torch_cifar_ssl.txt"
     fi
     ;;
-  *) echo "unknown stage $stage: bench or cifar" >&2; exit 2 ;;
+  resume)
+    # A restart in a fresh process equal to the bit? With XLA's default GPU kernels and
+    # with its deterministic ones; then what the deterministic kernels cost per step.
+    exact=(--config=configs/cifar10.py --steps 40 --stop 20 --set data.path="$CIFAR")
+    [ "${SMOKE:-0}" = 1 ] && exact=(--config=configs/synthetic.py:runlocal --steps 4 --stop 2)
+    python3 benchmarks/resume_exactness.py "${exact[@]}" 2>&1 | tee "$OUT/resume_default.txt"
+    python3 benchmarks/resume_exactness.py "${exact[@]}" --deterministic 2>&1 | tee "$OUT/resume_deterministic.txt"
+    step=(--config=configs/cifar10.py --batch 512)
+    [ "${SMOKE:-0}" = 1 ] && step=(--config=configs/synthetic.py:runlocal --batch 32 --steps 3)
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" python3 benchmarks/train_step.py "${step[@]}" 2>&1 \
+      | tee "$OUT/train_step_deterministic.txt"
+    ;;
+  *) echo "unknown stage $stage: bench, cifar or resume" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

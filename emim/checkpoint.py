@@ -141,9 +141,10 @@ def _single_device():
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def restore_subtree(directory: str | pathlib.Path, step: int | None, keys: tuple[str, ...]):
-  """Only ``keys`` of a saved state (e.g. params and batch_stats for evaluation), on the
-  default device, from the latest or a given step, without building the full state."""
+def restore_subtree(directory: str | pathlib.Path, step: int | None, keys: tuple[str, ...] | None):
+  """Only ``keys`` of a saved state (e.g. params and batch_stats for evaluation; None:
+  every saved field), on the default device, from the latest or a given step, without
+  building the full state."""
   directory = pathlib.Path(directory).absolute()
   if not directory.is_dir():
     raise CheckpointError(f"No checkpoints in {directory}: train first, or point --workdir at a training run.")
@@ -162,6 +163,7 @@ def restore_subtree(directory: str | pathlib.Path, step: int | None, keys: tuple
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     # Only the wanted subtrees are read (partial_restore); the optimiser state, target
     # and the rest stay on disk.
+    keys = tuple(tree) if keys is None else keys
     abstract = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[k]) for k in keys}
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=_single_device()), abstract)
     restored = manager.restore(step, args=ocp.args.Composite(**{

@@ -48,7 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=256, num_epochs=100, num_steps=0,  # num_steps > 0 overrides num_epochs
-      log_every=50, probe_lr=1e-3))
+      log_every=50, probe_lr=1e-3,
+      # GPU: XLA's deterministic kernels (--xla_gpu_deterministic_ops), so that a resumed
+      # run equals an uninterrupted one to the bit there too; slower. CPU and TPU steps
+      # are deterministic already.
+      deterministic=False))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, keep=3, async_save=True,

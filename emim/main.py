@@ -13,6 +13,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+_STOP_AT_STEP = flags.DEFINE_integer(
+    "stop_at_step", None, "Stop with a checkpoint after this step (a job under a time limit); the schedule stays "
+    "that of the whole run, and the same command without it resumes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,17 +24,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax
 
+  from emim import train
   from emim.checkpoint import quiet_orbax_logs
 
   quiet_orbax_logs()
-
+  # Both act only before JAX starts its backends, which nothing imported so far does.
+  if _CONFIG.value.train.deterministic:
+    train.use_deterministic_gpu_ops()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from emim import train
 
   logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
                jax.default_backend(), jax.process_index(), jax.process_count())
-  result = train.run(_CONFIG.value, _WORKDIR.value)
+  result = train.run(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
   if result.stopped_by_signal is not None:
     # The shell's convention for a process ended by a signal, so schedulers see a stop,
     # not a finished job (the checkpoint is saved: the same command resumes).

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import pathlib
 import signal
 import threading
@@ -42,6 +43,25 @@ class RunResult:
   final_metrics: dict
   timings: dict
   stopped_by_signal: int | None = None  # SIGTERM/SIGINT: saved at the step reached, resumable
+
+
+DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def use_deterministic_gpu_ops() -> None:
+  """Ask XLA for deterministic GPU kernels (``config.train.deterministic``). XLA reads its
+  flags when JAX starts its backends: ``python -m emim.main`` calls this first; in a
+  notebook, call it before the first JAX computation."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if DETERMINISTIC_GPU_FLAG not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_GPU_FLAG}".strip()
+
+
+def _check_deterministic(config: ml_collections.ConfigDict) -> None:
+  if config.train.deterministic and jax.default_backend() == "gpu" and DETERMINISTIC_GPU_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    logging.warning("config.train.deterministic is set but JAX started without XLA_FLAGS=%s: this run's GPU kernels "
+                    "may not be deterministic. Call emim.train.use_deterministic_gpu_ops() before the first JAX "
+                    "computation (python -m emim.main does).", DETERMINISTIC_GPU_FLAG)
 
 
 class StopRequest:
@@ -188,6 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   timings = {}
 
   # --- Mesh ------------------------------------------------------------------------
+  _check_deterministic(config)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh)
   replicated = sharding.replicated(mesh)

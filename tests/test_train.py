@@ -2,6 +2,7 @@
 input with a clear error, and trains every registered method."""
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -113,6 +114,25 @@ def test_unknown_method_variant_and_key_are_errors():
     config.train.batchsize = 3  # locked: a typo is an error
   with pytest.raises(ValueError, match="Unknown method 'nope'"):
     methods.method_config("nope")
+
+
+def test_loading_configs_and_programs_leaves_jax_unstarted():
+  """jax.distributed.initialize() (multi-host) and XLA_FLAGS (deterministic GPU kernels)
+  act only before JAX starts its backends: importing emim and loading every config must
+  not start them. Checked by a flag set afterwards still taking effect."""
+  code = f"""
+import os, pathlib
+from emim.config_base import load_config_file
+for path in sorted(pathlib.Path({str(REPO)!r}, "configs").glob("*.py")):
+  load_config_file(path)
+import emim.main, emim.train, emim.evaluate, emim.export
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+import jax
+assert jax.device_count() == 3, jax.device_count()
+"""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_command_line_rejects_unknown_override(tmp_path):

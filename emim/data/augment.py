@@ -17,10 +17,13 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 Array = jax.Array
 
-_LUMA = jnp.array([0.299, 0.587, 0.114], jnp.float32)
+# A NumPy constant: a jnp array made at import would start JAX's backends before
+# jax.distributed.initialize() (multi-host) or XLA_FLAGS (deterministic GPU ops) can act.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 # ----------------------------------------------------------------------------------
