@@ -116,6 +116,14 @@ class Checkpointer:
     self._manager.close()
 
 
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+  """Wait until every process gets here (a no-op with one). A barrier of JAX's coordination
+  service, not a device collective: a host still compiling while the others wait is no
+  error (CPU collectives give up after 30 s). ``name`` must be new to the job."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name, timeout=timeout_s)
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs with shardings: what ``restore`` fills in."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -13,6 +13,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+# Detected by JAX on Cloud TPU, Slurm, Open MPI and Kubernetes; set them elsewhere.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 _STOP_AT_STEP = flags.DEFINE_integer(
     "stop_at_step", None, "Stop with a checkpoint after this step (a job under a time limit); the schedule stays "
     "that of the whole run, and the same command without it resumes.")
@@ -32,7 +36,7 @@ def main(argv):
   if _CONFIG.value.train.deterministic:
     train.use_deterministic_gpu_ops()
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
                jax.default_backend(), jax.process_index(), jax.process_count())

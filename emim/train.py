@@ -246,10 +246,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
 
   # --- Evaluators (decoding their test subsets counts here, not in decode_s) ---------
   t0 = time.perf_counter()
-  track_mi = make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4))
   # A fixed random subset of the training images for the MI estimates.
   mi_images = sharding.put_global(
       data.train_subset(min(data.num_examples, config.eval.mi_batch_size), seed=1).images, replicated)
+  track_mi = make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4)).lower(state, mi_images).compile()
   periodic_knn = None
   if config.eval.every_steps > 0:
     backbone = backbone_from_model_config(model_config_of(config), {})
@@ -257,6 +257,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
                                data.test_subset(config.eval.knn_test_subset), config.eval, mesh)
 
   timings["eval_setup_s"] = time.perf_counter() - t0
+  # The step and the MI tracker are compiled: hosts start stepping together, whatever
+  # each one's compile time was.
+  ckpt_lib.sync_processes("emim_compiled")
   # Written now and again at the end, so a run stopped early still tells its set-up costs.
   (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
 
