@@ -20,10 +20,10 @@ import pathlib
 from typing import Any, Iterator
 
 import grain
-from absl import flags
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from emim.data.sources import IMAGE_SUFFIXES, DatasetError
