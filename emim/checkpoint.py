@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import pathlib
 
-from absl import logging as absl_logging
-
+import grain  # its iterator handler registers with Orbax on import
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -40,12 +40,6 @@ def quiet_orbax_logs() -> None:
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored; the message names the path and the fix."""
-
-
-def _grain_args():
-  import grain  # registers grain's handler with Orbax
-
-  return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
 class Checkpointer:
@@ -86,7 +80,7 @@ class Checkpointer:
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     with_data = data_iterator is not None and self.has_data_state(step)
     if with_data:
-      items[DATA_ITEM] = _grain_args()[1](data_iterator)
+      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
@@ -104,11 +98,9 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
     """Save when the interval says so (or ``force``); returns whether it saved. The data
     iterator's position is read now, synchronously, so it matches ``state``."""
-    if not force and not self._manager.should_save(step):
-      return False
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      items[DATA_ITEM] = _grain_args()[0](data_iterator)
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def close(self):

@@ -18,7 +18,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pathlib  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -30,3 +32,18 @@ def cifar_archive():
   if not CIFAR_ARCHIVE.exists():
     pytest.skip(f"needs the shared CIFAR-10 archive at {CIFAR_ARCHIVE} (absent here)")
   return CIFAR_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+  """An image-folder directory: train/ and test/ of 20x20 PNGs in 4 classes (16 and 4 per
+  class), for the streaming (Grain) paths."""
+  root = tmp_path_factory.mktemp("folder")
+  rng = np.random.default_rng(0)
+  for split, per_class in (("train", 16), ("test", 4)):
+    for c in range(4):
+      (root / split / f"c{c}").mkdir(parents=True)
+      for i in range(per_class):
+        image = np.clip(rng.normal(60 * c + 30, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / split / f"c{c}" / f"{i}.png")
+  return root

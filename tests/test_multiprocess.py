@@ -9,10 +9,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-from PIL import Image
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -44,19 +40,6 @@ def launch(workdir, folder, stop_at_step=None):
 
 def loss_lines(log):
   return [line.split("|")[-1].strip() for line in log.splitlines() if " step 4/4 " in line]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-  root = tmp_path_factory.mktemp("folder")
-  rng = np.random.default_rng(0)
-  for split, per_class in (("train", 16), ("test", 4)):
-    for c in range(4):
-      (root / split / f"c{c}").mkdir(parents=True)
-      for i in range(per_class):
-        image = np.clip(rng.normal(60 * c + 30, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / split / f"c{c}" / f"{i}.png")
-  return root
 
 
 def test_two_processes_train_stream_and_resume(tmp_path, folder):

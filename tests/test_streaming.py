@@ -17,20 +17,6 @@ from emim.data.sources import DatasetError
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-  """train/ and test/ image folders of 20x20 PNGs in 4 classes."""
-  root = tmp_path_factory.mktemp("folder")
-  rng = np.random.default_rng(0)
-  for split, per_class in (("train", 16), ("test", 4)):
-    for c in range(4):
-      (root / split / f"c{c}").mkdir(parents=True)
-      for i in range(per_class):
-        image = np.clip(rng.normal(60 * c + 30, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / split / f"c{c}" / f"{i}.png")
-  return root
-
-
 def test_batches_depend_only_on_the_step(folder):
   records, classes = streaming.image_folder_records(str(folder), "train")
   assert len(records) == 64 and classes == ("c0", "c1", "c2", "c3")
