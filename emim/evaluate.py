@@ -1,6 +1,7 @@
 """The evaluation program: linear probe and kNN on a frozen backbone from a checkpoint.
 
     python -m emim.evaluate --workdir=runs/cifar10 [--checkpoint_step=N] [--mode=all|linear|knn]
+    python -m emim.evaluate --workdir=runs/cifar10 --random_init   # the untrained baseline
     python -m emim.evaluate --workdir=runs/cifar10 --config=configs/cifar10.py \
         --config.eval.probe_epochs=10 --config.eval.probe_mode=features
 
@@ -9,7 +10,10 @@ Only the backbone's params and batch statistics are read from the Orbax checkpoi
 writing checkpoints, on any number of devices. Without --config the run's own
 config.json is used. Results are added to evaluation.json in the work directory (keyed
 by step), to metrics_eval.jsonl (and TensorBoard when installed), and to the log.
-Re-running on the same checkpoint gives the same numbers.
+Re-running on the same checkpoint gives the same numbers. ``--random_init`` evaluates the
+same architecture freshly initialised from the config's seed instead (random ResNet
+features are well above chance on real images, so this is the baseline to read a
+trained backbone against) and records it under "random_init"; it needs no checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from emim import sharding
-from emim.backbone import features_and_labels, load_run_config, restore_backbone
+from emim.backbone import features_and_labels, init_backbone, load_run_config, model_config_of, restore_backbone
 from emim.checkpoint import quiet_orbax_logs
 from emim.data import sources, streaming
 from emim.evaluators.knn import knn_accuracy
@@ -33,13 +37,20 @@ from emim.metric_writer import MetricWriter
 MODES = ("all", "linear", "knn")
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, mode: str = "all") -> dict:
-  """Evaluate one checkpoint of the run in ``workdir``; returns (and records) the results."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, mode: str = "all",
+             random_init: bool = False) -> dict:
+  """Evaluate one checkpoint of the run in ``workdir`` (or, with ``random_init``, the
+  untrained backbone); returns (and records) the results."""
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; choose one of {MODES}.")
+  if random_init and step is not None:
+    raise ValueError("--random_init evaluates no checkpoint: drop --checkpoint_step.")
   workdir = pathlib.Path(workdir)
   t0 = time.perf_counter()
-  step, backbone = restore_backbone(workdir, config, step)
+  if random_init:
+    backbone = init_backbone(model_config_of(config), config.seed)
+  else:
+    step, backbone = restore_backbone(workdir, config, step)
   if config.data.stream:  # decoded on host workers batch by batch (ImageNet)
     train, test = streaming.stream_split(config.data, "train"), streaming.stream_split(config.data, "test")
   else:
@@ -49,6 +60,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   workers = config.data.workers if config.data.stream else 0
   mesh = sharding.make_mesh()
   results = {"step": step, "num_train": len(train), "num_test": len(test)}
+  if random_init:
+    results.update(step=0, random_init=True)
   timings = {"load_s": time.perf_counter() - t0}
   # Centre-view features of both splits, extracted once: kNN uses them, and the probe
   # tests on them (and trains on them in its "features" mode).
@@ -78,17 +91,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 
 
 def record(workdir: pathlib.Path, results: dict) -> None:
-  """Merge into evaluation.json (keyed by step), append to metrics_eval.jsonl, log."""
+  """Merge into evaluation.json (keyed by step, or "random_init"), append to
+  metrics_eval.jsonl, log."""
+  key = "random_init" if results.get("random_init") else str(results["step"])
+  workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "evaluation.json"
   table = json.loads(path.read_text()) if path.exists() else {}
-  table[str(results["step"])] = results
+  table[key] = results
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
   tmp.replace(path)
   writer = MetricWriter(workdir, "metrics_eval.jsonl")
-  writer.write(results["step"], {f"eval/{k}": v for k, v in results.items() if isinstance(v, float)})
+  prefix = "eval/random_init/" if results.get("random_init") else "eval/"
+  writer.write(results["step"], {prefix + k: v for k, v in results.items() if isinstance(v, float)})
   writer.close()
-  logging.info("Evaluation at step %d: %s", results["step"],
+  logging.info("Evaluation of %s: %s", "the random initialisation" if key == "random_init" else f"step {key}",
                " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
 
 
@@ -98,7 +115,8 @@ def main(argv):
   quiet_orbax_logs()
   FLAGS = flags.FLAGS
   config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
-  evaluate(config, FLAGS.workdir, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step, FLAGS.mode)
+  evaluate(config, FLAGS.workdir, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step, FLAGS.mode,
+           FLAGS.random_init)
 
 
 if __name__ == "__main__":
@@ -108,5 +126,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The training run's work directory.")
   flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate; -1 for the latest.")
   flags.DEFINE_enum("mode", "all", MODES, "Which evaluations to run.")
+  flags.DEFINE_bool("random_init", False, "Evaluate the untrained backbone (the config's seed), the baseline.")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -11,11 +11,10 @@ import pytest
 import emim
 from emim.config_base import load_config_file
 from emim import evaluate, export, train
-from emim.backbone import init_backbone, model_config_of, restore_backbone
+from emim.backbone import restore_backbone
 from emim.checkpoint import CheckpointError
 from emim.data import sources
 from emim.evaluators.knn import knn_accuracy
-from emim.evaluators.linear_probe import linear_probe
 from emim.metric_writer import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,10 +36,6 @@ def trained_run(tmp_path_factory):
   return config, workdir
 
 
-def random_backbone(config):
-  return init_backbone(model_config_of(config))
-
-
 def test_synthetic_default_raises_the_mi_estimates(trained_run):
   """The embedded default, shortened: the MI tracked on a fixed batch goes clearly up."""
   _, workdir = trained_run
@@ -60,13 +55,15 @@ def test_trained_backbone_beats_chance_and_a_random_one(trained_run):
   assert results["knn_top1_k20"] > 2.5 * chance, results
   # A random ResNet's pooled features already separate these classes somewhat (about
   # 25% here, as random features do on real images); the trained one must do better.
-  train_data = sources.load(config.data, "train")
-  test_data = sources.load(config.data, "test")
-  random = linear_probe(random_backbone(config), train_data, test_data, config.eval, "features")
+  random = evaluate.evaluate(config, str(workdir), mode="linear", random_init=True)
+  assert random["random_init"] and "knn_top1_k20" not in random
   assert results["linear_top1"] > random["linear_top1"] + 0.04, (results, random)
-  # Recorded in the work directory, keyed by step.
+  # Both recorded in the work directory: the checkpoint keyed by step, the baseline apart.
   table = json.loads((workdir / "evaluation.json").read_text())
   assert table["192"]["linear_top1"] == results["linear_top1"]
+  assert table["random_init"]["linear_top1"] == random["linear_top1"]
+  with pytest.raises(ValueError, match="drop --checkpoint_step"):
+    evaluate.evaluate(config, str(workdir), step=192, random_init=True)
 
 
 def test_re_running_on_the_same_checkpoint_gives_the_same_numbers(trained_run):
