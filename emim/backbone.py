@@ -87,9 +87,29 @@ def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+# The model fields that decide the shapes of the saved variables.
+_SHAPE_FIELDS = ("backbone", "width", "cifar_stem")
+
+
+def check_same_model(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuse a config whose model is not the one the run in ``workdir`` trained (a
+  config file given without the run's overrides), before any restore."""
+  if not (pathlib.Path(workdir) / "config.json").exists():
+    return
+  saved = load_run_config(workdir).model
+  differ = [f"{k}={saved.get(k)!r} in the run, {config.model.get(k)!r} asked" for k in _SHAPE_FIELDS
+            if saved.get(k) != config.model.get(k)]
+  if differ:
+    raise ValueError(
+        f"The run in {workdir} trained another model than this config describes ({'; '.join(differ)}). "
+        "Leave out --config to use the run's own config.json (its fields can still be overridden, e.g. "
+        "--config.eval.probe_epochs=10), or repeat the training run's --config.model overrides.")
+
+
 def restore_backbone(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, step: int | None = None) -> tuple[int, Backbone]:
   """Only the online backbone's params and batch statistics, from the latest or a given
   step; safe while training is still writing newer checkpoints."""
+  check_same_model(workdir, config)
   step, tree = ckpt_lib.restore_subtree(pathlib.Path(workdir) / "checkpoints", step, ("params", "batch_stats"))
   variables = {"params": tree["params"]["encoder"]["backbone"], "batch_stats": tree["batch_stats"]["encoder"]["backbone"]}
   return step, backbone_from_model_config(model_config_of(config), variables)

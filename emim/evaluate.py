@@ -8,7 +8,7 @@
 Only the backbone's params and batch statistics are read from the Orbax checkpoint
 (the latest, or --checkpoint_step), so it runs beside a training job that is still
 writing checkpoints, on any number of devices. Without --config the run's own
-config.json is used. Results are added to evaluation.json in the work directory (keyed
+config.json is used, and ``--config.eval.probe_epochs=10`` (any field) overrides it. Results are added to evaluation.json in the work directory (keyed
 by step), to metrics_eval.jsonl (and TensorBoard when installed), and to the log.
 Re-running on the same checkpoint gives the same numbers. ``--random_init`` evaluates the
 same architecture freshly initialised from the config's seed instead (random ResNet
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import time
 
 import ml_collections
@@ -109,11 +110,33 @@ def record(workdir: pathlib.Path, results: dict) -> None:
                " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
 
 
+def define_config_flag(argv: list[str]) -> None:
+  """--config: a config file, or by default the run's own config.json, so that
+  ``--config.eval.probe_epochs=10`` alone overrides a field of what the run trained with
+  (the flag's default must exist before the command line is parsed)."""
+  workdir = None
+  for i, arg in enumerate(argv):
+    if arg == "--config" or arg.startswith("--config="):
+      break
+    if arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    elif arg == "--workdir" and i + 1 < len(argv):
+      workdir = argv[i + 1]
+  else:
+    if workdir is not None and (pathlib.Path(workdir) / "config.json").exists():
+      config = load_run_config(workdir)
+      config.lock()
+      config_flags.DEFINE_config_dict("config", config, "The run's config.json; override any field.")
+      return
+  config_flags.DEFINE_config_file("config", None, "Config file; default: the run's config.json.", lock_config=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_orbax_logs()
   FLAGS = flags.FLAGS
+  # Without a config.json in --workdir and without --config, load_run_config names the fix.
   config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
   evaluate(config, FLAGS.workdir, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step, FLAGS.mode,
            FLAGS.random_init)
@@ -122,7 +145,7 @@ def main(argv):
 if __name__ == "__main__":
   # Flags are defined only when run as a program, so importing this module (tests,
   # notebooks, emim.export) defines none.
-  config_flags.DEFINE_config_file("config", None, "Config file; default: the run's config.json.", lock_config=True)
+  define_config_flag(sys.argv)
   flags.DEFINE_string("workdir", None, "The training run's work directory.")
   flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate; -1 for the latest.")
   flags.DEFINE_enum("mode", "all", MODES, "Which evaluations to run.")

@@ -205,6 +205,18 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
 # ----------------------------------------------------------------------------------
 # Batches gathered on device from a per-epoch permutation.
 # ----------------------------------------------------------------------------------
+def epoch_permutation(rng: Array, epoch: Array, n: int) -> Array:
+  """The order in which epoch ``epoch`` visits a device-resident dataset of n examples."""
+  return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, _DATA_STREAM), epoch), n)
+
+
+def take_batch(dataset: Batch, perm: Array, offset: Array, batch_size: int, batch_sharding) -> Batch:
+  """Batch number ``offset`` of an epoch visiting ``dataset`` in the order ``perm``."""
+  idx = jax.lax.dynamic_slice(perm, (offset * batch_size,), (batch_size,))
+  batch = {k: jnp.take(v, idx, axis=0) for k, v in dataset.items()}
+  return jax.lax.with_sharding_constraint(batch, batch_sharding)
+
+
 def gather_batch(dataset: Batch, rng: Array, step: Array, batch_size: int, batch_sharding) -> Batch:
   """The step's batch from a device-resident dataset, in a per-epoch random order.
 
@@ -214,10 +226,7 @@ def gather_batch(dataset: Batch, rng: Array, step: Array, batch_size: int, batch
   n = dataset["labels"].shape[0]
   steps_per_epoch = n // batch_size
   epoch, offset = step // steps_per_epoch, step % steps_per_epoch
-  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, _DATA_STREAM), epoch), n)
-  idx = jax.lax.dynamic_slice(perm, (offset * batch_size,), (batch_size,))
-  batch = {k: jnp.take(v, idx, axis=0) for k, v in dataset.items()}
-  return jax.lax.with_sharding_constraint(batch, batch_sharding)
+  return take_batch(dataset, epoch_permutation(rng, epoch, n), offset, batch_size, batch_sharding)
 
 
 def device_data_step(state: TrainState, dataset: Batch, parts: StepParts, batch_size: int, batch_sharding):

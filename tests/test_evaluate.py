@@ -91,6 +91,37 @@ def test_restores_a_given_step_and_reports_missing_ones(trained_run):
     restore_backbone(workdir / "nothing_here", config)
 
 
+def test_a_config_of_another_model_is_refused_before_restoring(trained_run):
+  config, workdir = trained_run
+  other = config.copy_and_resolve_references()
+  with other.unlocked():
+    other.model.width = 2 * config.model.width
+  with pytest.raises(ValueError, match=r"another model .*width=16 in the run, 32 asked.*Leave out --config"):
+    restore_backbone(workdir, other)
+
+
+def test_the_program_overrides_fields_of_the_runs_own_config(trained_run, tmp_path):
+  """Without --config the run's config.json is the config, and --config.x=... edits it."""
+  import shutil
+  import subprocess
+  import sys
+
+  _, workdir = trained_run
+  run = tmp_path / "run"  # a copy: this writes its own evaluation.json
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluation.json"))
+  result = subprocess.run(
+      [sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--mode=linear", "--random_init",
+       "--config.eval.probe_mode=features", "--config.eval.probe_epochs=1"],
+      capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  entry = json.loads((run / "evaluation.json").read_text())["random_init"]
+  assert (entry["linear_mode"], entry["linear_epochs"]) == ("features", 1)
+  result = subprocess.run(
+      [sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--config.eval.probe_epoks=1"],
+      capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode != 0 and "probe_epoks" in result.stderr
+
+
 def test_reads_the_latest_finished_checkpoint_while_one_is_being_written(trained_run):
   """Training saves asynchronously into '<step>.orbax-checkpoint-tmp-*' and renames it when
   done; an evaluation started meanwhile reads the newest finished step."""

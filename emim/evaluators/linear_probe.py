@@ -26,7 +26,7 @@ import optax
 from emim import sharding
 from emim.backbone import Backbone, features_and_labels
 from emim.data import augment
-from emim.train_step import gather_batch
+from emim.train_step import epoch_permutation, take_batch
 
 MODES = ("augmented", "features")
 
@@ -107,24 +107,12 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
     to_features = lambda variables, key, x: backbone.model.apply(
         variables, augment.normalize(_train_augment(backbone, key, x), backbone.mean, backbone.std), train=False)
 
-  if inputs is not None:  # on the devices: each step gathers its batch there
-    data = {"inputs": sharding.put_global(inputs, replicated), "labels": sharding.put_global(labels, replicated)}
-    gather = jax.jit(functools.partial(gather_batch, batch_size=batch_size, batch_sharding=batch_spec))
-    next_batch = lambda state: gather(data, state.rng, state.step)
-  else:  # streamed: host workers decode, the device augments
-    stream = train.shuffled_batches(batch_size, seed, workers)
-
-    def next_batch(state):
-      local = next(stream)
-      return sharding.global_batch({"inputs": local["images"], "labels": local["labels"]}, batch_spec)
-
   tx = _probe_optimizer(cfg, batch_size, total_steps)
   num_classes = train.num_classes
   params = {"kernel": jnp.zeros((backbone.feature_dim, num_classes)), "bias": jnp.zeros((num_classes,))}
   state = ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state: ProbeState, batch, variables):
+  def train_step(state: ProbeState, batch, variables):
     key = jax.random.fold_in(state.rng, state.step)
     features = jax.lax.stop_gradient(to_features(variables, key, batch["inputs"]))
 
@@ -137,11 +125,37 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
 
   variables = jax.device_put(backbone.variables, replicated)
+  log_every_epochs = max(cfg.probe_epochs // 5, 1)
   loss = jnp.nan
-  for i in range(total_steps):
-    state, loss = step(state, next_batch(state), variables)
-    if (i + 1) % max(steps_per_epoch * max(cfg.probe_epochs // 5, 1), 1) == 0:
-      logging.info("linear probe: epoch %d/%d, loss %.4f", (i + 1) // steps_per_epoch, cfg.probe_epochs, float(loss))
+  if inputs is not None:  # on the devices: a whole epoch is one program
+    data = {"inputs": sharding.put_global(inputs, replicated), "labels": sharding.put_global(labels, replicated)}
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_epoch(state: ProbeState, data, variables):
+      # One permutation per epoch and the epoch's steps in a scan, in the training
+      # data's order: on precomputed features a step is one small matrix product, and
+      # a permutation and a dispatch per step would cost far more than the step.
+      perm = epoch_permutation(state.rng, state.step // steps_per_epoch, len(labels))
+
+      def body(state, offset):
+        return train_step(state, take_batch(data, perm, offset, batch_size, batch_spec), variables)
+
+      state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
+      return state, losses[-1]
+
+    for epoch in range(1, cfg.probe_epochs + 1):
+      state, loss = train_epoch(state, data, variables)
+      if epoch % log_every_epochs == 0:
+        logging.info("linear probe: epoch %d/%d, loss %.4f", epoch, cfg.probe_epochs, float(loss))
+  else:  # streamed: host workers decode, the device augments, a step at a time
+    stream = train.shuffled_batches(batch_size, seed, workers)
+    step = jax.jit(train_step, donate_argnums=0)
+    for i in range(total_steps):
+      local = next(stream)
+      batch = sharding.global_batch({"inputs": local["images"], "labels": local["labels"]}, batch_spec)
+      state, loss = step(state, batch, variables)
+      if (i + 1) % (steps_per_epoch * log_every_epochs) == 0:
+        logging.info("linear probe: epoch %d/%d, loss %.4f", (i + 1) // steps_per_epoch, cfg.probe_epochs, float(loss))
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f"The linear probe's loss is {float(loss)}: lower --config.eval.probe_lr.")
   train_s = time.perf_counter() - t0
