@@ -1,15 +1,15 @@
 """The evaluation program: linear probe and kNN on a frozen backbone from a checkpoint.
 
     python -m emim.evaluate --workdir=runs/cifar10 [--checkpoint_step=N] [--mode=all|linear|knn]
+    python -m emim.evaluate --workdir=runs/cifar10 --config.eval.probe_epochs=10 --config.eval.probe_mode=features
     python -m emim.evaluate --workdir=runs/cifar10 --random_init   # the untrained baseline
-    python -m emim.evaluate --workdir=runs/cifar10 --config=configs/cifar10.py \
-        --config.eval.probe_epochs=10 --config.eval.probe_mode=features
 
 Only the backbone's params and batch statistics are read from the Orbax checkpoint
 (the latest, or --checkpoint_step), so it runs beside a training job that is still
-writing checkpoints, on any number of devices. Without --config the run's own
-config.json is used, and ``--config.eval.probe_epochs=10`` (any field) overrides it. Results are added to evaluation.json in the work directory (keyed
-by step), to metrics_eval.jsonl (and TensorBoard when installed), and to the log.
+writing checkpoints, on any number of devices. The config is the run's own config.json,
+any field of which ``--config.<field>=...`` overrides; a ``--config=FILE`` must describe
+the model the run trained. Results are added to evaluation.json in the work directory
+(keyed by step), to metrics_eval.jsonl (and TensorBoard when installed), and to the log.
 Re-running on the same checkpoint gives the same numbers. ``--random_init`` evaluates the
 same architecture freshly initialised from the config's seed instead (random ResNet
 features are well above chance on real images, so this is the baseline to read a
