@@ -49,7 +49,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   workdir = pathlib.Path(workdir)
   t0 = time.perf_counter()
   if random_init:
-    backbone = init_backbone(model_config_of(config), config.seed)
+    step, backbone = 0, init_backbone(model_config_of(config), config.seed)
   else:
     step, backbone = restore_backbone(workdir, config, step)
   if config.data.stream:  # decoded on host workers batch by batch (ImageNet)
@@ -62,7 +62,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   mesh = sharding.make_mesh()
   results = {"step": step, "num_train": len(train), "num_test": len(test)}
   if random_init:
-    results.update(step=0, random_init=True)
+    results["random_init"] = True
   timings = {"load_s": time.perf_counter() - t0}
   # Centre-view features of both splits, extracted once: kNN uses them, and the probe
   # tests on them (and trains on them in its "features" mode).
@@ -114,21 +114,15 @@ def define_config_flag(argv: list[str]) -> None:
   """--config: a config file, or by default the run's own config.json, so that
   ``--config.eval.probe_epochs=10`` alone overrides a field of what the run trained with
   (the flag's default must exist before the command line is parsed)."""
-  workdir = None
-  for i, arg in enumerate(argv):
-    if arg == "--config" or arg.startswith("--config="):
-      break
-    if arg.startswith("--workdir="):
-      workdir = arg.split("=", 1)[1]
-    elif arg == "--workdir" and i + 1 < len(argv):
-      workdir = argv[i + 1]
+  file_given = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
+  workdirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--workdir=")]
+  workdirs += [value for flag, value in zip(argv, argv[1:]) if flag == "--workdir"]
+  if not file_given and workdirs and (pathlib.Path(workdirs[-1]) / "config.json").exists():
+    config = load_run_config(workdirs[-1])
+    config.lock()
+    config_flags.DEFINE_config_dict("config", config, "The run's config.json; override any field.")
   else:
-    if workdir is not None and (pathlib.Path(workdir) / "config.json").exists():
-      config = load_run_config(workdir)
-      config.lock()
-      config_flags.DEFINE_config_dict("config", config, "The run's config.json; override any field.")
-      return
-  config_flags.DEFINE_config_file("config", None, "Config file; default: the run's config.json.", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Config file; default: the run's config.json.", lock_config=True)
 
 
 def main(argv):
