@@ -22,6 +22,7 @@ setup(
         "clu>=0.0.12",
         "grain>=0.2.18",
         "numpy",
+        "scipy",  # digamma for the debiased Gaussian MI (jax needs scipy too)
         "pillow",
         "safetensors",  # the PyTorch export
     ],

@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
       init_from=""))  # another run's work directory to fork from, when this one has no checkpoint
 
   c.eval = ml_collections.ConfigDict(dict(
-      mi_batch_size=512,  # fixed batch for the MI estimates logged with every progress line
+      # Fixed batch for the MI estimates logged with every progress line; the Gaussian one
+      # is of the min(d, n // 32) leading principal directions (16 here).
+      mi_batch_size=512,
       every_steps=0,  # periodic kNN on subsets during training; 0 = off
       knn_train_subset=10000, knn_test_subset=2000,
       knn_k=(20, 200), knn_temperature=0.07,

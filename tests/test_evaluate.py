@@ -43,7 +43,7 @@ def test_synthetic_default_raises_the_mi_estimates(trained_run):
   first, last = rows[0], rows[-1]
   assert first["step"] == 0 and last["step"] == 192
   assert last["eval/mi_infonce"] > first["eval/mi_infonce"] + 0.2
-  assert last["eval/mi_gaussian"] > first["eval/mi_gaussian"] + 0.5
+  assert last["eval/mi_gaussian"] > first["eval/mi_gaussian"] + 0.2
 
 
 def test_trained_backbone_beats_chance_and_a_random_one(trained_run):

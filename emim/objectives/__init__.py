@@ -1,7 +1,16 @@
 """The MI objective library: pure JAX functions of embeddings (spec/objectives.md)."""
 
 from emim.objectives.diagnostics import effective_rank, embedding_std, renyi2_rank, rescaled_spectrum
-from emim.objectives.estimators import cosine_critic, dv, infonce, jsd, l2_normalize, mi_estimates
+from emim.objectives.estimators import (
+    cosine_critic,
+    default_principal_dims,
+    dv,
+    infonce,
+    jsd,
+    l2_normalize,
+    mi_estimates,
+    principal_gaussian_mi,
+)
 from emim.objectives.gaussian import (
     EmmiConfig,
     centred,
@@ -11,6 +20,7 @@ from emim.objectives.gaussian import (
     gaussian_mi,
     gaussian_mi_from_covariances,
     init_emmi_state,
+    sample_logdet_bias,
     standardize,
 )
 from emim.objectives.jmi import barlow_twins, nt_xent, taylor_dv, vicreg
@@ -40,6 +50,7 @@ __all__ = [
     "covariance",
     "covariance_factors",
     "covariance_logdet",
+    "default_principal_dims",
     "dv",
     "effective_rank",
     "eigh_logdet",
@@ -57,8 +68,10 @@ __all__ = [
     "moco_infonce",
     "nt_xent",
     "power_iteration",
+    "principal_gaussian_mi",
     "renyi2_rank",
     "rescaled_spectrum",
+    "sample_logdet_bias",
     "sdmi_prototype_loss",
     "simsiam_loss",
     "standardize",

@@ -19,6 +19,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from scipy import special
 
 from emim.objectives import logdet as ld_lib
 
@@ -83,12 +85,30 @@ def _combine(lds: dict[str, Array], form: Form, w_inv: float = 1.0) -> Array:
   return lds["marginal"] - w_inv * 0.5 * (lds["sum"] + lds["diff"])
 
 
+def sample_logdet_bias(dim: int, n: int) -> float:
+  """E[ld(S_hat)] - ld(Sigma): how far the log-determinant of a sample covariance sits,
+  on average, from the true one, for n Gaussian samples in ``dim`` dimensions.
+
+  With S_hat the covariance of this module (mean subtracted, divisor n), n S_hat is
+  Wishart with n - 1 degrees of freedom, so E[ld(S_hat)] = ld(Sigma) + sum_{i=0}^{dim-1}
+  [psi((n - 1 - i)/2) + log(2/n)] (psi the digamma function), whatever Sigma is. The sum
+  is negative and grows like -dim^2 / (2n): small batches shrink the log-determinant.
+
+  Needs n > dim (otherwise S_hat is singular and the expectation is -inf).
+  """
+  if n <= dim:
+    raise ValueError(f"The log-determinant bias needs more samples than dimensions; got n={n}, dim={dim}.")
+  i = np.arange(dim, dtype=np.float64)
+  return float(np.sum(special.digamma((n - 1 - i) / 2.0) + np.log(2.0 / n)))
+
+
 def gaussian_mi(
     z1: Array,
     z2: Array,
     form: Form = "joint",
     eps: float = 0.0,
     backend: ld_lib.Backend = "cholesky",
+    debias: bool = False,
 ) -> Array:
   """The second-order (Gaussian) mutual information between two views, in nats.
 
@@ -98,6 +118,11 @@ def gaussian_mi(
       reformulation, three d x d log-determinants).
     eps: ridge added to every covariance; 0 gives the exact MI of well-conditioned data.
     backend: an exact backend ("cholesky" or "eigh") or "taylor" with trace rescaling.
+    debias: subtract the finite-sample bias of each log-determinant
+      (``sample_logdet_bias``; joint form only, needs n > 2d). The plug-in estimate
+      over-states the MI by 1/2 [2 b(d) - b(2d)] nats with b = sample_logdet_bias, which
+      is d^2 / (2n) for n >> d and more below: 21.8 nats for two independent
+      128-dimensional views from n = 512 samples. Unbiased for Gaussian data at eps = 0.
 
   Returns:
     Scalar MI estimate.
@@ -105,7 +130,16 @@ def gaussian_mi(
   cfg = ld_lib.LogdetConfig(backend=backend, eps=eps, rescale="trace", gram=False if eps <= 0 else "auto")
   factors = covariance_factors(z1, z2, form)
   lds = {k: ld_lib.covariance_logdet(x, cfg)[0] for k, x in factors.items()}
-  return _combine(lds, form)
+  mi = _combine(lds, form)
+  if not debias:
+    return mi
+  if form != "joint":
+    raise ValueError("debias=True needs form='joint': the symmetric form's pooled rows are not independent samples.")
+  n, d = z1.shape
+  if n <= 2 * d:
+    raise ValueError(f"A debiased Gaussian MI needs n > 2d samples; got n={n}, d={d}. Use a larger batch or "
+                     "fewer dimensions (principal_gaussian_mi keeps the leading ones).")
+  return mi - 0.5 * (2.0 * sample_logdet_bias(d, n) - sample_logdet_bias(2 * d, n))
 
 
 def gaussian_mi_from_covariances(s11: Array, s12: Array, s22: Array, eps: float = 0.0) -> Array:
