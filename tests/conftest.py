@@ -5,14 +5,10 @@ import os
 # 8 simulated devices on a 2-core machine: a device thread can wait long for the others
 # at a collective (BatchNorm and covariance statistics over the sharded batch); raise
 # XLA:CPU's rendezvous timeouts so a slow moment is not turned into an abort.
-# Single-threaded Eigen inside each op: once (2026-11-23, JAX 0.10.2, the CPU shared with
-# other jobs) a train step here never returned, every XLA Eigen worker parked on a futex,
-# the intra-op pool wedge others have reported, which this flag avoids. With 8 device
-# threads on 2 cores, intra-op threads add nothing here.
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=1800 "
-    "--xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_multi_thread_eigen=false")
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiled programs are cached on disk: runs that compile the same step (resume tests,
 # the evaluation fixture) compile once. Keys include the JAX version, so stale entries
