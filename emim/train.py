@@ -273,7 +273,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     return {f"knn/{k}": v for k, v in accuracy.items()}
 
   def log_mi(step):
-    evals = jax.device_get(track_mi(state, mi_images))
+    # Wait for every device's copy, not only the one device_get reads: the estimates are
+    # replicated, and a step dispatched (and a checkpoint begun) while other devices still
+    # run the tracker wedged the 8-device CPU tests twice, every thread parked.
+    evals = jax.device_get(jax.block_until_ready(track_mi(state, mi_images)))
     logging.info("step %d | %s", step, " ".join(f"{k.split('/')[-1]}={float(v):.4g}" for k, v in evals.items()))
     writer.write(step, evals)
     return evals
