@@ -81,8 +81,8 @@ def principal_gaussian_mi(za: Array, zb: Array, dims: int | None = None, eps: fl
   debiased (``gaussian_mi(debias=True)``). The directions are chosen on one half of the
   batch and the MI is measured on the other, then the halves swap and the two are
   averaged: directions chosen and measured on the same rows would favour the ones whose
-  sample noise happens to agree across the views (on isotropic Gaussian views, k = 16,
-  n = 512: 4.3 nats read for 2.3 true). A projection cannot add information, so this is
+  sample noise happens to agree across the views (on isotropic Gaussian views, d = 128,
+  n = 2048, k = 32: 6.26 nats read for 4.60 true; tests/test_objectives.py). A projection cannot add information, so this is
   a lower bound on the full Gaussian MI, up to the estimation error. At dims = 16 on a
   CIFAR-10 ResNet's 128-dimensional embeddings it moved by 0.2 nats (trained) and 0.5
   (untrained) between n = 512 and 8192, where the plug-in estimate of all 128 dimensions
