@@ -5,7 +5,7 @@
 #   bash benchmarks/accelerator.sh bench   # objective cost; train step vs torch_reference.py
 #   bash benchmarks/accelerator.sh cifar   # a short configs/cifar10.py run, then emim.evaluate
 #                                          # (and torch_cifar_ssl.py for the same epochs, when
-#                                          # TORCH_EPOCHS > 0)
+#                                          # TORCH_EPOCHS > 0; RUN_ARGS adds config overrides)
 #   bash benchmarks/accelerator.sh resume  # bit-exact restart on the GPU, default and
 #                                          # deterministic XLA kernels, and their cost
 # CPU smoke test of the script itself: SMOKE=1 bash benchmarks/accelerator.sh cifar
@@ -42,6 +42,9 @@ case "$stage" in
     PROBE_EPOCHS=${PROBE_EPOCHS:-20}
     TORCH_EPOCHS=${TORCH_EPOCHS:-0}
     run=(--config=configs/cifar10.py --config.data.path="$CIFAR")
+    # RUN_ARGS: more overrides for both programs, e.g. RUN_ARGS=--config.model.dtype=bfloat16
+    read -r -a extra <<< "${RUN_ARGS:-}"
+    run+=("${extra[@]}")
     if [ "${SMOKE:-0}" = 1 ]; then  # the script's own CPU check: a tiny model, a few steps
       run+=(--config.model.backbone=resnet_tiny --config.model.width=8 "--config.model.projector_dims=(64,32)"
             --config.train.batch_size=32 --config.eval.knn_train_subset=256 --config.eval.knn_test_subset=128

@@ -10,7 +10,8 @@ and a restart that finishes. Compares every saved field of the two final checkpo
 (params, batch statistics, EMA target, optimiser, probe, objective state) and prints the
 largest absolute difference. On CPU the tests check this in one process; on a GPU it
 depends on XLA's kernels and autotuning, which ``--deterministic``
-(``config.train.deterministic``) pins down.
+(``config.train.deterministic``, the config default) pins down; without the flag the
+runs use XLA's default kernels.
 """
 
 from __future__ import annotations

@@ -1,15 +1,19 @@
 """Train-step throughput, side by side with ../shared/bench/torch_reference.py.
 
     python benchmarks/train_step.py --config=configs/cifar10.py --batch 256 512
+    python benchmarks/train_step.py --config=configs/cifar10.py --batch 512 --emim_dtypes float32 bfloat16 --augment_row
     python benchmarks/train_step.py --config=configs/synthetic.py:runlocal --batch 32 --steps 3   # CPU smoke
 
-Two rows per batch size:
+Two rows per batch size (more with the options below):
   * ``model``: what the PyTorch reference times, on the same footing: ResNet-18 (the
     config's backbone) + a 2048-2048-2048 projector, the two views concatenated into one
     forward, Barlow Twins, SGD with momentum, bf16 compute, inputs already on the device
     (no augmentation);
   * ``emim``: emim's real step for the config (method, EMA target, online probe, LARS),
     with the batch gathered and augmented on the device from a uint8 dataset held there.
+  * ``augment`` (``--augment_row``): the step's batch gather and two augmented views alone,
+    to see what the on-device augmentation costs inside the ``emim`` row.
+``--emim_dtypes`` times the ``emim`` row once per compute dtype (default: the config's).
 Prints ms/step and pairs/s (a pair = two views of one image), and the compile time.
 Absolute figures count only from an accelerator; on a CPU compare rows of one run.
 """
@@ -29,7 +33,7 @@ from emim import objectives as O
 from emim import sharding, train
 from emim.config_base import load_config_file
 from emim.models import MLP, make_backbone, parse_dtype
-from emim.train_step import device_data_step, init_state
+from emim.train_step import device_data_step, gather_batch, init_state, make_views
 
 
 def timed(step, state, args, steps: int, warmup: int = 5) -> tuple[float, float]:
@@ -89,20 +93,36 @@ def model_step_row(config, batch: int, steps: int, dtype: str, mesh) -> tuple[fl
   return timed(step, state, (x1, x2), steps)
 
 
-def emim_step_row(config, batch: int, steps: int, mesh) -> tuple[float, float]:
-  """emim's own step for the config, data gathered and augmented on device."""
-  with config.unlocked():
-    config.train.batch_size = batch
+def _device_dataset(config, batch: int, mesh):
+  """A random uint8 dataset of 4 batches (at least 1024 images), held on the devices."""
   n = max(4 * batch, 1024)
   size = config.data.image_size
   rng = np.random.default_rng(0)
   replicated = sharding.replicated(mesh)
-  dataset = {"images": sharding.put_global(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8), replicated),
-             "labels": sharding.put_global(rng.integers(0, config.data.num_classes, n).astype(np.int32), replicated)}
+  return {"images": sharding.put_global(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8), replicated),
+          "labels": sharding.put_global(rng.integers(0, config.data.num_classes, n).astype(np.int32), replicated)}
+
+
+def emim_step_row(config, batch: int, steps: int, mesh, augment_only: bool = False) -> tuple[float, float]:
+  """emim's own step for the config, data gathered and augmented on device; with
+  ``augment_only``, the gather and the two views alone (the step's input stage)."""
+  with config.unlocked():
+    config.train.batch_size = batch
+  dataset = _device_dataset(config, batch, mesh)
+  n = dataset["labels"].shape[0]
   parts = train.build_parts(config, config.data.num_classes, n // batch, 10_000)
   state = jax.jit(functools.partial(init_state, parts))(jax.random.PRNGKey(0))
+  batch_sharding = sharding.batch_sharding(mesh)
+  if augment_only:
+    # The state threads only the step counter, so each call draws new views.
+    def views_step(carry, dataset):
+      rng, step = carry
+      views = make_views(parts, rng, step, gather_batch(dataset, rng, step, batch, batch_sharding))
+      return (rng, step + 1), views
+
+    return timed(jax.jit(views_step, donate_argnums=0), (state.rng, state.step), (dataset,), steps)
   step = jax.jit(functools.partial(device_data_step, parts=parts, batch_size=batch,
-                                   batch_sharding=sharding.batch_sharding(mesh)), donate_argnums=0)
+                                   batch_sharding=batch_sharding), donate_argnums=0)
   return timed(step, state, (dataset,), steps)
 
 
@@ -112,6 +132,9 @@ def main():
   parser.add_argument("--batch", type=int, nargs="+", default=[256, 512])
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the model row")
+  parser.add_argument("--emim_dtypes", nargs="+", default=None,
+                      help="compute dtypes of the emim row, one row each (default: the config's model.dtype)")
+  parser.add_argument("--augment_row", action="store_true", help="also time the gather + augmentation alone")
   args = parser.parse_args()
   path, _, variant = args.config.partition(":")
   mesh = sharding.make_mesh()
@@ -120,9 +143,16 @@ def main():
     config = load_config_file(path, variant or None)
     compile_s, dt = model_step_row(config, batch, args.steps, args.dtype, mesh)
     print(f"model batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s (compile {compile_s:.1f}s)", flush=True)
-    compile_s, dt = emim_step_row(config, batch, args.steps, mesh)
-    print(f"emim[{config.method.name}] batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s "
-          f"(compile {compile_s:.1f}s)", flush=True)
+    if args.augment_row:
+      compile_s, dt = emim_step_row(config, batch, args.steps, mesh, augment_only=True)
+      print(f"augment batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s (compile {compile_s:.1f}s)",
+            flush=True)
+    for dtype in args.emim_dtypes or [config.model.dtype]:
+      with config.unlocked():
+        config.model.dtype = dtype
+      compile_s, dt = emim_step_row(config, batch, args.steps, mesh)
+      print(f"emim[{config.method.name}, {dtype}] batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s "
+            f"(compile {compile_s:.1f}s)", flush=True)
 
 
 if __name__ == "__main__":

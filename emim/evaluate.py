@@ -132,6 +132,11 @@ def main(argv):
   FLAGS = flags.FLAGS
   # Without a config.json in --workdir and without --config, load_run_config names the fix.
   config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
+  if config.train.get("deterministic", False):
+    # The probe trains with SGD on the GPU too: deterministic kernels make a re-run on the
+    # same checkpoint give the same numbers there. Acts only before JAX starts.
+    from emim.train import use_deterministic_gpu_ops
+    use_deterministic_gpu_ops()
   evaluate(config, FLAGS.workdir, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step, FLAGS.mode,
            FLAGS.random_init)
 
