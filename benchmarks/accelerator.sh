@@ -8,10 +8,12 @@
 #                                          # TORCH_EPOCHS > 0; RUN_ARGS adds config overrides)
 #   bash benchmarks/accelerator.sh resume  # bit-exact restart on the GPU, default and
 #                                          # deterministic XLA kernels, and their cost
+#   bash benchmarks/accelerator.sh sweep --epochs=20 --variant='byol=:byol' ...
+#                                          # CIFAR-10 variants side by side (cifar_sweep.py)
 # CPU smoke test of the script itself: SMOKE=1 bash benchmarks/accelerator.sh cifar
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: accelerator.sh bench|cifar|resume}
+stage=${1:?usage: accelerator.sh bench|cifar|resume|sweep}
 OUT=${OUT:-/tmp/emim_accelerator}
 mkdir -p "$OUT"
 if ! python3 -c "import grain, ml_collections" 2> /dev/null; then  # the carried wheels
@@ -85,6 +87,11 @@ case "$stage" in
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" python3 benchmarks/train_step.py "${step[@]}" 2>&1 \
       | tee "$OUT/train_step_deterministic.txt"
     ;;
-  *) echo "unknown stage $stage: bench, cifar or resume" >&2; exit 2 ;;
+  sweep)
+    python3 benchmarks/cifar_sweep.py --data="$CIFAR" --out="$OUT/sweep" "${@:2}" 2>&1 | tee "$OUT/sweep.txt"
+    # Each run's logs and metrics in one archive: a device call returns only a few files.
+    (cd "$OUT/sweep" && tar czf ../sweep_runs.tgz -- */ && rm -rf -- */)
+    ;;
+  *) echo "unknown stage $stage: bench, cifar, resume or sweep" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

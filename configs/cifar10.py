@@ -14,5 +14,4 @@ def get_config(arg=None):
   c = base_config()
   c.data.source, c.data.path, c.data.tfds_name = "image_folder", "../shared/data/cifar10-jpeg.tar.gz", "cifar10"
   c.data.image_size, c.data.num_classes, c.data.mean, c.data.std = 32, 10, CIFAR_MEAN, CIFAR_STD
-  cifar_recipe(c)
-  return apply_variants(c, arg)
+  return apply_variants(c, arg, recipe=cifar_recipe)

@@ -13,5 +13,4 @@ def get_config(arg=None):
   c.data.source, c.data.tfds_name = "tfds", "cifar100"
   c.data.image_size, c.data.num_classes = 32, 100
   c.data.mean, c.data.std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-  cifar_recipe(c)
-  return apply_variants(c, arg)
+  return apply_variants(c, arg, recipe=cifar_recipe)

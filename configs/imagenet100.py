@@ -11,6 +11,5 @@ from emim.config_base import apply_variants, base_config, imagenet_recipe
 def get_config(arg=None):
   c = base_config()
   c.data.source, c.data.path, c.data.test_split, c.data.num_classes = "image_folder", "", "val", 100
-  imagenet_recipe(c)
   c.train.num_epochs = 400
-  return apply_variants(c, arg)
+  return apply_variants(c, arg, recipe=imagenet_recipe)

@@ -9,6 +9,5 @@ from emim.config_base import apply_variants, base_config, imagenet_recipe
 def get_config(arg=None):
   c = base_config()
   c.data.source, c.data.tfds_name, c.data.test_split, c.data.num_classes = "tfds", "imagenet2012", "validation", 1000
-  imagenet_recipe(c)
   c.train.num_epochs = 100
-  return apply_variants(c, arg)
+  return apply_variants(c, arg, recipe=imagenet_recipe)

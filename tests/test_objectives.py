@@ -209,6 +209,19 @@ def test_emmi_loss_with_exact_backend_is_minus_gaussian_mi(form):
   assert state == {}
 
 
+def test_emmi_effective_rank_metric_is_scale_free_even_at_a_drifted_scale():
+  """rank_renyi2 = tr(S)^2 / tr(S^2): 1 for a rank-1 embedding, near d for isotropic ones,
+  and the same number at a scale of 1e12, where tr(S^2) alone overflows float32 (a
+  diverging CIFAR run logged NaN for it)."""
+  cfg = O.EmmiConfig()
+  rank = lambda a, b: float(O.emmi_loss(a, b, O.init_emmi_state(8, cfg), cfg)[2]["rank_renyi2"])
+  z1, z2 = (jnp.asarray(z, jnp.float32) for z in correlated_views(4096, 8, 0.5, seed=3))
+  assert 7.5 < rank(z1, z2) <= 8.0
+  np.testing.assert_allclose(rank(1e12 * z1, 1e12 * z2), rank(z1, z2), rtol=1e-4)
+  line = jnp.outer(z1[:, 0], jnp.ones(8))
+  np.testing.assert_allclose(rank(line, 2.0 * line), 1.0, rtol=1e-5)
+
+
 def test_emmi_weight_on_invariance_terms():
   z1, z2 = correlated_views(128, 4, 0.5, seed=10)
   base = O.EmmiConfig(logdet=O.LogdetConfig(backend="cholesky"))

@@ -156,6 +156,42 @@ def test_every_registered_method_computes_a_finite_loss_with_its_needs():
     assert method.paradigm in ("emmi", "sdmi", "jmi")
 
 
+def test_emmi_l2_normalize_makes_the_loss_blind_to_each_embeddings_scale():
+  """normalize="l2" puts each embedding on the unit sphere before the statistics: rescaling
+  any row of either view (online or target) leaves the loss unchanged; without it, the
+  surrogate (beta a stopped constant of the previous scale) sees the change."""
+  rng = np.random.default_rng(0)
+  z = [jnp.asarray(rng.normal(size=(32, 8)), jnp.float32) for _ in range(4)]
+  scales = jnp.asarray(rng.uniform(0.1, 10.0, size=(32, 1)), jnp.float32)
+  for normalize, invariant in (("l2", True), ("none", False)):
+    cfg = methods.method_config("emmi")
+    cfg.normalize = normalize
+    method = methods.make_method(cfg)
+    state = method.init_objective_state(8)
+    loss = lambda views: float(method.loss(views, state)[0])
+    plain = loss(methods.Views(proj=(z[0], z[1]), target=(z[2], z[3])))
+    scaled = loss(methods.Views(proj=(z[0] * scales, z[1]), target=(z[2], z[3] * scales[::-1])))
+    assert np.isclose(plain, scaled, rtol=1e-4) == invariant, (normalize, plain, scaled)
+  cfg = methods.method_config("emmi")
+  cfg.normalize = "unit"
+  with pytest.raises(ValueError, match="normalize 'unit'.*'none', 'l2'"):
+    methods.make_method(cfg)
+
+
+def test_cifar_recipe_gives_emmi_fewer_dimensions_than_samples_and_leaves_other_methods():
+  """The CIFAR recipe runs after the method is chosen: EMMI gets a 64-d unit-norm embedding
+  (every covariance of its loss full rank at batch 256); BYOL keeps its 512-d projector;
+  runlocal still shrinks everything."""
+  emmi = load_config("cifar10", None)
+  assert emmi.method.name == "emmi" and emmi.method.normalize == "l2"
+  assert emmi.model.projector_dims[-1] < emmi.train.batch_size
+  byol = load_config("cifar10", "byol")
+  assert tuple(byol.model.projector_dims) == (2048, 2048, 512) and "normalize" not in byol.method
+  tiny = load_config("cifar100", "runlocal")
+  assert tuple(tiny.model.projector_dims) == (64, 32) and tiny.train.batch_size == 32
+  assert load_config("imagenet1k", "byol").method.target_momentum == 0.996
+
+
 # One method per structure (EMA target + predictor, shared weights + predictor, EMA
 # target without predictor, joint); emmi runs in every other test.
 @pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "barlow_twins"])

@@ -173,9 +173,11 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
   labels = np.array([index[c] for c, _, _ in items], np.int32)
   if cache is not None:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    # A temporary name of this process's own (runs started together share the cache and
+    # decode at once), then an atomic rename: a crash never leaves a half-written cache.
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, images=images, labels=labels, classes=json.dumps(classes))
-    os.replace(tmp, cache)  # atomic: a crash never leaves a half-written cache
+    os.replace(tmp, cache)
   return ImageDataset(images, labels, tuple(classes))
 
 

@@ -4,6 +4,7 @@ with the Taylor surrogate of the log-determinant and, by default, a momentum tar
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from emim import objectives as O
@@ -16,12 +17,18 @@ def default_config() -> ml_collections.ConfigDict:
       backend="taylor",  # "taylor" | "cholesky" | "eigh"
       eps=1e-4,
       order=4,  # Taylor order K (seed 001, Figure 3)
-      rescale="max_eig",  # "max_eig" (tracked lambda_max) or "trace"
+      # "max_eig" (tracked lambda_max) or "trace" (c tr(A)/d; it diverged on CIFAR-10: a
+      # spread spectrum scaled by its mean leaves the series' region (0, 2)).
+      rescale="max_eig",
       rescale_c=1.0,
       eig_momentum=0.9,
       power_iters=3,
       w_inv=1.0,  # weight of the joint-entropy terms; 1 is the pure MI
       smoothing=0.0,  # covariance smoothing lam (CorInfoMax: 0.01); 0 = batch statistics
+      # "l2": each embedding on the unit sphere before the statistics. The surrogate is not
+      # scale-invariant as the exact MI is (beta is a stopped constant), and without it the
+      # embedding scale is free to drift (BENCHMARKS.md, "CIFAR-10 variants side by side").
+      normalize="none",
       target=True,  # momentum encoder
       target_momentum=0.99,  # m0 of the cosine schedule to 1
   ))
@@ -34,17 +41,32 @@ def emmi_config(cfg: ml_collections.ConfigDict) -> O.EmmiConfig:
   return O.EmmiConfig(form=cfg.form, logdet=logdet, w_inv=cfg.w_inv, smoothing=cfg.smoothing)
 
 
+NORMALIZATIONS = ("none", "l2")
+
+
+def _normalized(z: jax.Array, how: str) -> jax.Array:
+  if how == "l2":
+    z = z.astype(jnp.float32)
+    return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
+  return z
+
+
 @register("emmi", default_config)
 def build(cfg: ml_collections.ConfigDict) -> Method:
   loss_cfg = emmi_config(cfg)
+  if cfg.normalize not in NORMALIZATIONS:
+    raise ValueError(f"Unknown emmi normalize {cfg.normalize!r}; choose one of {NORMALIZATIONS}.")
+  norm = lambda pair: tuple(_normalized(z, cfg.normalize) for z in pair)
 
   def loss_fn(views: Views, state):
+    proj = norm(views.proj)
     if views.target is None:  # one shared encoder: both views carry gradients
-      return O.emmi_loss(views.proj[0], views.proj[1], state, loss_cfg)
+      return O.emmi_loss(proj[0], proj[1], state, loss_cfg)
     # With a target, z2 carries no gradient; symmetrise by swapping the views.
     sg = jax.lax.stop_gradient
-    l1, state, m1 = O.emmi_loss(views.proj[0], sg(views.target[1]), state, loss_cfg)
-    l2, state, m2 = O.emmi_loss(views.proj[1], sg(views.target[0]), state, loss_cfg)
+    target = norm(views.target)
+    l1, state, m1 = O.emmi_loss(proj[0], sg(target[1]), state, loss_cfg)
+    l2, state, m2 = O.emmi_loss(proj[1], sg(target[0]), state, loss_cfg)
     metrics = jax.tree.map(lambda a, b: 0.5 * (a + b), m1, m2)
     return 0.5 * (l1 + l2), state, metrics
 

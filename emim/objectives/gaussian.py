@@ -73,7 +73,10 @@ def covariance_factors(z1: Array, z2: Array, form: Form) -> dict[str, Array]:
 
 
 def _renyi2_rank_of_factor(x: Array) -> Array:
-  """tr(A)^2 / tr(A^2) for A = x^T x: the effective rank from traces, no eigenvalues."""
+  """tr(A)^2 / tr(A^2) for A = x^T x: the effective rank from traces, no eigenvalues.
+  Scale-free, so x is first brought to unit Frobenius norm: a run whose embedding scale
+  has drifted to 1e10 would otherwise overflow tr(A^2) in float32 and log NaN."""
+  x = x / (jnp.sqrt(jnp.sum(x * x)) + 1e-30)
   inner = x @ x.T if x.shape[0] < x.shape[1] else x.T @ x
   return jnp.sum(x * x) ** 2 / (jnp.sum(inner * inner) + 1e-30)
 
