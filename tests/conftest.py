@@ -13,8 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA:CPU compiling tiny train steps that then run a few
 # steps: skip XLA's expensive optimisation passes. Results may differ from an optimised
 # build in the last bits; the tests compare within tolerances, or programs compiled alike
-# (a resumed run against an uninterrupted one). Cold compile cache, 2 cores: 9 min 6 s
-# with this, 12 min 38 s to 12 min 58 s without. Subprocesses (program tests) inherit it.
+# (a resumed run against an uninterrupted one). Cold compile cache, 2 cores: 8 min 13 s
+# (.ci/run in a clean clone) with this, 12 min 38 s to 12 min 58 s without.
+# Subprocesses (the program tests) inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Compiled programs are cached on disk: runs that compile the same step (resume tests,
 # the evaluation fixture) compile once. Keys include the JAX version, so stale entries
