@@ -120,25 +120,24 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -
 
   The method comes first, then ``recipe(c)`` (a dataset's recipe, which may set fields
   for one method), then ``runlocal``, which shrinks whatever the recipe chose."""
-  chosen = [v for v in filter(None, (arg or "").split(",")) if v in methods.available()]
-  for variant in chosen:
-    c.method = methods.method_config(variant)
+  variants = [v for v in (arg or "").split(",") if v]
+  for variant in variants:
+    if variant != "runlocal" and variant not in methods.available():
+      raise ValueError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods.available())}) or 'runlocal'.")
+  for variant in variants:
+    if variant != "runlocal":
+      c.method = methods.method_config(variant)
   if recipe is not None:
     recipe(c)
-  for variant in filter(None, (arg or "").split(",")):
-    if variant in chosen:
-      continue
-    elif variant == "runlocal":
-      c.model.backbone, c.model.width = "resnet_tiny", 8
-      c.model.projector_dims, c.model.predictor_dims = (64, 32), (64, 32)
-      c.data.num_train, c.data.num_test = min(c.data.num_train, 512), min(c.data.num_test, 256)
-      c.train.batch_size, c.train.num_steps, c.train.log_every = 32, 4, 2
-      c.optim.warmup_epochs = 0
-      c.checkpoint.every_steps = 2
-      c.eval.knn_train_subset, c.eval.knn_test_subset, c.eval.batch_size = 256, 128, 64
-      c.eval.mi_batch_size, c.eval.probe_epochs, c.eval.probe_batch_size = 128, 2, 64
-    else:
-      raise ValueError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods.available())}) or 'runlocal'.")
+  if "runlocal" in variants:
+    c.model.backbone, c.model.width = "resnet_tiny", 8
+    c.model.projector_dims, c.model.predictor_dims = (64, 32), (64, 32)
+    c.data.num_train, c.data.num_test = min(c.data.num_train, 512), min(c.data.num_test, 256)
+    c.train.batch_size, c.train.num_steps, c.train.log_every = 32, 4, 2
+    c.optim.warmup_epochs = 0
+    c.checkpoint.every_steps = 2
+    c.eval.knn_train_subset, c.eval.knn_test_subset, c.eval.batch_size = 256, 128, 64
+    c.eval.mi_batch_size, c.eval.probe_epochs, c.eval.probe_batch_size = 128, 2, 64
   c.lock()
   return c
 
