@@ -4,7 +4,6 @@ with the Taylor surrogate of the log-determinant and, by default, a momentum tar
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from emim import objectives as O
@@ -41,22 +40,15 @@ def emmi_config(cfg: ml_collections.ConfigDict) -> O.EmmiConfig:
   return O.EmmiConfig(form=cfg.form, logdet=logdet, w_inv=cfg.w_inv, smoothing=cfg.smoothing)
 
 
-NORMALIZATIONS = ("none", "l2")
-
-
-def _normalized(z: jax.Array, how: str) -> jax.Array:
-  if how == "l2":
-    z = z.astype(jnp.float32)
-    return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
-  return z
+NORMALIZATIONS = {"none": lambda z: z, "l2": O.l2_normalize}
 
 
 @register("emmi", default_config)
 def build(cfg: ml_collections.ConfigDict) -> Method:
   loss_cfg = emmi_config(cfg)
   if cfg.normalize not in NORMALIZATIONS:
-    raise ValueError(f"Unknown emmi normalize {cfg.normalize!r}; choose one of {NORMALIZATIONS}.")
-  norm = lambda pair: tuple(_normalized(z, cfg.normalize) for z in pair)
+    raise ValueError(f"Unknown emmi normalize {cfg.normalize!r}; choose one of {tuple(NORMALIZATIONS)}.")
+  norm = lambda pair: tuple(map(NORMALIZATIONS[cfg.normalize], pair))
 
   def loss_fn(views: Views, state):
     proj = norm(views.proj)
