@@ -20,6 +20,7 @@ setup(
         "importlib_resources",  # tensorflow-datasets imports it without declaring it
         "ml-collections>=1.1",
         "clu>=0.0.12",
+        "etils[epath]",  # one path type for local and gs:// work directories
         "grain>=0.2.18",
         "numpy",
         "scipy",  # digamma for the debiased Gaussian MI (jax needs scipy too)
@@ -32,6 +33,10 @@ setup(
         "tf": ["tensorflow-cpu", "tensorboard"],
         # TensorBoard event files need only the tensorboard package, not TensorFlow.
         "tensorboard": ["tensorboard"],
-        "test": ["pytest", "tensorboard"],
+        # gs:// work directories: etils.epath reads and writes them through gcsfs (Orbax's
+        # checkpoint arrays go through TensorStore, which speaks GCS itself).
+        "gcs": ["gcsfs"],
+        # The GCS emulator lets the tests run a gs:// work directory without the network.
+        "test": ["pytest", "tensorboard", "gcsfs", "gcp-storage-emulator"],
     },
 )

@@ -28,7 +28,8 @@ from emim import backbone, checkpoint
 from emim import objectives as O
 from emim.data import sources
 from emim.evaluators.mi_tracker import _EVAL_KEY, online_embeddings
-from emim.train import build_parts, default_cache_dir
+from emim.fs import local_cache_dir
+from emim.train import build_parts
 from emim.train_step import init_state, make_views
 
 _CHUNK = 512
@@ -63,7 +64,7 @@ def main():
 
   workdir = pathlib.Path(args.workdir)
   config = backbone.load_run_config(workdir)
-  train = sources.load(config.data, "train", cache_dir=default_cache_dir(workdir))
+  train = sources.load(config.data, "train", cache_dir=local_cache_dir(workdir))
   images = train.images[np.random.default_rng(1).permutation(len(train))[:max(args.sizes)]]
   parts = build_parts(config, train.num_classes, steps_per_epoch=1, total_steps=1)
   initial = init_state(parts, jax.random.PRNGKey(config.seed))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from emim import checkpoint as ckpt_lib
-from emim import sharding
+from emim import fs, sharding
 from emim.data import augment
 from emim.models import ResNet, make_backbone, parse_dtype
 
@@ -79,9 +78,20 @@ def init_backbone(model_config: dict, seed: int = 0) -> Backbone:
   return backbone_from_model_config(model_config, variables)
 
 
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a training run saved as config.json."""
-  path = pathlib.Path(workdir) / "config.json"
+def checkpoint_dir(workdir: fs.PathLike) -> fs.Path:
+  return fs.as_path(workdir) / "checkpoints"
+
+
+def load_run_config(workdir: fs.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a training run trained with when it saved checkpoint ``step`` (the latest
+  by default), as that checkpoint recorded it; the run's config.json for a run without
+  checkpoints or with checkpoints from before they held their config."""
+  workdir = fs.as_path(workdir)
+  if step is not None or ckpt_lib.latest_step(checkpoint_dir(workdir)) is not None:
+    _, saved = ckpt_lib.restore_config(checkpoint_dir(workdir), step)
+    if saved is not None:
+      return ml_collections.ConfigDict(saved)
+  path = workdir / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"No {path}: --workdir must be a training run's work directory (or pass --config).")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -91,26 +101,30 @@ def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 _SHAPE_FIELDS = ("backbone", "width", "cifar_stem")
 
 
-def check_same_model(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuse a config whose model is not the one the run in ``workdir`` trained (a
-  config file given without the run's overrides), before any restore."""
-  if not (pathlib.Path(workdir) / "config.json").exists():
+def check_same_model(workdir: fs.PathLike, config: ml_collections.ConfigDict, step: int | None = None) -> None:
+  """Refuse a config whose model is not the one checkpoint ``step`` of the run in
+  ``workdir`` holds (a config file given without the run's overrides), before any
+  restore."""
+  try:
+    saved = load_run_config(workdir, step).model
+  except FileNotFoundError:
     return
-  saved = load_run_config(workdir).model
   differ = [f"{k}={saved.get(k)!r} in the run, {config.model.get(k)!r} asked" for k in _SHAPE_FIELDS
             if saved.get(k) != config.model.get(k)]
   if differ:
     raise ValueError(
         f"The run in {workdir} trained another model than this config describes ({'; '.join(differ)}). "
-        "Leave out --config to use the run's own config.json (its fields can still be overridden, e.g. "
+        "Leave out --config to use the run's own config (its fields can still be overridden, e.g. "
         "--config.eval.probe_epochs=10), or repeat the training run's --config.model overrides.")
 
 
-def restore_backbone(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, step: int | None = None) -> tuple[int, Backbone]:
+def restore_backbone(workdir: fs.PathLike, config: ml_collections.ConfigDict, step: int | None = None) -> tuple[int, Backbone]:
   """Only the online backbone's params and batch statistics, from the latest or a given
   step; safe while training is still writing newer checkpoints."""
-  check_same_model(workdir, config)
-  step, tree = ckpt_lib.restore_subtree(pathlib.Path(workdir) / "checkpoints", step, ("params", "batch_stats"))
+  if step is None:  # fixed now: a newer checkpoint may land while this one is read
+    step = ckpt_lib.latest_step(checkpoint_dir(workdir))
+  check_same_model(workdir, config, step)
+  step, tree = ckpt_lib.restore_subtree(checkpoint_dir(workdir), step, ("params", "batch_stats"))
   variables = {"params": tree["params"]["encoder"]["backbone"], "batch_stats": tree["batch_stats"]["encoder"]["backbone"]}
   return step, backbone_from_model_config(model_config_of(config), variables)
 

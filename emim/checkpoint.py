@@ -1,9 +1,11 @@
 """Every Orbax call of emim lives here.
 
-A checkpoint step holds two items:
-  ``state``  the train state pytree (params, batch statistics, optimiser, EMA target, ...);
-  ``data``   the Grain iterator's state, one JSON file per process, when the run streams
-             its data (in-memory data has no iterator: its order is a function of the step).
+A checkpoint step holds up to three items:
+  ``state``   the train state pytree (params, batch statistics, optimiser, EMA target, ...);
+  ``config``  the config the run trained with when it saved this step (JSON), so that the
+              evaluation and the export rebuild the model this checkpoint holds;
+  ``data``    the Grain iterator's state, one JSON file per process, when the run streams
+              its data (in-memory data has no iterator: its order is a function of the step).
 
 Resume order: the run's own work directory (latest checkpoint, or ``restore_step``), else
 another run's checkpoints named by ``init_from`` (a fork), else a fresh state.
@@ -14,15 +16,18 @@ in place: nothing already saved is deleted.
 
 from __future__ import annotations
 
+import json
 import logging
-import pathlib
 
 import grain  # its iterator handler registers with Orbax on import
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from emim import fs
+
 STATE_ITEM = "state"
+CONFIG_ITEM = "config"
 DATA_ITEM = "data"
 
 
@@ -46,9 +51,9 @@ class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for the train state and, when the
   data streams, the data iterator."""
 
-  def __init__(self, directory: str | pathlib.Path, every_steps: int = 1000, keep: int = 3, async_save: bool = True,
+  def __init__(self, directory: fs.PathLike, every_steps: int = 1000, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = fs.as_path(directory)
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"No checkpoints in {self.directory}: is this a training run's work directory?")
     options = ocp.CheckpointManagerOptions(
@@ -84,21 +89,39 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-      raise CheckpointError(
-          f"Cannot restore the checkpoint at {self.directory / str(step)} ({type(e).__name__}: {e}). It is "
-          "left as it is. Restore an earlier step with --config.checkpoint.restore_step=N, or start in a new "
-          "--workdir; a config that changed the model or method since it was written also fails here.") from e
+      raise CheckpointError(self._unreadable(step, e)) from e
     return restored[STATE_ITEM], with_data
+
+  def _unreadable(self, step: int, error: Exception) -> str:
+    """What to do about a checkpoint that cannot be read: nothing is deleted, and training
+    on from an earlier step in this directory would be refused (its later steps exist),
+    so the fixes are a fork or moving the step aside by hand."""
+    path = self.directory / str(step)
+    earlier = [s for s in self.all_steps() if s < step]
+    fork = (f" To continue from step {earlier[-1]}, fork it: --workdir=NEW_DIR "
+            f"--config.checkpoint.init_from={self.directory.parent} --config.checkpoint.restore_step={earlier[-1]}; "
+            f"or move {path} aside (e.g. to {path}.corrupt) and run the same command." if earlier else
+            " No earlier checkpoint exists: start in a new --workdir.")
+    return (f"Cannot restore the checkpoint at {path} ({type(error).__name__}: {error}). It is left as it is.{fork} "
+            "(A config that changed the model or method since the checkpoint was written also fails here: run with "
+            "the config in its config.json.)")
 
   def reached_preemption(self, step: int) -> bool:
     """Whether JAX's preemption service (multi-process jobs) asks every process to save
     and stop at ``step``; False when the service is not running."""
     return self._manager.reached_preemption(step)
 
-  def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+  def due(self, step: int) -> bool:
+    """Whether the save interval (or a preemption) asks for a checkpoint at ``step``."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, data_iterator=None, force: bool = False, config: dict | None = None) -> bool:
     """Save when the interval says so (or ``force``); returns whether it saved. The data
-    iterator's position is read now, synchronously, so it matches ``state``."""
+    iterator's position is read now, synchronously, so it matches ``state``; ``config``
+    (a JSON-able dict) is the config the run trains with."""
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if config is not None:
+      items[CONFIG_ITEM] = ocp.args.JsonSave(config)
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -141,15 +164,13 @@ def _single_device():
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def restore_subtree(directory: str | pathlib.Path, step: int | None, keys: tuple[str, ...] | None):
-  """Only ``keys`` of a saved state (e.g. params and batch_stats for evaluation; None:
-  every saved field), on the default device, from the latest or a given step, without
-  building the full state."""
-  directory = pathlib.Path(directory).absolute()
+def _read_only_manager(directory: fs.Path, step: int | None):
+  """(manager, step): a read-only manager over ``directory`` and the step it holds (the
+  latest when ``step`` is None); a clear error when there is none."""
   if not directory.is_dir():
     raise CheckpointError(f"No checkpoints in {directory}: train first, or point --workdir at a training run.")
   manager = ocp.CheckpointManager(
-      directory, item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
+      directory, item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
@@ -158,6 +179,42 @@ def restore_subtree(directory: str | pathlib.Path, step: int | None, keys: tuple
     if not available:
       raise CheckpointError(f"No checkpoint in {directory}: train first, or point --workdir at a training run.")
     raise CheckpointError(f"No checkpoint at step {step} in {directory}; available steps: {available}.")
+  return manager, step
+
+
+def latest_step(directory: fs.PathLike) -> int | None:
+  """The newest finished checkpoint step in ``directory`` (None when there is none)."""
+  directory = fs.as_path(directory)
+  if not directory.is_dir():
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def restore_config(directory: fs.PathLike, step: int | None) -> tuple[int, dict | None]:
+  """(step, the config saved with that checkpoint), the latest step by default; the
+  config is None for a checkpoint written before checkpoints held their config."""
+  manager, step = _read_only_manager(fs.as_path(directory), step)
+  try:
+    if not (manager.directory / str(step) / CONFIG_ITEM).is_dir():
+      return step, None
+    restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+    return step, json.loads(json.dumps(restored[CONFIG_ITEM]))
+  except Exception as e:
+    raise CheckpointError(f"Cannot read the config saved in {directory}/{step} ({type(e).__name__}: {e}).") from e
+  finally:
+    manager.close()
+
+
+def restore_subtree(directory: fs.PathLike, step: int | None, keys: tuple[str, ...] | None):
+  """Only ``keys`` of a saved state (e.g. params and batch_stats for evaluation; None:
+  every saved field), on the default device, from the latest or a given step, without
+  building the full state."""
+  directory = fs.as_path(directory)
+  manager, step = _read_only_manager(directory, step)
   try:
     metadata = manager.item_metadata(step)[STATE_ITEM]
     tree = metadata.tree if hasattr(metadata, "tree") else metadata

@@ -3,7 +3,7 @@
 Each file in configs/ calls ``base_config()``, sets what its dataset needs, and ends with
 ``apply_variants(config, arg)`` so that ``--config=configs/cifar10.py:byol,runlocal``
 works everywhere. The returned config is locked: an unknown key on the command line
-(``--config.train.batchsize=...``) is an error.
+(``--config.train.batchsize=...``) is an error. Nothing here imports JAX.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import pathlib
 
 import ml_collections
 
-from emim import methods
-from emim.data.augment import view_config
+from emim.methods import defaults as method_defaults
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -22,10 +21,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def view_config(**overrides) -> ml_collections.ConfigDict:
+  """A view's augmentation config with the SimCLR/BYOL defaults (emim/data/augment.py)."""
+  cfg = ml_collections.ConfigDict(dict(
+      crop_scale=(0.08, 1.0), flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+      hue=0.1, grayscale_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0), solarize_p=0.0))
+  cfg.update(overrides)
+  return cfg
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.method = methods.method_config("emmi")
+  c.method = method_defaults.method_config("emmi")
 
   c.model = ml_collections.ConfigDict(dict(
       backbone="resnet18", width=64, cifar_stem=True, dtype="float32",
@@ -55,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
       # uninterrupted run's after 20 steps; these were equal to the bit and cost about 5%
       # per step (float32). False trades that for speed. CPU and TPU steps are
       # deterministic already.
-      deterministic=True))
+      deterministic=True,
+      # Non-finite updates are refused (the state stays as it was); this many refused in a
+      # row stop the run, at the next progress line.
+      max_nonfinite_in_a_row=10))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, keep=3, async_save=True,
@@ -63,8 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
       init_from=""))  # another run's work directory to fork from, when this one has no checkpoint
 
   c.eval = ml_collections.ConfigDict(dict(
-      # Fixed batch for the MI estimates logged with every progress line; the Gaussian one
-      # is of the min(d, n // 32) leading principal directions (16 here).
+      # The MI estimates on a fixed batch every this many steps; -1: with every progress
+      # line (train.log_every); 0: off. The Gaussian one is of the min(d, n // 32) leading
+      # principal directions (16 for this batch).
+      mi_every_steps=-1,
       mi_batch_size=512,
       every_steps=0,  # periodic kNN on subsets during training; 0 = off
       knn_train_subset=10000, knn_test_subset=2000,
@@ -121,12 +138,13 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -
   The method comes first, then ``recipe(c)`` (a dataset's recipe, which may set fields
   for one method), then ``runlocal``, which shrinks whatever the recipe chose."""
   variants = [v for v in (arg or "").split(",") if v]
+  methods = method_defaults.available()
   for variant in variants:
-    if variant != "runlocal" and variant not in methods.available():
-      raise ValueError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods.available())}) or 'runlocal'.")
+    if variant != "runlocal" and variant not in methods:
+      raise ValueError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods)}) or 'runlocal'.")
   for variant in variants:
     if variant != "runlocal":
-      c.method = methods.method_config(variant)
+      c.method = method_defaults.method_config(variant)
   if recipe is not None:
     recipe(c)
   if "runlocal" in variants:
@@ -150,3 +168,34 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Refuse values that cannot work, before any data is read or anything compiled; each
+  message names the field and a value that works."""
+
+  def positive(field: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"--config.{field}={value!r}: it must be a positive integer.")
+
+  positive("train.batch_size", c.train.batch_size)
+  positive("train.log_every", c.train.log_every)
+  positive("train.max_nonfinite_in_a_row", c.train.max_nonfinite_in_a_row)
+  positive("checkpoint.every_steps", c.checkpoint.every_steps)
+  positive("checkpoint.keep", c.checkpoint.keep)
+  positive("eval.mi_batch_size", c.eval.mi_batch_size)
+  positive("eval.batch_size", c.eval.batch_size)
+  if c.train.num_steps < 0 or c.train.num_epochs < 0 or (c.train.num_steps == 0 and c.train.num_epochs == 0):
+    raise ConfigError(f"--config.train.num_steps={c.train.num_steps} and --config.train.num_epochs="
+                      f"{c.train.num_epochs}: set one of them to a positive number (num_steps wins when > 0).")
+  for field in ("projector_dims", "predictor_dims"):
+    dims = tuple(c.model[field])
+    if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
+      raise ConfigError(f"--config.model.{field}={dims!r}: give the width of every layer, the output's last, "
+                        "e.g. '(2048, 2048, 512)'.")
+  if c.method.name not in method_defaults.available():
+    raise ConfigError(f"--config.method.name={c.method.name!r}: choose one of {', '.join(method_defaults.available())} "
+                      "(a variant, e.g. --config=configs/cifar10.py:byol, sets the method with its defaults).")
+  if c.data.source == "image_folder" and not c.data.path:
+    raise ConfigError("--config.data.path is empty: point it at the image folder (a directory or .tar.gz laid out "
+                      "as split/class/*.jpg).")

@@ -6,10 +6,13 @@
 
 Only the backbone's params and batch statistics are read from the Orbax checkpoint
 (the latest, or --checkpoint_step), so it runs beside a training job that is still
-writing checkpoints, on any number of devices. The config is the run's own config.json,
-any field of which ``--config.<field>=...`` overrides; a ``--config=FILE`` must describe
-the model the run trained. Results are added to evaluation.json in the work directory
-(keyed by step), to metrics_eval.jsonl (and TensorBoard when installed), and to the log.
+writing checkpoints, on any number of devices. The config is the one saved with that
+checkpoint (the run's config.json for older checkpoints), any field of which
+``--config.<field>=...`` overrides; a ``--config=FILE`` must describe the model the
+checkpoint holds. Results are logged, then added to evaluation.json (keyed by step,
+written whole) and to metrics_eval.jsonl (and TensorBoard when installed), in the work
+directory or in ``--results_dir`` (for a run whose directory is read-only); only process
+0 writes.
 Re-running on the same checkpoint gives the same numbers. ``--random_init`` evaluates the
 same architecture freshly initialised from the config's seed instead (random ResNet
 features are well above chance on real images, so this is the baseline to read a
@@ -19,7 +22,6 @@ trained backbone against) and records it under "random_init"; it needs no checkp
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 import time
 
@@ -27,8 +29,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emim import sharding
-from emim.backbone import features_and_labels, init_backbone, load_run_config, model_config_of, restore_backbone
+from emim import checkpoint as ckpt_lib
+from emim import cli
+from emim import fs, sharding, workdir as workdir_lib
+from emim.backbone import (checkpoint_dir, features_and_labels, init_backbone, load_run_config, model_config_of,
+                           restore_backbone)
 from emim.checkpoint import quiet_orbax_logs
 from emim.data import sources, streaming
 from emim.evaluators.knn import knn_accuracy
@@ -39,14 +44,18 @@ MODES = ("all", "linear", "knn")
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, mode: str = "all",
-             random_init: bool = False) -> dict:
+             random_init: bool = False, results_dir: str | None = None) -> dict:
   """Evaluate one checkpoint of the run in ``workdir`` (or, with ``random_init``, the
-  untrained backbone); returns (and records) the results."""
+  untrained backbone); returns (and records, in ``results_dir``, by default ``workdir``)
+  the results."""
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; choose one of {MODES}.")
   if random_init and step is not None:
     raise ValueError("--random_init evaluates no checkpoint: drop --checkpoint_step.")
-  workdir = pathlib.Path(workdir)
+  workdir = fs.as_path(workdir)
+  results_dir = fs.as_path(results_dir) if results_dir else workdir
+  if workdir_lib.writes_files():  # before any work: the results must have somewhere to go
+    fs.check_writable(results_dir, "the evaluation results", "Pass --results_dir=A_WRITABLE_DIR to keep them elsewhere.")
   t0 = time.perf_counter()
   if random_init:
     step, backbone = 0, init_backbone(model_config_of(config), config.seed)
@@ -55,9 +64,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   if config.data.stream:  # decoded on host workers batch by batch (ImageNet)
     train, test = streaming.stream_split(config.data, "train"), streaming.stream_split(config.data, "test")
   else:
-    cache_dir = str(workdir.absolute().parent / ".emim_cache")
+    cache_dir = fs.local_cache_dir(workdir)
     train = sources.load(config.data, "train", cache_dir=cache_dir)
-    test = sources.load(config.data, "test", cache_dir=cache_dir)
+    test = sources.load(config.data, "test", cache_dir=cache_dir, train_classes=train.class_names)
+  _warn_if_classes_changed(workdir, train.class_names)
   workers = config.data.workers if config.data.stream else 0
   mesh = sharding.make_mesh()
   results = {"step": step, "num_train": len(train), "num_test": len(test)}
@@ -87,42 +97,67 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     results["linear_epochs"] = config.eval.probe_epochs
     timings["linear_s"] = time.perf_counter() - t
   results["timings"] = timings
-  record(workdir, results)
+  record(results_dir, results)
   return results
 
 
-def record(workdir: pathlib.Path, results: dict) -> None:
-  """Merge into evaluation.json (keyed by step, or "random_init"), append to
-  metrics_eval.jsonl, log."""
+def _warn_if_classes_changed(workdir: fs.Path, class_names) -> None:
+  """The probe and kNN number the classes the data has now; say so when those are not
+  the classes the run trained on (a folder added or removed since)."""
+  path = workdir / workdir_lib.CLASSES_FILE
+  if not path.exists():
+    return
+  trained = json.loads(path.read_text()).get("train", [])
+  if list(class_names) != list(trained):
+    logging.warning("The training split's classes differ from those the run trained on (%s): added %s, removed %s. "
+                    "The evaluation uses the classes there are now.", path,
+                    sorted(set(class_names) - set(trained))[:5], sorted(set(trained) - set(class_names))[:5])
+
+
+def record(directory: fs.Path, results: dict) -> None:
+  """Log, then (process 0) merge into evaluation.json (keyed by step, or "random_init";
+  written whole, so a reader never sees half of it) and append to metrics_eval.jsonl."""
   key = "random_init" if results.get("random_init") else str(results["step"])
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / "evaluation.json"
+  logging.info("Evaluation of %s: %s", "the random initialisation" if key == "random_init" else f"step {key}",
+               " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+  if not workdir_lib.writes_files():
+    return
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / "evaluation.json"
   table = json.loads(path.read_text()) if path.exists() else {}
   table[key] = results
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(table, indent=2, sort_keys=True))
-  tmp.replace(path)
-  writer = MetricWriter(workdir, "metrics_eval.jsonl")
+  workdir_lib.write_json(path, table)
+  writer = MetricWriter(directory, "metrics_eval.jsonl")
   prefix = "eval/random_init/" if results.get("random_init") else "eval/"
   writer.write(results["step"], {prefix + k: v for k, v in results.items() if isinstance(v, float)})
   writer.close()
-  logging.info("Evaluation of %s: %s", "the random initialisation" if key == "random_init" else f"step {key}",
-               " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+
+
+def _flag_values(argv: list[str], name: str) -> list[str]:
+  """Values of ``--name=V`` and ``--name V`` in ``argv`` (flags are not parsed yet)."""
+  values = [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"--{name}=")]
+  return values + [value for flag, value in zip(argv, argv[1:]) if flag == f"--{name}"]
 
 
 def define_config_flag(argv: list[str]) -> None:
-  """--config: a config file, or by default the run's own config.json, so that
+  """--config: a config file, or by default the config saved with the checkpoint to
+  evaluate (the run's config.json for older checkpoints), so that
   ``--config.eval.probe_epochs=10`` alone overrides a field of what the run trained with
   (the flag's default must exist before the command line is parsed)."""
   file_given = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
-  workdirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--workdir=")]
-  workdirs += [value for flag, value in zip(argv, argv[1:]) if flag == "--workdir"]
-  if not file_given and workdirs and (pathlib.Path(workdirs[-1]) / "config.json").exists():
-    config = load_run_config(workdirs[-1])
+  workdirs, steps = _flag_values(argv, "workdir"), _flag_values(argv, "checkpoint_step")
+  config = None
+  if not file_given and workdirs:
+    step = int(steps[-1]) if steps and int(steps[-1]) >= 0 else None
+    try:
+      config = load_run_config(workdirs[-1], step)
+    except (FileNotFoundError, ckpt_lib.CheckpointError):
+      config = None  # main() reports what is missing
+  if config is not None:
     config.lock()
-    config_flags.DEFINE_config_dict("config", config, "The run's config.json; override any field.")
+    config_flags.DEFINE_config_dict("config", config, "The checkpoint's own config; override any field.")
   else:
-    config_flags.DEFINE_config_file("config", None, "Config file; default: the run's config.json.", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Config file; default: the checkpoint's own config.", lock_config=True)
 
 
 def main(argv):
@@ -130,15 +165,17 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_orbax_logs()
   FLAGS = flags.FLAGS
-  # Without a config.json in --workdir and without --config, load_run_config names the fix.
-  config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir)
+  step = None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step
+  # Without a checkpoint or config.json in --workdir and without --config, this names the fix.
+  config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir, step)
   if config.train.get("deterministic", False):
     # The probe trains with SGD on the GPU too: deterministic kernels make a re-run on the
     # same checkpoint give the same numbers there. Acts only before JAX starts.
     from emim.train import use_deterministic_gpu_ops
     use_deterministic_gpu_ops()
-  evaluate(config, FLAGS.workdir, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step, FLAGS.mode,
-           FLAGS.random_init)
+  if step is None and not FLAGS.random_init:  # fixed now: training may save a newer one meanwhile
+    step = ckpt_lib.latest_step(checkpoint_dir(FLAGS.workdir))
+  evaluate(config, FLAGS.workdir, step, FLAGS.mode, FLAGS.random_init, FLAGS.results_dir)
 
 
 if __name__ == "__main__":
@@ -149,5 +186,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate; -1 for the latest.")
   flags.DEFINE_enum("mode", "all", MODES, "Which evaluations to run.")
   flags.DEFINE_bool("random_init", False, "Evaluate the untrained backbone (the config's seed), the baseline.")
+  flags.DEFINE_string("results_dir", None, "Where to record the results; default: --workdir.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

@@ -1,14 +1,19 @@
 """Export a trained backbone for downstream jobs: JAX and PyTorch (torchvision layout).
 
-    python -m emim.export --workdir=runs/cifar10 --output=exports/cifar10 [--checkpoint_step=N]
+    python -m emim.export --workdir=runs/cifar10 --output=exports/cifar10 [--checkpoint_step=N] [--overwrite]
 
-writes to --output:
+writes to --output (a new or empty directory, or any with --overwrite; local or gs://):
   backbone.msgpack                   params and BatchNorm statistics (flax.serialization)
   model.json                         what rebuilds the model: architecture, width, stem,
                                      input size and normalisation, step, method
   torchvision_resnet.safetensors     a torchvision ResNet state dict (no ``fc``); for the
                                      CIFAR stem replace ``conv1`` by a 3x3 stride-1 conv and
                                      ``maxpool`` by ``nn.Identity()`` before loading
+
+The model is the one the checkpoint holds (its own saved config). The directory appears
+complete or not at all: locally the files are written to a temporary sibling that is then
+renamed; on an object store ``model.json``, which ``load_backbone`` looks for first, is
+written last.
 
 A downstream job needs one call:
     model, features = emim.load_backbone("exports/cifar10")
@@ -18,14 +23,18 @@ A downstream job needs one call:
 from __future__ import annotations
 
 import json
-import pathlib
+import os
+import shutil
+import uuid
 
 import flax.serialization
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from emim.backbone import Backbone, backbone_from_model_config, load_run_config, restore_backbone
+from emim import cli, fs
+from emim import checkpoint as ckpt_lib
+from emim.backbone import Backbone, backbone_from_model_config, checkpoint_dir, load_run_config, restore_backbone
 from emim.checkpoint import quiet_orbax_logs
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
@@ -70,35 +79,85 @@ def torchvision_state_dict(backbone: Backbone) -> dict[str, np.ndarray]:
   return out
 
 
-def export_backbone(backbone: Backbone, output: str | pathlib.Path, info: dict | None = None) -> pathlib.Path:
-  """Write the three export files to ``output``; returns the directory."""
-  from safetensors.numpy import save_file
+class ExportError(RuntimeError):
+  """An export that cannot be written or read; the message names the path and the fix."""
 
-  output = pathlib.Path(output)
-  output.mkdir(parents=True, exist_ok=True)
+
+def _write_files(backbone: Backbone, directory: fs.Path, meta: dict) -> None:
+  from safetensors.numpy import save as safetensors_bytes
+
   variables = jax.device_get(backbone.variables)
-  (output / BACKBONE_FILE).write_bytes(flax.serialization.to_bytes(variables))
-  meta = {**backbone.model_config, "feature_dim": backbone.feature_dim, **(info or {})}
-  (output / MODEL_FILE).write_text(json.dumps(meta, indent=2))
-  save_file(torchvision_state_dict(backbone), str(output / TORCH_FILE))
+  fs.atomic_write_bytes(directory / BACKBONE_FILE, flax.serialization.to_bytes(variables))
+  fs.atomic_write_bytes(directory / TORCH_FILE, safetensors_bytes(torchvision_state_dict(backbone)))
+  fs.atomic_write_text(directory / MODEL_FILE, json.dumps(meta, indent=2))  # last: marks the export complete
+
+
+def check_output(output: fs.PathLike, overwrite: bool) -> fs.Path:
+  """``output`` as a path, if an export may be written there (new or empty, or
+  ``overwrite``)."""
+  output = fs.as_path(output)
+  if output.exists() and not output.is_dir():
+    raise ExportError(f"--output {output} is a file, not a directory.")
+  if output.is_dir() and any(True for _ in output.iterdir()) and not overwrite:
+    raise ExportError(f"--output {output} is not empty (it holds {sorted(p.name for p in output.iterdir())[:5]}). "
+                      "Choose a new directory, or add --overwrite to replace what is there.")
   return output
 
 
-def load_backbone(path: str | pathlib.Path):
+def export_backbone(backbone: Backbone, output: fs.PathLike, info: dict | None = None, overwrite: bool = False) -> fs.Path:
+  """Write the three export files to ``output``; returns the directory.
+
+  ``output`` must be new or empty unless ``overwrite``: another run's export is never
+  replaced by accident.
+  """
+  output = check_output(output, overwrite)
+  meta = {**backbone.model_config, "feature_dim": backbone.feature_dim, **(info or {})}
+  if fs.is_remote(output):
+    if (output / MODEL_FILE).exists():
+      (output / MODEL_FILE).unlink()  # incomplete until the new model.json lands
+    output.mkdir(parents=True, exist_ok=True)
+    _write_files(backbone, output, meta)
+    return output
+  output.parent.mkdir(parents=True, exist_ok=True)
+  staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+  staging.mkdir()
+  try:
+    _write_files(backbone, staging, meta)
+    replaced = None
+    if output.exists():
+      replaced = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+      os.replace(output, replaced)
+    os.replace(staging, output)
+    if replaced is not None:
+      shutil.rmtree(replaced)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging)
+  return output
+
+
+def load_backbone(path: fs.PathLike):
   """Load an exported backbone: returns (Backbone, jitted features(images) -> (N, D)).
 
   Images are (N, H, W, 3), uint8 or float in [0, 1]; they are centre-cropped to the
   training size when larger and normalised as in training.
   """
-  path = pathlib.Path(path)
+  path = fs.as_path(path)
   if not (path / MODEL_FILE).exists():
     raise FileNotFoundError(f"No {MODEL_FILE} in {path}: export a run first with python -m emim.export.")
-  meta = json.loads((path / MODEL_FILE).read_text())
+  try:
+    meta = json.loads((path / MODEL_FILE).read_text())
+  except ValueError as e:
+    raise ExportError(f"{path / MODEL_FILE} is not valid JSON ({e}): export the run again.") from e
   skeleton = backbone_from_model_config(meta, {})
   size = meta["image_size"]
   template = jax.eval_shape(lambda: skeleton.model.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32), train=False))
   template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-  variables = flax.serialization.from_bytes(template, (path / BACKBONE_FILE).read_bytes())
+  try:
+    variables = flax.serialization.from_bytes(template, (path / BACKBONE_FILE).read_bytes())
+  except Exception as e:  # msgpack raises several types for a truncated or foreign file
+    raise ExportError(f"Cannot read {path / BACKBONE_FILE} ({type(e).__name__}: {e}): it is truncated, or not the "
+                      f"backbone {MODEL_FILE} describes. Export the run again.") from e
   backbone = backbone_from_model_config(meta, variables)
   return backbone, backbone.features_fn()
 
@@ -108,9 +167,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_orbax_logs()
   FLAGS = flags.FLAGS
-  config = load_run_config(FLAGS.workdir)
-  step, backbone = restore_backbone(FLAGS.workdir, config, None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step)
-  out = export_backbone(backbone, FLAGS.output, {"step": step, "method": config.method.name})
+  check_output(FLAGS.output, FLAGS.overwrite)  # before any work
+  step = None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step
+  if step is None:  # fixed now, so the config and the parameters are of one checkpoint
+    step = ckpt_lib.latest_step(checkpoint_dir(FLAGS.workdir))
+  config = load_run_config(FLAGS.workdir, step)
+  step, backbone = restore_backbone(FLAGS.workdir, config, step)
+  out = export_backbone(backbone, FLAGS.output, {"step": step, "method": config.method.name}, FLAGS.overwrite)
   logging.info("Exported the backbone at step %d to %s.", step, out)
 
 
@@ -118,5 +181,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "The training run's work directory.")
   flags.DEFINE_string("output", None, "Directory to write the export to.")
   flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step; -1 for the latest.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing export in --output.")
   flags.mark_flags_as_required(["workdir", "output"])
-  app.run(main)
+  # main of the imported module, not of __main__: its ExportError is the class the
+  # command line reports as a message (this file's copy as __main__ would be another).
+  from emim import export as _export
+
+  cli.run(_export.main)

@@ -8,6 +8,8 @@ are rejected. Several processes (a TPU pod, a multi-host GPU job) call
 import sys
 
 from absl import app, flags, logging
+
+from emim import cli
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py[:variant].", lock_config=True)
@@ -48,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,17 +1,34 @@
 """Metrics to a JSON-lines file in the work directory, and to TensorBoard when installed.
 
-TensorBoard event files are written with the ``tensorboard`` package's own writer and
-protos, so TensorFlow is not needed (``pip install tensorboard``).
+``MetricWriter`` implements clu's ``MetricWriter`` interface (``write_scalars``,
+``write_hparams``, ``flush``, ``close``, ...), so it goes wherever a clu writer goes (a
+``clu.metric_writers.MultiWriter`` beside clu's ``SummaryWriter``, where TensorFlow is
+installed). clu 0.0.12's ``metric_writers`` package imports TensorFlow, which emim does
+not need, so the interface is matched (tests/test_metric_writer.py compares the two)
+rather than inherited. TensorBoard event files are written with the ``tensorboard`` package's own
+writer and protos (``pip install tensorboard``), without TensorFlow.
+
+One writer per job: only process 0 writes (``active``); the others' calls do nothing,
+so a multi-host run's files hold each line once.
+
+A remote work directory (``gs://``) cannot be appended to: the files are staged in a
+local folder and uploaded whole, at most every ``sync_every_s`` seconds and on
+``flush``/``close``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pathlib
+import os
+import shutil
+import tempfile
 import time
+from typing import Any, Mapping
 
 import numpy as np
+
+from emim import fs
 
 try:
   from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -19,36 +36,128 @@ try:
 except ImportError:  # TensorBoard is optional
   EventFileWriter = None
 
+TENSORBOARD_DIR = "tensorboard"
+
 
 class MetricWriter:
   """Writes {"step": s, name: value, ...} lines, and scalar events to ``tensorboard/``
-  beside them when the tensorboard package is installed."""
+  beside them when the tensorboard package is installed.
 
-  def __init__(self, workdir: str | pathlib.Path, filename: str = "metrics.jsonl"):
-    self.path = pathlib.Path(workdir) / filename
+  Args:
+    workdir: the run's work directory (local or remote).
+    filename: the JSON-lines file, e.g. "metrics.jsonl" or "metrics_eval.jsonl".
+    active: whether this process writes; default: process 0 of the job.
+    sync_every_s: for a remote ``workdir``, the longest time between uploads.
+  """
+
+  def __init__(self, workdir: fs.PathLike, filename: str = "metrics.jsonl", *, active: bool | None = None,
+               sync_every_s: float = 30.0):
+    if active is None:
+      import jax  # deferred: the writer itself needs no JAX
+
+      active = jax.process_index() == 0
+    self.active = active
+    self.path = fs.as_path(workdir) / filename
+    self._remote = fs.is_remote(workdir)
+    self._sync_every_s, self._last_sync = sync_every_s, time.monotonic()
+    self._file = self._tb = self._staging = None
+    if not active:
+      return
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = None
+    local_dir = os.fspath(self.path.parent)
+    if self._remote:
+      # Stage locally: the JSON lines continue the remote file, the event file is new.
+      self._staging = tempfile.mkdtemp(prefix="emim-metrics-")
+      local_dir = self._staging
+      if self.path.exists():
+        shutil.copyfileobj(self.path.open("rb"), open(os.path.join(local_dir, filename), "wb"))
+    self._local_path = os.path.join(local_dir, filename)
+    self._file = open(self._local_path, "a", encoding="utf-8")
     if EventFileWriter is not None:
-      self._tb = EventFileWriter(str(pathlib.Path(workdir) / "tensorboard"), filename_suffix=f".{pathlib.Path(filename).stem}")
+      self._tb_dir = os.path.join(local_dir, TENSORBOARD_DIR)
+      self._tb = EventFileWriter(self._tb_dir, filename_suffix=f".{os.path.splitext(filename)[0]}")
     else:
       logging.info("tensorboard not installed: metrics go to %s only.", self.path)
 
-  def write(self, step: int, metrics: dict) -> None:
-    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    self._file.write(json.dumps({"step": int(step), **scalars}) + "\n")
+  # --- clu's MetricWriter interface ----------------------------------------------------
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.active:
+      return
+    values = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
     self._file.flush()
     if self._tb is not None:
-      summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
+      summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
       self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    if self._remote and time.monotonic() - self._last_sync > self._sync_every_s:
+      self.flush()
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Recorded as ``hparams.json`` beside the metrics (the run's config.json holds them
+    all already)."""
+    if self.active:
+      fs.atomic_write_text(self.path.parent / "hparams.json", json.dumps(dict(hparams), indent=2, default=str))
+
+  def _unsupported(self, kind: str) -> None:
+    logging.debug("emim's MetricWriter records scalars only; %s not written.", kind)
+
+  def write_summaries(self, step, values, metadata=None):
+    self._unsupported("summaries")
+
+  def write_images(self, step, images):
+    self._unsupported("images")
+
+  def write_videos(self, step, videos):
+    self._unsupported("videos")
+
+  def write_audios(self, step, audios, *, sample_rate):
+    self._unsupported("audios")
+
+  def write_texts(self, step, texts):
+    self._unsupported("texts")
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    self._unsupported("histograms")
+
+  def flush(self) -> None:
+    if not self.active:
+      return
+    self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    if self._remote:
+      self._upload()
+    self._last_sync = time.monotonic()
 
   def close(self) -> None:
+    if not self.active or self._file is None:
+      return
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._remote:
+      self._upload()
+      shutil.rmtree(self._staging, ignore_errors=True)
+    self._file = None
+
+  # --- emim's shorthand ------------------------------------------------------------------
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self.write_scalars(step, metrics)
+
+  def _upload(self) -> None:
+    """Each staged file, whole, to the remote work directory (an object store write is
+    atomic: a reader sees the previous upload or this one)."""
+    with open(self._local_path, "rb") as f:
+      fs.atomic_write_bytes(self.path, f.read())
+    if self._tb is not None and os.path.isdir(self._tb_dir):
+      remote_tb = self.path.parent / TENSORBOARD_DIR
+      remote_tb.mkdir(parents=True, exist_ok=True)
+      for name in os.listdir(self._tb_dir):
+        with open(os.path.join(self._tb_dir, name), "rb") as f:
+          fs.atomic_write_bytes(remote_tb / name, f.read())
 
 
-def read_metrics(path: str | pathlib.Path) -> list[dict]:
+def read_metrics(path: fs.PathLike) -> list[dict]:
   """The JSON lines written by MetricWriter."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = fs.as_path(path).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

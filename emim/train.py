@@ -1,4 +1,4 @@
-"""The training loop: mesh, data, state, restore, step, log, checkpoint.
+"""The training loop: lock, mesh, data, state, restore, evaluators, step, log, checkpoint.
 
     python -m emim.main --config=configs/cifar10.py --workdir=/tmp/run
 
@@ -11,12 +11,12 @@ uninterrupted one give the same parameters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
-import pathlib
 import signal
 import threading
 import time
@@ -25,13 +25,15 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from clu import parameter_overview
 
 from emim import checkpoint as ckpt_lib
-from emim import methods, models, optim, sharding
-from emim.backbone import backbone_from_model_config, model_config_of
+from emim import config_base, fs, methods, models, optim, sharding, step_metrics
+from emim import workdir as workdir_lib
 from emim.data.pipeline import make_train_data
-from emim.evaluators.knn import PeriodicKnn
-from emim.evaluators.mi_tracker import make_mi_tracker
+from emim.evaluators import Context as EvalContext
+from emim.evaluators import due as evaluator_due
+from emim.evaluators import make_evaluators
 from emim.metric_writer import MetricWriter
 from emim.target import momentum_schedule
 from emim.train_step import StepParts, TrainState, init_state
@@ -115,15 +117,33 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
       mean=tuple(config.data.mean), std=tuple(config.data.std), num_classes=num_classes)
 
 
-def default_cache_dir(workdir: pathlib.Path) -> str:
-  """Decoded datasets are cached beside the work directory, shared by runs next to it."""
-  return str(workdir.absolute().parent / ".emim_cache")
+
+def compile_train_step(parts: StepParts, data, state: TrainState, state_sharding, mesh):
+  """The one place the train step is compiled: ``fn(state, input, interval) -> (state,
+  interval)``, the step (``data.step_fn``: its batch gathered on the device, or a streamed
+  batch) followed by folding its metrics into the logging interval's (``step_metrics``),
+  so that neither costs a host round trip. Returns (fn, the empty interval)."""
+  replicated = sharding.replicated(mesh)
+  step = data.step_fn(parts)
+
+  def step_and_accumulate(state, inputs, interval):
+    state, metrics = step(state, inputs)
+    return state, step_metrics.merge(interval, metrics)
+
+  example = data.example_input()
+  _, metric_shapes = jax.eval_shape(step, state, example)
+  empty = jax.device_put(step_metrics.empty(metric_shapes), replicated)
+  interval_sharding = jax.tree.map(lambda _: replicated, empty)
+  compiled = jax.jit(
+      step_and_accumulate, in_shardings=(state_sharding, data.input_sharding, interval_sharding),
+      out_shardings=(state_sharding, interval_sharding), donate_argnums=0).lower(state, example, empty).compile()
+  return compiled, empty
 
 
 # Step metrics that are not loss terms; the progress line shows the rest (the loss, the
 # method's own terms, e.g. ld_sum or bt_off_diag) and the online-probe accuracy.
 _NOT_TERMS = ("lr", "target_momentum", "grad_norm", "update_norm", "param_norm", "probe_loss", "embedding_std",
-              "rank_renyi2", "finite")
+              "rank_renyi2", step_metrics.REFUSED)
 
 
 def _is_loss_term(name: str) -> bool:
@@ -136,18 +156,34 @@ def _format_eta(seconds: float) -> str:
 
 
 class ProgressLine:
-  """The steady progress line: step, epoch, steps/s and pairs/s since the last line, ETA,
-  and the loss terms."""
+  """The steady progress line: step, epoch, steps/s and pairs/s of training since the last
+  line (time spent in evaluators and checkpoint saves excluded, see ``paused``), ETA, and
+  the interval's mean loss terms."""
 
   def __init__(self, start_step: int, last_step: int, total_steps: int, steps_per_epoch: int, batch_size: int):
     self.last_step, self.total_steps, self.steps_per_epoch, self.batch_size = last_step, total_steps, steps_per_epoch, batch_size
-    self._time, self._step = time.perf_counter(), start_step
+    self._time, self._step, self._paused = time.perf_counter(), start_step, 0.0
+    self.paused_total = {}
+
+  @contextlib.contextmanager
+  def paused(self, what: str, state=None):
+    """Time inside is not training time. ``state`` is waited for first: the steps
+    dispatched before are training, whatever this then waits on."""
+    if state is not None:
+      jax.block_until_ready(state)
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      spent = time.perf_counter() - t
+      self._paused += spent
+      self.paused_total[what] = self.paused_total.get(what, 0.0) + spent
 
   def __call__(self, done: int, host_metrics: dict) -> dict:
     """Log the line for step ``done``; returns the rates to record with the metrics."""
     now = time.perf_counter()
-    rate = (done - self._step) / max(now - self._time, 1e-9)
-    self._time, self._step = now, done
+    rate = (done - self._step) / max(now - self._time - self._paused, 1e-9)
+    self._time, self._step, self._paused = now, done, 0.0
     eta = (self.last_step - done) / max(rate, 1e-9)
     terms = " ".join(f"{k}={float(v):.4g}" for k, v in host_metrics.items() if _is_loss_term(k))
     logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, self.total_steps,
@@ -155,13 +191,23 @@ class ProgressLine:
     return {"epoch": done / self.steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * self.batch_size}
 
 
-def _check_finite(state: TrainState, host_metrics: dict, done: int, checkpoint_dir: pathlib.Path) -> None:
-  """The step refuses non-finite updates and counts them; the loop stops at the next line."""
-  if int(state.nonfinite_steps) > 0:
+def _check_finite(state: TrainState, host_metrics: dict, done: int, config: ml_collections.ConfigDict,
+                  checkpointer: ckpt_lib.Checkpointer) -> None:
+  """Refused updates are reported with the progress line; ``max_nonfinite_in_a_row`` of
+  them in a row stop the run (the parameters are still the last finite ones)."""
+  refused = int(host_metrics.get(step_metrics.REFUSED, 0))
+  in_a_row = int(state.refused_in_a_row)
+  if refused:
+    logging.warning("%d update(s) refused as non-finite in the steps up to %d (%d in a row now; the run stops at %d).",
+                    refused, done, in_a_row, config.train.max_nonfinite_in_a_row)
+  if in_a_row >= config.train.max_nonfinite_in_a_row:
     raise FloatingPointError(
-        f"Non-finite loss or gradient at or before step {done} ({int(state.nonfinite_steps)} update(s) refused; "
-        f"last loss {float(host_metrics['loss'])}). The last checkpoint in {checkpoint_dir} is intact. Lower "
-        "--config.optim.base_lr, raise the objective's eps, or set --config.optim.clip_norm.")
+        f"The last {in_a_row} updates, up to step {done}, were refused: the loss, gradient or update was not "
+        f"finite (mean loss of the interval: {host_metrics.get('loss')}). The parameters are those of step "
+        f"{done - in_a_row}, and every checkpoint in {checkpointer.directory} holds finite ones: lower "
+        "--config.optim.base_lr (or set --config.optim.clip_norm, or raise the objective's eps) and run the same "
+        "command to resume from the latest. --config.train.max_nonfinite_in_a_row sets how many refusals in a "
+        "row stop a run.")
 
 
 def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer, abstract_state, data):
@@ -173,7 +219,7 @@ def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Ch
   if checkpointer.latest_step() is not None:
     ckpt_lib.check_can_continue(checkpointer, restore_step)
   elif config.checkpoint.init_from:
-    source = ckpt_lib.Checkpointer(pathlib.Path(config.checkpoint.init_from) / "checkpoints", read_only=True)
+    source = ckpt_lib.Checkpointer(fs.as_path(config.checkpoint.init_from) / "checkpoints", read_only=True)
   elif restore_step is not None:
     raise ckpt_lib.CheckpointError(
         f"--config.checkpoint.restore_step={restore_step}, but {checkpointer.directory} holds no checkpoint. To start "
@@ -194,126 +240,135 @@ def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Ch
   return state
 
 
+def _log_parameter_overview(state: TrainState) -> None:
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+  logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(shapes, include_stats=False))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
   """Train (or resume) the run in ``workdir``.
 
   Args:
     config: the experiment config (configs/*.py).
-    workdir: checkpoints, config.json and metrics.jsonl go here.
+    workdir: a local directory or a remote one (``gs://bucket/run``); checkpoints,
+      config.json and metrics.jsonl go here (process 0 writes the files).
     stop_at_step: stop (with a checkpoint) after this many steps, as a preemption would;
       the schedule is still that of the full run, which a later call resumes.
   """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  config_base.validate(config)
+  workdir = fs.as_path(workdir)
+  writes_files = workdir_lib.writes_files()
   timings = {}
+  with contextlib.ExitStack() as cleanup:  # closed on every exit path, in reverse order
+    if writes_files:
+      # One job per work directory: refused here, before any work, while another lives.
+      cleanup.enter_context(workdir_lib.WorkdirLock(workdir))
 
-  # --- Mesh ------------------------------------------------------------------------
-  _check_deterministic(config)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.train.batch_size, mesh)
-  replicated = sharding.replicated(mesh)
+    # --- Mesh ------------------------------------------------------------------------
+    _check_deterministic(config)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.train.batch_size, mesh)
+    replicated = sharding.replicated(mesh)
 
-  # --- Data: on the devices (CIFAR) or streamed from host workers (ImageNet) -------
-  t0 = time.perf_counter()
-  data = make_train_data(config, mesh, default_cache_dir(workdir))
-  timings["decode_s"] = time.perf_counter() - t0
-  batch_size = config.train.batch_size
-  steps_per_epoch = data.num_examples // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"The training set has {data.num_examples} images, fewer than one batch of {batch_size}.")
-  total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
-  logging.info("Data: %d images, %d steps/epoch, %d steps.", data.num_examples, steps_per_epoch, total_steps)
+    # --- Data: on the devices (CIFAR) or streamed from host workers (ImageNet) -------
+    t0 = time.perf_counter()
+    data = make_train_data(config, mesh, fs.local_cache_dir(workdir))
+    timings["decode_s"] = time.perf_counter() - t0
+    batch_size = config.train.batch_size
+    steps_per_epoch = data.num_examples // batch_size
+    if steps_per_epoch == 0:
+      raise config_base.ConfigError(
+          f"The training set has {data.num_examples} images, fewer than one batch of {batch_size}: lower "
+          "--config.train.batch_size.")
+    total_steps = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+    logging.info("Data: %d images in %d classes, %d steps/epoch, %d steps.", data.num_examples, data.num_classes,
+                 steps_per_epoch, total_steps)
 
-  # --- State, created sharded, or restored ------------------------------------------
-  parts = build_parts(config, data.num_classes, steps_per_epoch, total_steps)
-  rng = jax.random.PRNGKey(config.seed)
-  init_fn = functools.partial(init_state, parts)
-  abstract = jax.eval_shape(init_fn, rng)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
-  checkpointer = ckpt_lib.Checkpointer(
-      workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)
-  state = restore_or_init(config, checkpointer, ckpt_lib.abstract_like(abstract, state_sharding), data)
-  if state is None:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
-  if not (workdir / "config.json").exists():
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  start_step = int(state.step)
+    # --- State, created sharded, or restored ------------------------------------------
+    parts = build_parts(config, data.num_classes, steps_per_epoch, total_steps)
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = functools.partial(init_state, parts)
+    abstract = jax.eval_shape(init_fn, rng)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
+        workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
+    state = restore_or_init(config, checkpointer, ckpt_lib.abstract_like(abstract, state_sharding), data)
+    if state is None:
+      state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    start_step = int(state.step)
+    if writes_files:
+      _log_parameter_overview(state)
 
-  # --- The step, compiled once ahead of time ----------------------------------------
-  t0 = time.perf_counter()
-  step_fn = data.compile_step(parts, state, state_sharding)
-  timings["compile_s"] = time.perf_counter() - t0
+    # --- Evaluators, built before compiling: a missing test split is reported at once --
+    t0 = time.perf_counter()
+    evaluators = make_evaluators(config, EvalContext(parts, data, mesh, state))
+    timings["eval_setup_s"] = time.perf_counter() - t0
 
-  # --- Evaluators (decoding their test subsets counts here, not in decode_s) ---------
-  t0 = time.perf_counter()
-  # A fixed random subset of the training images for the MI estimates.
-  mi_images = sharding.put_global(
-      data.train_subset(min(data.num_examples, config.eval.mi_batch_size), seed=1).images, replicated)
-  track_mi = make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4)).lower(state, mi_images).compile()
-  periodic_knn = None
-  if config.eval.every_steps > 0:
-    backbone = backbone_from_model_config(model_config_of(config), {})
-    periodic_knn = PeriodicKnn(backbone, data.train_subset(config.eval.knn_train_subset),
-                               data.test_subset(config.eval.knn_test_subset), config.eval, mesh)
+    # --- The step, compiled once ahead of time ----------------------------------------
+    t0 = time.perf_counter()
+    step_fn, empty_interval = compile_train_step(parts, data, state, state_sharding, mesh)
+    timings["compile_s"] = time.perf_counter() - t0
+    # The step and the evaluators are compiled: hosts start stepping together, whatever
+    # each one's compile time was.
+    ckpt_lib.sync_processes("emim_compiled")
 
-  timings["eval_setup_s"] = time.perf_counter() - t0
-  # The step and the MI tracker are compiled: hosts start stepping together, whatever
-  # each one's compile time was.
-  ckpt_lib.sync_processes("emim_compiled")
-  # Written now and again at the end, so a run stopped early still tells its set-up costs.
-  (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
+    # --- Training starts: record what it trains with ------------------------------------
+    config_dict = json.loads(config.to_json_best_effort())
+    if writes_files:
+      workdir_lib.record_config(workdir, config.to_json_best_effort(indent=2))
+      workdir_lib.write_json(workdir / workdir_lib.CLASSES_FILE, {"train": list(data.class_names)})
+      # Written now and again at the end, so a run stopped early still tells its set-up costs.
+      workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
+    writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, active=writes_files)))
 
-  def knn_eval(step):
-    variables = {"params": state.params["encoder"]["backbone"], "batch_stats": state.batch_stats["encoder"]["backbone"]}
-    t = time.perf_counter()
-    accuracy = periodic_knn(variables)
-    logging.info("step %d | kNN on %d test images: %s (%.1fs)", step, config.eval.knn_test_subset,
-                 " ".join(f"{k}={v:.4f}" for k, v in accuracy.items()), time.perf_counter() - t)
-    writer.write(step, {f"knn/{k}": v for k, v in accuracy.items()})
-    return {f"knn/{k}": v for k, v in accuracy.items()}
+    def evaluate(evaluator, step):
+      t = time.perf_counter()
+      metrics = evaluator.run(state)
+      logging.info("step %d | %s (%.1fs): %s", step, evaluator.name, time.perf_counter() - t,
+                   " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()))
+      writer.write(step, metrics)
+      return metrics
 
-  def log_mi(step):
-    # Wait for every device's copy, not only the one device_get reads: the estimates are
-    # replicated, and a step dispatched (and a checkpoint begun) while other devices still
-    # run the tracker wedged the 8-device CPU tests twice, every thread parked.
-    evals = jax.device_get(jax.block_until_ready(track_mi(state, mi_images)))
-    logging.info("step %d | %s", step, " ".join(f"{k.split('/')[-1]}={float(v):.4g}" for k, v in evals.items()))
-    writer.write(step, evals)
-    return evals
-
-  # --- Loop -------------------------------------------------------------------------
-  writer = MetricWriter(workdir)
-  if start_step == 0:
-    log_mi(0)
-  last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-  log_every = max(1, config.train.log_every)
-  metrics, final = None, {}
-  t_train = time.perf_counter()
-  progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
-  with StopRequest() as stop:
-    try:
+    # --- Loop -------------------------------------------------------------------------
+    final = {}
+    if start_step == 0:
+      for evaluator in evaluators:
+        if evaluator.at_start:
+          final.update(evaluate(evaluator, 0))
+    last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    log_every = config.train.log_every
+    interval = empty_interval
+    t_train = time.perf_counter()
+    progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
+    with StopRequest() as stop:
       for step in range(start_step, last_step):
-        state, metrics = step_fn(state)
+        state, interval = step_fn(state, data.next_input(), interval)
         done = step + 1
         if done % log_every == 0 or done == last_step:
-          host = jax.device_get(metrics)
-          _check_finite(state, host, done, checkpointer.directory)
+          host = step_metrics.compute(interval)
+          interval = empty_interval
           writer.write(done, {**host, **progress(done, host)})
-          final = {**host, **log_mi(done)}
-        if periodic_knn is not None and (done % config.eval.every_steps == 0 or done == last_step):
-          final.update(knn_eval(done))
+          _check_finite(state, host, done, config, checkpointer)
+          final = dict(host)
+        for evaluator in evaluators:
+          if evaluator_due(evaluator, done, last_step):
+            with progress.paused("evaluators_s", state):
+              final.update(evaluate(evaluator, done))
         preempted = stop.signum is not None or checkpointer.reached_preemption(done)
-        checkpointer.save(done, state, data.iterator, force=preempted or done == last_step)
+        force = preempted or done == last_step
+        if force or checkpointer.due(done):
+          with progress.paused("checkpoint_s", state):
+            checkpointer.save(done, state, data.iterator, force=force, config=config_dict)
         if preempted:
           logging.warning("Stopped at step %d of %d; the checkpoint is in %s. Run the same command to resume.",
                           done, total_steps, checkpointer.directory)
           break
-    finally:
-      checkpointer.close()
-      writer.close()
-  timings["train_s"] = time.perf_counter() - t_train
-  logging.info("Timings: decode %.1fs, compile %.1fs, evaluator set-up %.1fs, train %.1fs.", timings["decode_s"],
-               timings["compile_s"], timings["eval_setup_s"], timings["train_s"])
-  (workdir / "timings.json").write_text(json.dumps(timings, indent=2))
+    timings["train_s"] = time.perf_counter() - t_train
+    timings.update(progress.paused_total)  # spent inside train_s, not counted in steps/s
+  logging.info("Timings: decode %.1fs, evaluator set-up %.1fs, compile %.1fs, train %.1fs (evaluators %.1fs, "
+               "checkpoint saves %.1fs).", timings["decode_s"], timings["eval_setup_s"], timings["compile_s"],
+               timings["train_s"], timings.get("evaluators_s", 0.0), timings.get("checkpoint_s", 0.0))
+  if writes_files:
+    workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
   return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings,
                    stopped_by_signal=stop.signum)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from emim.config_base import view_config
 from emim.data import augment as A
 
 
@@ -86,7 +87,7 @@ def test_pad_and_random_crop_is_a_shift():
 
 @pytest.mark.parametrize("blur_p", [0.0, 1.0])
 def test_view_chain_in_range_and_deterministic_per_key(blur_p):
-  cfg = A.view_config(blur_p=blur_p, solarize_p=0.5)
+  cfg = view_config(blur_p=blur_p, solarize_p=0.5)
   images = (np.random.default_rng(0).uniform(size=(8, 20, 20, 3)) * 255).astype(np.uint8)
   a = A.augment_batch(jax.random.PRNGKey(7), jnp.asarray(images), cfg, 16)
   b = A.augment_batch(jax.random.PRNGKey(7), jnp.asarray(images), cfg, 16)
@@ -102,7 +103,7 @@ def test_view_chain_in_range_and_deterministic_per_key(blur_p):
 
 
 def test_probability_zero_ops_leave_the_image_alone():
-  cfg = A.view_config(crop_scale=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+  cfg = view_config(crop_scale=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
   img = gradient_image()
   out = A.augment_view(jax.random.PRNGKey(0), img, cfg, 16)
   # crop_scale 1 with a random aspect ratio still crops; the centre pixel's colour survives.

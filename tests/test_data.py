@@ -144,3 +144,81 @@ def test_unprepared_tfds_dataset_names_the_fix():
                                        train_split="train", test_split="test", decode_size=0))
   with pytest.raises(sources.DatasetError, match="(?s)not prepared.*tfds build"):
     sources.load(cfg, "train")
+
+
+def test_labels_number_the_training_splits_classes_in_both_loaders(tmp_path):
+  """A test split without some training class keeps the training numbering (it shifted
+  before); a class only the test split has is an error; the streaming loader agrees."""
+  from emim.data import streaming
+
+  root = write_folder(tmp_path / "folder", "train", classes=("ant", "bee", "cat"))
+  write_folder(root, "test", classes=("bee", "cat"))
+  test = sources.image_folder(str(root), "test", None, None, train_classes=("ant", "bee", "cat"))
+  assert test.class_names == ("ant", "bee", "cat")
+  np.testing.assert_array_equal(test.labels, [1, 1, 1, 2, 2, 2])
+  cfg = _folder_config(root)
+  np.testing.assert_array_equal(sources.load(cfg, "test").labels, test.labels)  # lists train's classes itself
+  records, classes = streaming.stream_source(cfg, "test")[::2]
+  assert classes == test.class_names and [label for _, label in records] == list(test.labels)
+  write_folder(root, "test", classes=("dog",))
+  with pytest.raises(sources.DatasetError, match=r"classes the training split does not: \['dog'\]"):
+    sources.load(cfg, "test")
+
+
+def _folder_config(root):
+  import ml_collections
+
+  return ml_collections.ConfigDict(dict(source="image_folder", path=str(root), train_split="train", test_split="test",
+                                        decode_size=0, cache_dir="", image_size=8))
+
+
+def test_a_class_folder_without_images_is_an_error_naming_it(tmp_path):
+  root = write_folder(tmp_path / "folder")
+  (root / "train" / "empty_class").mkdir()
+  with pytest.raises(sources.DatasetError, match=r"empty_class holds no images.*remove the folder"):
+    sources.image_folder(str(root), "train", None, None)
+  archive = tmp_path / "folder.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(root / "train", arcname="train")
+  with pytest.raises(sources.DatasetError, match=r"\['empty_class'\] of split 'train'.*hold no images"):
+    sources.image_folder(str(archive), "train", None, None)
+
+
+def test_any_change_to_the_images_decodes_again_and_cache_names_stay_short(tmp_path):
+  root = write_folder(tmp_path / ("x" * 240))  # a long folder name: the cache's file name stays short
+  cache = tmp_path / "cache"
+  first = sources.image_folder(str(root), "train", None, cache_dir=str(cache))
+  assert len(first) == 6 and all(len(p.name) < 100 for p in cache.iterdir())
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "cat" / "new.png")  # added inside a class
+  second = sources.image_folder(str(root), "train", None, cache_dir=str(cache))
+  assert len(second) == 7
+  (root / "train" / "cat" / "new.png").unlink()
+  Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(root / "train" / "dog" / "0.png")  # replaced
+  third = sources.image_folder(str(root), "train", None, cache_dir=str(cache))
+  assert len(third) == 6 and third.images[3].min() == 255
+
+
+def test_truncated_archive_and_mixed_sizes_name_the_file_and_the_fix(tmp_path):
+  root = write_folder(tmp_path / "folder", per_class=20)
+  archive = tmp_path / "folder.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(root / "train", arcname="train")
+  data = archive.read_bytes()
+  archive.write_bytes(data[: len(data) // 2])
+  with pytest.raises(sources.DatasetError, match=rf"Cannot read the archive {archive} .*truncated or corrupt"):
+    sources.image_folder(str(archive), "train", None, None)
+  Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(root / "train" / "cat" / "odd.png")
+  with pytest.raises(sources.DatasetError, match=r"different sizes \(8x8, 12x10\).*--config.data.decode_size=N"):
+    sources.image_folder(str(root), "train", None, None)
+
+
+def test_tfds_class_names_come_from_its_dataset_info():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import ml_collections
+
+  # beans names its classes in code (CIFAR-10's names come with its prepared files).
+  cfg = ml_collections.ConfigDict(dict(source="tfds", tfds_name="beans", tfds_data_dir="", train_split="train",
+                                       test_split="test", decode_size=32, image_size=32, num_classes=7))
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = sources.load(cfg, "train")
+  assert data.class_names == ("angular_leaf_spot", "bean_rust", "healthy") and data.num_classes == 3

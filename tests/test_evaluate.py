@@ -2,33 +2,31 @@
 checkpoint, deterministic re-runs, and the JAX/PyTorch export round trip."""
 
 import json
-import pathlib
+import logging
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, load_config
 
 import emim
-from emim.config_base import load_config_file
 from emim import evaluate, export, train
-from emim.backbone import restore_backbone
+from emim import workdir as workdir_lib
+from emim.backbone import load_run_config, restore_backbone
 from emim.checkpoint import CheckpointError
 from emim.data import sources
 from emim.evaluators.knn import knn_accuracy
 from emim.metric_writer import read_metrics
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name="synthetic", variant=None):
-  return load_config_file(REPO / "configs" / f"{name}.py", variant)
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   """The synthetic default, shortened: 6 epochs of EMMI on 8 CPU devices."""
   workdir = tmp_path_factory.mktemp("run")
-  config = load_config("synthetic")
+  config = load_config("synthetic", None)
   with config.unlocked():
     config.train.num_epochs, config.train.log_every = 6, 96
     config.eval.probe_epochs, config.eval.probe_mode = 8, "features"
@@ -101,11 +99,7 @@ def test_a_config_of_another_model_is_refused_before_restoring(trained_run):
 
 
 def test_the_program_overrides_fields_of_the_runs_own_config(trained_run, tmp_path):
-  """Without --config the run's config.json is the config, and --config.x=... edits it."""
-  import shutil
-  import subprocess
-  import sys
-
+  """Without --config the checkpoint's own config is the config, and --config.x=... edits it."""
   _, workdir = trained_run
   run = tmp_path / "run"  # a copy: this writes its own evaluation.json
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluation.json"))
@@ -125,8 +119,6 @@ def test_the_program_overrides_fields_of_the_runs_own_config(trained_run, tmp_pa
 def test_reads_the_latest_finished_checkpoint_while_one_is_being_written(trained_run):
   """Training saves asynchronously into '<step>.orbax-checkpoint-tmp-*' and renames it when
   done; an evaluation started meanwhile reads the newest finished step."""
-  import shutil
-
   config, workdir = trained_run
   unfinished = workdir / "checkpoints" / "500.orbax-checkpoint-tmp-1795383294"
   shutil.copytree(workdir / "checkpoints" / "192" / "state", unfinished / "state")
@@ -158,3 +150,70 @@ def test_export_round_trip_jax(trained_run, tmp_path):
   images = sources.load(config.data, "test").images[:16]
   np.testing.assert_allclose(features(images), backbone.features_fn()(images), rtol=1e-6, atol=1e-6)
   assert features(images).shape == (16, model.feature_dim)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary left beside it
+
+
+def test_export_refuses_a_non_empty_directory_and_replaces_it_only_when_asked(trained_run, tmp_path):
+  config, workdir = trained_run
+  _, old = restore_backbone(workdir, config, 100)
+  step, new = restore_backbone(workdir, config)
+  out = export.export_backbone(old, tmp_path / "export", {"step": 100})
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  with pytest.raises(export.ExportError, match="not empty.*--overwrite"):
+    export.export_backbone(new, out, {"step": step})
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # another run's export is untouched
+  export.export_backbone(new, out, {"step": step}, overwrite=True)
+  assert json.loads((out / export.MODEL_FILE).read_text())["step"] == step
+  loaded, _ = emim.load_backbone(out)
+  np.testing.assert_array_equal(jax.tree.leaves(loaded.variables)[0], np.asarray(jax.tree.leaves(new.variables)[0]))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+  # A truncated backbone file is named, with the fix.
+  data = (out / export.BACKBONE_FILE).read_bytes()
+  (out / export.BACKBONE_FILE).write_bytes(data[: len(data) // 2])
+  with pytest.raises(export.ExportError, match=r"backbone.msgpack .*truncated.*Export the run again"):
+    emim.load_backbone(out)
+
+
+def test_evaluate_and_export_read_the_config_their_checkpoint_was_trained_with(trained_run, tmp_path):
+  """A later start of the run (or an edited config.json) does not change what an earlier
+  checkpoint holds: the programs rebuild the model from the checkpoint's own config."""
+  config, workdir = trained_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluation.json"))
+  stale = json.loads((run / "config.json").read_text())
+  stale["model"]["width"] = 2 * config.model.width  # as a failed attempt with another width once left it
+  (run / "config.json").write_text(json.dumps(stale))
+  assert load_run_config(run).model.width == config.model.width
+  result = subprocess.run([sys.executable, "-m", "emim.export", f"--workdir={run}", f"--output={tmp_path / 'export'}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  meta = json.loads((tmp_path / "export" / export.MODEL_FILE).read_text())
+  assert (meta["width"], meta["step"]) == (config.model.width, 192)
+  emim.load_backbone(tmp_path / "export")
+  again = subprocess.run([sys.executable, "-m", "emim.export", f"--workdir={run}", f"--output={tmp_path / 'export'}"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert again.returncode == 1 and "error: --output" in again.stderr and "--overwrite" in again.stderr
+  assert "Traceback" not in again.stderr
+
+
+def test_results_are_logged_first_and_a_read_only_workdir_is_refused_before_any_work(trained_run, tmp_path, caplog,
+                                                                                   monkeypatch):
+  config, workdir = trained_run
+  with config.unlocked():
+    config.eval.probe_mode, config.eval.probe_epochs = "features", 1
+  # /proc cannot be written, even by root: refused at once, naming --results_dir.
+  with pytest.raises(PermissionError, match=r"Cannot write the evaluation results to /proc/emim.*--results_dir"):
+    evaluate.evaluate(config, "/proc/emim", mode="knn", random_init=True)
+  # Elsewhere with --results_dir: the run's directory gets nothing.
+  before = sorted(p.name for p in workdir.iterdir())
+  results = evaluate.evaluate(config, str(workdir), mode="knn", results_dir=str(tmp_path / "results"))
+  assert json.loads((tmp_path / "results" / "evaluation.json").read_text())["192"]["knn_top1_k20"] == results["knn_top1_k20"]
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  # A write that fails after the work: the results are in the log already.
+  def failing(path, value):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(workdir_lib, "write_json", failing)
+  with caplog.at_level(logging.INFO), pytest.raises(OSError, match="disk full"):
+    evaluate.evaluate(config, str(workdir), mode="knn", results_dir=str(tmp_path / "results"))
+  assert f"Evaluation of step 192: knn_top1_k20={results['knn_top1_k20']:.4f}" in caplog.text

@@ -1,20 +1,12 @@
 """The torchvision-layout export gives the same features in PyTorch as in JAX."""
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
+from conftest import load_config
 
-from emim.config_base import load_config_file
 from emim import export
 from emim.backbone import backbone_from_model_config, init_backbone, model_config_of
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name="synthetic", variant=None):
-  return load_config_file(REPO / "configs" / f"{name}.py", variant)
 
 
 def random_backbone(config):
@@ -45,10 +37,36 @@ class TorchBasicBlock(torch.nn.Module):
     return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
+class TorchBottleneck(torch.nn.Module):
+  """torchvision.models.resnet.Bottleneck (v1.5: the stride on the 3x3), written out."""
+
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride):
+    super().__init__()
+    nn = torch.nn
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU(inplace=True)
+    self.downsample = None
+    if stride != 1 or inplanes != planes * 4:
+      self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+
+  def forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
 class TorchResNet(torch.nn.Module):
   """torchvision.models.ResNet's layout (conv1, bn1, maxpool, layer1..N) without fc."""
 
-  def __init__(self, blocks, width, cifar_stem):
+  def __init__(self, blocks, width, cifar_stem, block=TorchBasicBlock):
     super().__init__()
     nn = torch.nn
     self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if cifar_stem else nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -60,8 +78,8 @@ class TorchResNet(torch.nn.Module):
       planes = width * 2**i
       layers = []
       for j in range(n):
-        layers.append(TorchBasicBlock(inplanes, planes, 2 if i > 0 and j == 0 else 1))
-        inplanes = planes
+        layers.append(block(inplanes, planes, 2 if i > 0 and j == 0 else 1))
+        inplanes = planes * getattr(block, "expansion", 1)
       setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
     self.num_layers = len(blocks)
 
@@ -72,13 +90,15 @@ class TorchResNet(torch.nn.Module):
     return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 
-@pytest.mark.parametrize("cifar_stem", [True, False])
-def test_torchvision_export_gives_the_same_features(tmp_path, cifar_stem):
+@pytest.mark.parametrize("cifar_stem,backbone_name", [(True, "resnet_tiny"), (False, "resnet_tiny"),
+                                                     (False, "resnet_tiny_bottleneck")])
+def test_torchvision_export_gives_the_same_features(tmp_path, cifar_stem, backbone_name):
   from safetensors.torch import load_file
 
   config = load_config("synthetic", "runlocal")
   with config.unlocked():
     config.model.cifar_stem = cifar_stem
+    config.model.backbone = backbone_name
     config.data.image_size = 32
   backbone = random_backbone(config)
   # Non-trivial BatchNorm statistics and scales, so a wrong mapping cannot pass.
@@ -87,7 +107,8 @@ def test_torchvision_export_gives_the_same_features(tmp_path, cifar_stem):
   variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])
   backbone = backbone_from_model_config(model_config_of(config), variables)
   out = export.export_backbone(backbone, tmp_path)
-  model = TorchResNet([1, 1], config.model.width, cifar_stem)
+  block = TorchBottleneck if backbone_name.endswith("bottleneck") else TorchBasicBlock
+  model = TorchResNet([1, 1], config.model.width, cifar_stem, block)
   model.load_state_dict(load_file(str(out / export.TORCH_FILE)), strict=True)
   model.eval()
   images = rng.uniform(size=(4, 32, 32, 3)).astype(np.float32)

@@ -1,54 +1,66 @@
 """Two JAX processes on one machine, as on two hosts of a GPU cluster or a TPU slice:
-each streams its own share of the data, the step runs over both processes' devices,
-and the checkpoints (the state once, the data iterator once per process) resume."""
+each streams its own rows of every global batch, the step runs over both processes'
+devices, only process 0 writes the work directory's files, the checkpoints (the state
+once, the data iterator once per process) resume, and the training equals one process
+with the same global batch."""
 
 import json
 import os
-import pathlib
-import socket
 import subprocess
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import numpy as np
+from conftest import REPO, free_port
+
+from emim.metric_writer import read_metrics
+
+ARGS = ["--config.data.source=image_folder", "--config.data.stream=True", "--config.data.workers=0",
+        "--config.data.decode_size=16", "--config.data.num_classes=4", "--config.train.batch_size=16",
+        "--config.eval.mi_batch_size=32", "--config.eval.every_steps=0"]
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def launch(workdir, folder, stop_at_step=None):
-  """The same command in two processes of two CPU devices each; returns their logs."""
+def launch(workdir, folder, processes=2, stop_at_step=None):
+  """The same command in ``processes`` processes of 4 / processes CPU devices each (4 in
+  all); returns their logs."""
   port = free_port()
-  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")}
-  command = [
-      sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal", f"--workdir={workdir}",
-      "--config.data.source=image_folder", f"--config.data.path={folder}", "--config.data.stream=True",
-      "--config.data.workers=0", "--config.data.decode_size=16", "--config.data.num_classes=4",
-      "--config.train.batch_size=16", "--config.eval.mi_batch_size=32", "--config.eval.every_steps=0",
-      "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  devices = 4 // processes
+  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")}
+  command = [sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal", f"--workdir={workdir}",
+             f"--config.data.path={folder}", *ARGS]
+  if processes > 1:
+    command += ["--distributed", f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
   if stop_at_step:
     command.append(f"--stop_at_step={stop_at_step}")
-  procs = [subprocess.Popen(command + [f"--process_id={i}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=env) for i in range(2)]
+  procs = [subprocess.Popen(command + ([f"--process_id={i}"] if processes > 1 else []), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for i in range(processes)]
   logs = [p.communicate(timeout=600)[1] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   return logs
 
 
-def loss_lines(log):
-  return [line.split("|")[-1].strip() for line in log.splitlines() if " step 4/4 " in line]
-
-
-def test_two_processes_train_stream_and_resume(tmp_path, folder):
-  launch(tmp_path, folder, stop_at_step=2)
-  step2 = tmp_path / "checkpoints" / "2"
+def test_two_processes_train_stream_resume_write_once_and_equal_one_process(tmp_path, folder):
+  launch(tmp_path / "two", folder, stop_at_step=2)
+  step2 = tmp_path / "two" / "checkpoints" / "2"
   for i in range(2):  # each process saved where its own stream stands: 2 batches of 8 read
     assert json.loads((step2 / "data" / f"process_{i}-of-2.json").read_text())["next_index"] == 2
-  logs = launch(tmp_path, folder)
+  logs = launch(tmp_path / "two", folder)
   for log in logs:
     assert "Resumed from step 2" in log and "with the data iterator's position" in log
-  lines = [loss_lines(log) for log in logs]
-  assert lines[0] and lines[0] == lines[1]  # one global step: both processes log the same loss
+  assert "Parameters:" in logs[0] and "Parameters:" not in logs[1]  # process 0 logs the overview
+
+  # One writer: every line once, written by process 0 alone.
+  rows = read_metrics(tmp_path / "two" / "metrics.jsonl")
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+  assert [r["step"] for r in rows if "eval/mi_infonce" in r] == [0, 2, 4]
+  assert len(list((tmp_path / "two" / "tensorboard").iterdir())) == 2  # one event file per start, not per process
+  assert json.loads((tmp_path / "two" / "config.json").read_text())["train"]["batch_size"] == 16
+
+  # The same global batches on one process of 4 devices: the same training.
+  launch(tmp_path / "one", folder, processes=1)
+  one = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r}
+  two = {r["step"]: r for r in rows if "loss" in r}
+  assert sorted(one) == sorted(two) == [2, 4]
+  for step in (2, 4):
+    for name in ("loss", "grad_norm", "param_norm", "probe_loss"):
+      np.testing.assert_allclose(two[step][name], one[step][name], rtol=2e-4, err_msg=f"{name} at step {step}")

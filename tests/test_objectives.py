@@ -412,6 +412,12 @@ def test_matrix_logdet_equals_factor_logdet():
     v1, s1, _ = O.covariance_logdet(x, cfg, state)
     v2, s2, _ = O.matrix_logdet(x.T @ x, cfg, state)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    # The tracked eigenvalue state (Taylor's lambda_max and its power-iteration vector)
+    # moves alike from the factor and from the matrix.
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    if backend == "taylor":
+      assert not np.allclose(jax.tree.leaves(s1)[0], jax.tree.leaves(state)[0])  # it did move
 
 
 def test_mi_estimates_are_finite_on_rank_deficient_batches_and_scale_free():

@@ -3,7 +3,6 @@ input with a clear error, and trains every registered method."""
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -12,50 +11,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, load_config, tiny_synthetic
 
-from emim.config_base import load_config_file
-from emim import methods, train
+from emim import backbone as backbone_lib
+from emim import checkpoint as ckpt_lib
+from emim import evaluators, methods, sharding, train
 from emim.checkpoint import CheckpointError, Checkpointer
+from emim.config_base import ConfigError
+from emim.data import sources
+from emim.evaluators.knn import knn_accuracy
 from emim.metric_writer import read_metrics
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name="synthetic", variant="runlocal"):
-  return load_config_file(REPO / "configs" / f"{name}.py", variant)
-
-
-def tiny_synthetic(variant="runlocal", **overrides):
-  config = load_config("synthetic", variant)
-  with config.unlocked():
-    config.train.num_steps, config.train.log_every = 4, 2
-    for key, value in overrides.items():
-      node = config
-      *path, leaf = key.split(".")
-      for p in path:
-        node = node[p]
-      node[leaf] = value
-  return config
+from emim.workdir import WorkdirBusy
 
 
 def params_of(state):
   return jax.tree.map(np.asarray, jax.device_get((state.params, state.batch_stats, state.target, state.opt_state, state.probe_params)))
 
 
+def assert_same_params(a, b):
+  """Two runs' results (train.RunResult) hold the same training state."""
+  for x, y in zip(jax.tree.leaves(params_of(a.state)), jax.tree.leaves(params_of(b.state))):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
   assert jax.device_count() == 8
-  result = train.run(tiny_synthetic(**{"eval.every_steps": 2}), str(tmp_path))
+  config = tiny_synthetic(**{"eval.every_steps": 2})
+  result = train.run(config, str(tmp_path))
   assert int(result.state.step) == 4
   assert np.isfinite(result.final_metrics["loss"])
   rows = read_metrics(tmp_path / "metrics.jsonl")
-  steps = [r["step"] for r in rows if "loss" in r]
-  assert steps == [2, 4]
-  assert any("eval/mi_infonce" in r for r in rows)
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4]  # each progress line once
+  assert [r["step"] for r in rows if "eval/mi_infonce" in r] == [0, 2, 4]
+  assert all(r["refused_updates"] == 0 for r in rows if "loss" in r)
+  # The periodic kNN is that of the checkpoint's backbone on the same fixed subsets.
   knn = [r for r in rows if "knn/knn_top1_k20" in r]
-  assert [r["step"] for r in knn] == [2, 4] and 0.0 <= knn[-1]["knn/knn_top1_k20"] <= 1.0
+  assert [r["step"] for r in knn] == [2, 4]
+  train_set = sources.load(config.data, "train")
+  test_set = sources.load(config.data, "test")
+  subset = lambda d, n: np.random.default_rng(0).permutation(len(d))[:n]
+  tr, te = subset(train_set, config.eval.knn_train_subset), subset(test_set, config.eval.knn_test_subset)
+  _, backbone = backbone_lib.restore_backbone(tmp_path, config, 4)
+  features = backbone.features_fn()
+  expected = knn_accuracy(backbone_lib.extract_features(features, train_set.images[tr], 64), train_set.labels[tr],
+                          backbone_lib.extract_features(features, test_set.images[te], 64), test_set.labels[te],
+                          10, tuple(config.eval.knn_k), config.eval.knn_temperature)
+  assert knn[-1]["knn/knn_top1_k20"] == pytest.approx(expected["knn_top1_k20"], abs=1.5 / len(te))
+  # Files: the config (also inside each checkpoint), the classes, the timings.
   assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
-  assert json.loads((tmp_path / "config.json").read_text())["method"]["name"] == "emmi"
-  assert set(json.loads((tmp_path / "timings.json").read_text())) == {"decode_s", "compile_s", "eval_setup_s", "train_s"}
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["method"]["name"] == "emmi" and saved["train"]["log_every"] == 2
+  assert ckpt_lib.restore_config(tmp_path / "checkpoints", 4) == (4, saved)
+  assert json.loads((tmp_path / "classes.json").read_text()) == {"train": [f"class_{i}" for i in range(10)]}
+  timings = json.loads((tmp_path / "timings.json").read_text())
+  assert set(timings) == {"decode_s", "compile_s", "eval_setup_s", "train_s", "evaluators_s", "checkpoint_s"}
+  assert timings["evaluators_s"] + timings["checkpoint_s"] < timings["train_s"]
+  assert not (tmp_path / "lock.json").exists()  # released at the end
   # The state is replicated over the 8-device mesh and the batch was sharded over it.
   leaf = jax.tree.leaves(result.state.params)[0]
   assert len(leaf.sharding.device_set) == 8
@@ -68,11 +79,25 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   assert int(first.state.step) == 2
   resumed = train.run(config, str(tmp_path / "interrupted"))
   assert int(resumed.state.step) == 4
-  for a, b in zip(jax.tree.leaves(params_of(straight.state)), jax.tree.leaves(params_of(resumed.state))):
-    np.testing.assert_array_equal(a, b)
+  assert_same_params(straight, resumed)
   np.testing.assert_array_equal(
       jax.device_get(straight.state.objective_state["marginal"]["v"]),
       jax.device_get(resumed.state.objective_state["marginal"]["v"]))
+
+  # The logged metrics are the interval's means (schedules: the last step's value): a run
+  # logging every step gives the per-step values of the same training.
+  with config.unlocked():
+    config.train.log_every = 1
+  every_step = train.run(config, str(tmp_path / "every_step"))
+  assert_same_params(straight, every_step)
+  per_step = {r["step"]: r for r in read_metrics(tmp_path / "every_step" / "metrics.jsonl") if "loss" in r}
+  interval = {r["step"]: r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r}
+  for name in ("loss", "grad_norm", "probe_acc"):
+    np.testing.assert_allclose(interval[4][name], (per_step[3][name] + per_step[4][name]) / 2, rtol=1e-5)
+  for name in ("lr", "param_norm"):
+    np.testing.assert_allclose(interval[4][name], per_step[4][name], rtol=1e-6)
+  with config.unlocked():
+    config.train.log_every = 2
 
   # Training on from an earlier step where later checkpoints exist is refused, with the
   # fork that does it instead; the fork reproduces the run exactly.
@@ -87,23 +112,69 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   forked = train.run(config, str(tmp_path / "fork"))
   assert int(forked.state.step) == 4 and Checkpointer(tmp_path / "fork" / "checkpoints").all_steps() == [3, 4]
   assert Checkpointer(tmp_path / "straight" / "checkpoints").all_steps() == source_steps  # the source is untouched
-  for a, b in zip(jax.tree.leaves(params_of(straight.state)), jax.tree.leaves(params_of(forked.state))):
-    np.testing.assert_array_equal(a, b)
+  assert_same_params(straight, forked)
   with config.unlocked():
     config.checkpoint.init_from = ""
   with pytest.raises(CheckpointError, match="holds no checkpoint.*init_from"):
     train.run(config, str(tmp_path / "empty"))  # a restore_step with nothing to restore
 
 
-def test_batch_not_divisible_by_devices_names_the_fix(tmp_path):
+def test_refused_updates_stop_the_run_only_in_a_row_and_its_checkpoint_resumes(tmp_path):
+  """A non-finite update is refused (the state stays as it was) and counted per logging
+  interval; max_nonfinite_in_a_row refusals in a row stop the run. The checkpoints hold
+  the last finite parameters, and a resume with a workable learning rate trains on."""
+  broken = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": float("nan"), "train.num_steps": 8,
+                             "train.max_nonfinite_in_a_row": 4, "checkpoint.every_steps": 2})
+  with pytest.raises(FloatingPointError, match=r"last 4 updates, up to step 4, were refused.*those of step 0"):
+    train.run(broken, str(tmp_path))
+  rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+  assert [(r["step"], r["refused_updates"]) for r in rows] == [(2, 2.0), (4, 2.0)]  # not stopped at 2 in a row
+  assert Checkpointer(tmp_path / "checkpoints").all_steps() == [1, 2]  # (Orbax saves a fresh run's first step)
+  _, fresh = ckpt_lib.restore_subtree(tmp_path / "checkpoints", 1, ("params",))
+  _, saved = ckpt_lib.restore_subtree(tmp_path / "checkpoints", 2, ("params", "refused_in_a_row"))
+  for a, b in zip(jax.tree.leaves(fresh["params"]), jax.tree.leaves(saved["params"])):
+    np.testing.assert_array_equal(a, b)  # refused updates left the parameters as they were
+  assert int(saved["refused_in_a_row"]) == 2
+
+  fixed = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": 0.05, "train.num_steps": 8, "checkpoint.every_steps": 2})
+  resumed = train.run(fixed, str(tmp_path))
+  assert int(resumed.state.step) == 8 and int(resumed.state.refused_in_a_row) == 0
+  rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+  assert [(r["step"], r["refused_updates"]) for r in rows][2:] == [(4, 0.0), (6, 0.0), (8, 0.0)]
+  assert np.isfinite(resumed.final_metrics["loss"])
+  moved = jax.tree.leaves(jax.device_get(resumed.state.params))[0]
+  assert not np.array_equal(moved, jax.tree.leaves(fresh["params"])[0])
+
+
+def test_bad_values_are_refused_before_any_work_naming_the_field(tmp_path):
   with pytest.raises(ValueError, match="multiple of 8"):
     train.run(tiny_synthetic(**{"train.batch_size": 36}), str(tmp_path))
+  for field, value, message in [
+      ("train.batch_size", 0, r"train.batch_size=0: it must be a positive integer"),
+      ("train.batch_size", -8, r"train.batch_size=-8"),
+      ("model.projector_dims", (), r"model.projector_dims=\(\): give the width of every layer"),
+      ("train.num_steps", -1, r"train.num_steps=-1 .*set one of them"),
+  ]:
+    with pytest.raises(ConfigError, match=message):
+      train.run(tiny_synthetic(**{field: value}), str(tmp_path / "refused"))
+  assert not (tmp_path / "refused").exists()  # refused before anything was written
+  with pytest.raises(ConfigError, match="fewer than one batch of 1024.*batch_size"):
+    train.run(tiny_synthetic(**{"train.batch_size": 1024}), str(tmp_path / "small"))
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_checkpoints(tmp_path):
-  config = tiny_synthetic(**{"optim.base_lr": 1e30, "optim.name": "sgd"})
-  with pytest.raises(FloatingPointError, match="Non-finite"):
-    train.run(config, str(tmp_path))
+def test_a_dataset_without_a_test_split_is_reported_before_compiling(tmp_path, folder):
+  import shutil
+
+  only_train = tmp_path / "only_train"
+  shutil.copytree(folder / "train", only_train / "train")
+  config = tiny_synthetic(**{"data.source": "image_folder", "data.path": str(only_train), "data.num_classes": 4,
+                             "data.decode_size": 16, "eval.every_steps": 2, "train.batch_size": 16})
+  with pytest.raises(sources.DatasetError, match="No split 'test'.*set --config.eval.every_steps=0"):
+    train.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "config.json").exists()  # nothing recorded for an attempt that never trained
+  with config.unlocked():
+    config.eval.every_steps = 0
+  assert int(train.run(config, str(tmp_path / "run")).state.step) == 4
 
 
 def test_unknown_method_variant_and_key_are_errors():
@@ -116,15 +187,16 @@ def test_unknown_method_variant_and_key_are_errors():
     methods.method_config("nope")
 
 
-def test_loading_configs_and_programs_leaves_jax_unstarted():
-  """jax.distributed.initialize() (multi-host) and XLA_FLAGS (deterministic GPU kernels)
-  act only before JAX starts its backends: importing emim and loading every config must
-  not start them. Checked by a flag set afterwards still taking effect."""
+def test_loading_configs_imports_no_jax_and_programs_leave_it_unstarted():
+  """Configs import no JAX at all; importing the programs imports it but must not start
+  its backends: jax.distributed.initialize() (multi-host) and XLA_FLAGS (deterministic
+  GPU kernels) act only before. Checked by a flag set afterwards still taking effect."""
   code = f"""
-import os, pathlib
+import os, pathlib, sys
 from emim.config_base import load_config_file
 for path in sorted(pathlib.Path({str(REPO)!r}, "configs").glob("*.py")):
   load_config_file(path)
+assert not [m for m in sys.modules if m == "jax" or m.startswith("jax.")], "a config imported JAX"
 import emim.main, emim.train, emim.evaluate, emim.export
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
 import jax
@@ -135,13 +207,18 @@ assert jax.device_count() == 3, jax.device_count()
   assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_command_line_rejects_unknown_override(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal",
-       "--config.train.batchsize=3", f"--workdir={tmp_path}"],
-      capture_output=True, text=True, timeout=300, cwd=REPO)
-  assert result.returncode != 0
-  assert "batchsize" in result.stderr
+def test_command_line_errors_are_one_message_naming_the_fix(tmp_path):
+  def main(*args):
+    return subprocess.run([sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal", *args,
+                           f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+  typo = main("--config.train.batchsize=3")
+  assert typo.returncode == 2
+  assert 'cannot apply --config.train.batchsize: \'batchsize\' Did you mean "batch_size"' in typo.stderr
+  assert "Traceback" not in typo.stderr and len(typo.stderr.strip().splitlines()) <= 3, typo.stderr
+  zero = main("--config.train.batch_size=0")
+  assert zero.returncode == 1 and "error: --config.train.batch_size=0: it must be a positive integer" in zero.stderr
+  assert "Traceback" not in zero.stderr
 
 
 def test_every_registered_method_computes_a_finite_loss_with_its_needs():
@@ -192,6 +269,71 @@ def test_cifar_recipe_gives_emmi_fewer_dimensions_than_samples_and_leaves_other_
   assert load_config("imagenet1k", "byol").method.target_momentum == 0.996
 
 
+class _AbstractData:
+  """What compile_train_step needs of a data source, as shapes only: the real configs'
+  steps compile without their datasets."""
+
+  def __init__(self, real_data_class, config, mesh, example):
+    self._real, self._config, self._mesh, self._example = real_data_class, config, mesh, example
+
+  def step_fn(self, parts):
+    stub = object.__new__(self._real)
+    stub._mesh, stub._batch_size = self._mesh, self._config.train.batch_size
+    return stub.step_fn(parts)
+
+  @property
+  def input_sharding(self):
+    return sharding.replicated(self._mesh) if self._real.__name__ == "DeviceData" else sharding.batch_sharding(self._mesh)
+
+  def example_input(self):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.input_sharding), self._example)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet1k"])
+def test_the_real_configs_train_step_compiles_ahead_of_time(name):
+  """The configs users run (ResNet-18 on CIFAR-10 from device-resident data; ResNet-50 at
+  224x224 in bf16, streamed, global batch 1024), compiled for 8 devices from shapes."""
+  from emim.data.pipeline import DeviceData, StreamData
+  from emim.train_step import init_state
+
+  config = load_config(name, None)
+  mesh = sharding.make_mesh()
+  size, n = config.data.image_size, config.train.batch_size
+  if config.data.stream:
+    data = _AbstractData(StreamData, config, mesh, {"views": np.zeros((n, 2, size, size, 3), np.uint8),
+                                                    "labels": np.zeros((n,), np.int32)})
+  else:
+    data = _AbstractData(DeviceData, config, mesh, {"images": np.zeros((50000, size, size, 3), np.uint8),
+                                                    "labels": np.zeros((50000,), np.int32)})
+  parts = train.build_parts(config, config.data.num_classes, 50000 // n, 100)
+  replicated = sharding.replicated(mesh)
+  abstract = jax.eval_shape(lambda: init_state(parts, jax.random.PRNGKey(0)))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  state = ckpt_lib.abstract_like(abstract, state_sharding)
+  compiled, _ = train.compile_train_step(parts, data, state, state_sharding, mesh)
+  assert compiled.output_shardings[0].step == replicated  # the state stays replicated
+
+
+def test_evaluators_come_from_the_registry_and_run_at_their_own_cadence(tmp_path, monkeypatch):
+  """The loop knows no evaluator by name: one registered for the test runs every 3 steps,
+  at the last step, and (at_start) before the first, with the state of that step."""
+  seen = []
+
+  class StepProbe:
+    name, every_steps, at_start = "probe", 3, True
+
+    def run(self, state):
+      seen.append(int(state.step))
+      return {"probe/step": float(state.step)}
+
+  monkeypatch.setitem(evaluators._BUILDERS, "probe", lambda config, context: StepProbe())
+  train.run(tiny_synthetic(**{"train.num_steps": 7, "eval.mi_every_steps": 0}), str(tmp_path))
+  assert seen == [0, 3, 6, 7]
+  rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "probe/step" in r]
+  assert [(r["step"], r["probe/step"]) for r in rows] == [(0, 0.0), (3, 3.0), (6, 6.0), (7, 7.0)]
+  assert not any("eval/mi_infonce" in r for r in read_metrics(tmp_path / "metrics.jsonl"))  # mi_every_steps=0: off
+
+
 # One method per structure (EMA target + predictor, shared weights + predictor, EMA
 # target without predictor, joint); emmi runs in every other test.
 @pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "barlow_twins"])
@@ -221,12 +363,13 @@ def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
   assert int(result.state.step) == 3
   assert np.isfinite(result.final_metrics["loss"])
   assert list((tmp_path / "cache").glob("*.npz")), "the decoded archive is cached"
-
+  assert json.loads((tmp_path / "run" / "classes.json").read_text())["train"][:2] == ["airplane", "automobile"]
 
 
 def test_sigterm_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
   """A preempted job (SIGTERM) saves a checkpoint at the step it reached, wherever the
-  save interval stands, and exits with 128 + SIGTERM; the run resumes from that step."""
+  save interval stands, and exits with 128 + SIGTERM; the run resumes from that step.
+  While it runs, a second job on its work directory is refused, naming it."""
   overrides = ["--config.train.num_steps=1000", "--config.train.log_every=1", "--config.checkpoint.every_steps=1000"]
   proc = subprocess.Popen(
       [sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal", *overrides,
@@ -236,23 +379,29 @@ def test_sigterm_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
     log.append(line)
     if " step 3/1000 " in line:
       break
+  config = tiny_synthetic(**{"train.num_steps": 1000, "checkpoint.every_steps": 1000})
+  with pytest.raises(WorkdirBusy, match=rf"in use by another job: pid {proc.pid} on "):
+    train.run(config, str(tmp_path))
   proc.send_signal(signal.SIGTERM)
   _, rest = proc.communicate(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, "".join(log) + rest
   assert "Run the same command to resume" in rest
   stopped = Checkpointer(tmp_path / "checkpoints").latest_step()
   assert 3 <= stopped < 1000
-  config = tiny_synthetic(**{"train.num_steps": 1000, "checkpoint.every_steps": 1000})
   resumed = train.run(config, str(tmp_path), stop_at_step=stopped + 1)
   assert int(resumed.state.step) == stopped + 1
 
 
-def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path):
+def test_corrupt_checkpoint_is_reported_left_in_place_and_the_advice_works(tmp_path):
   config = tiny_synthetic()
   train.run(config, str(tmp_path), stop_at_step=2)
-  metadata = tmp_path / "checkpoints" / "2" / "state" / "_METADATA"
+  train.run(config, str(tmp_path), stop_at_step=3)
+  metadata = tmp_path / "checkpoints" / "3" / "state" / "_METADATA"
   assert metadata.exists()
   metadata.write_bytes(b"\x00garbage")  # a torn write
-  with pytest.raises(CheckpointError, match="left as it is.*restore_step"):
+  with pytest.raises(CheckpointError, match=r"left as it is\. To continue from step 2, fork it: .*restore_step=2; "
+                                            r"or move .*3 aside"):
     train.run(config, str(tmp_path))
-  assert (tmp_path / "checkpoints" / "2").is_dir()  # nothing already saved was deleted
+  assert (tmp_path / "checkpoints" / "3").is_dir()  # nothing already saved was deleted
+  os.rename(tmp_path / "checkpoints" / "3", tmp_path / "checkpoints" / "3.corrupt")  # the advice, followed
+  assert int(train.run(config, str(tmp_path)).state.step) == 4

@@ -202,12 +202,3 @@ def augment_batch(key: Array, images: Array, cfg: ml_collections.ConfigDict, siz
     raise ValueError(f"Pre-cropped views must be {size}x{size}, got {images.shape[1:3]}.")
   keys = jax.random.split(key, images.shape[0])
   return jax.vmap(lambda k, x: augment_view(k, x, cfg, size, crop))(keys, images)
-
-
-def view_config(**overrides) -> ml_collections.ConfigDict:
-  """A view's augmentation config with the SimCLR/BYOL defaults."""
-  cfg = ml_collections.ConfigDict(dict(
-      crop_scale=(0.08, 1.0), flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
-      hue=0.1, grayscale_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0), solarize_p=0.0))
-  cfg.update(overrides)
-  return cfg

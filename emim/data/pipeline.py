@@ -3,10 +3,12 @@
 ``DeviceData`` holds a dataset that fits in accelerator memory (CIFAR) on the devices
 once; each step gathers its batch there from a per-epoch permutation, so the host does
 no per-step work. ``StreamData`` feeds a larger one (ImageNet) from the Grain pipeline
-of ``streaming.py``. Both give the loop the same things: sizes, a compiled step
-``step(state) -> (state, metrics)``, small decoded subsets for the evaluators, and
-``iterator``, the data position the checkpoints save (None when the order is a function
-of the step alone, as on the device).
+of ``streaming.py``. Both give the loop the same things: sizes, the step's second
+argument (``step_fn(parts)`` is ``(state, input) -> (state, metrics)``, with
+``input_sharding``, ``example_input()`` to compile for and ``next_input()`` for each
+step; ``train.compile_train_step`` compiles it), small decoded subsets for the
+evaluators, and ``iterator``, the data position the checkpoints save (None when the
+order is a function of the step alone, as on the device).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -50,20 +51,31 @@ class DeviceData:
   def num_classes(self) -> int:
     return self.train.num_classes
 
-  def compile_step(self, parts, state, state_sharding):
-    replicated = sharding.replicated(self._mesh)
-    fn = jax.jit(
-        functools.partial(device_data_step, parts=parts, batch_size=self._batch_size,
-                          batch_sharding=sharding.batch_sharding(self._mesh)),
-        in_shardings=(state_sharding, replicated), out_shardings=(state_sharding, replicated), donate_argnums=0)
-    compiled = fn.lower(state, self._on_device).compile()
-    return lambda state: compiled(state, self._on_device)
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.train.class_names
+
+  def step_fn(self, parts):
+    """(state, the whole dataset) -> (state, metrics): the batch is gathered inside."""
+    return functools.partial(device_data_step, parts=parts, batch_size=self._batch_size,
+                             batch_sharding=sharding.batch_sharding(self._mesh))
+
+  @property
+  def input_sharding(self):
+    return sharding.replicated(self._mesh)
+
+  def example_input(self):
+    return self._on_device
+
+  def next_input(self):
+    return self._on_device
 
   def train_subset(self, n: int, seed: int = 0) -> ImageDataset:
     return _subset(self.train, n, seed)
 
   def test_subset(self, n: int, seed: int = 0) -> ImageDataset:
-    return _subset(sources.load(self._cfg, "test", cache_dir=self._cache_dir), n, seed)
+    test = sources.load(self._cfg, "test", cache_dir=self._cache_dir, train_classes=self.train.class_names)
+    return _subset(test, n, seed)
 
 
 class StreamData:
@@ -72,15 +84,17 @@ class StreamData:
   def __init__(self, data_cfg: ml_collections.ConfigDict, augment_cfg: ml_collections.ConfigDict, mesh, seed: int,
                batch_size: int):
     self._cfg, self._mesh, self._seed, self._batch_size = data_cfg, mesh, seed, batch_size
-    self._records, open_fn, self._num_classes = streaming.stream_source(data_cfg, "train")
+    self._records, open_fn, self._class_names = streaming.stream_source(data_cfg, "train")
     # Training: each view's random resized crop from the full image, on the host.
     self._two_crops = streaming.TwoCropDecode(
         open_fn, data_cfg.image_size, (augment_cfg.view1.crop_scale, augment_cfg.view2.crop_scale))
     # Evaluators: centre squares.
     self._centre = streaming.CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size)
     logging.info("Streaming %d training images with %d host workers.", len(self._records), data_cfg.workers)
-    # The checkpoints save this iterator's state and restore sets it (before compile_step).
+    # The checkpoints save this iterator's state and restore sets it (before the first
+    # batch is read for compiling).
     self.iterator = self._stream(start_step=0)
+    self._pending = None
 
   def _stream(self, start_step: int):
     return streaming.make_stream(self._records, self._two_crops, self._batch_size, self._seed, start_step, self._cfg.workers)
@@ -90,6 +104,7 @@ class StreamData:
     written before the data item existed): the pipeline is a function of the step."""
     logging.warning("The checkpoint has no data-iterator state; starting the stream at batch %d.", step)
     self.iterator = self._stream(start_step=step)
+    self._pending = None
 
   @property
   def num_examples(self) -> int:
@@ -97,30 +112,39 @@ class StreamData:
 
   @property
   def num_classes(self) -> int:
-    return self._num_classes
+    return len(self._class_names)
 
-  def compile_step(self, parts, state, state_sharding):
-    batch_sharding = sharding.batch_sharding(self._mesh)
-    replicated = sharding.replicated(self._mesh)
-    stream = self.iterator
-    fn = jax.jit(functools.partial(train_step, parts=parts), in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
-    first = next(stream)
-    to_global = functools.partial(sharding.global_batch, sharding=batch_sharding)
-    compiled = fn.lower(state, to_global(first)).compile()
-    pending = [first]  # the batch used to compile is the first one trained on
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self._class_names
 
-    def step(state):
-      local = pending.pop() if pending else next(stream)
-      return compiled(state, to_global(local))
+  def step_fn(self, parts):
+    """(state, a global batch) -> (state, metrics)."""
+    return functools.partial(train_step, parts=parts)
 
-    return step
+  @property
+  def input_sharding(self):
+    return sharding.batch_sharding(self._mesh)
+
+  def example_input(self):
+    """The first batch, read now and trained on first (compiling needs its shapes)."""
+    if self._pending is None:
+      self._pending = self._to_global(next(self.iterator))
+    return self._pending
+
+  def next_input(self):
+    batch = self.example_input()
+    self._pending = None
+    return batch
+
+  def _to_global(self, local):
+    return sharding.global_batch(local, self.input_sharding)
 
   def _decoded(self, records, n: int, seed: int) -> ImageDataset:
     idx = np.random.default_rng(seed).permutation(len(records))[:n]
     examples = [self._centre.map(records[int(i)]) for i in idx]
     return ImageDataset(np.stack([e["images"] for e in examples]), np.array([e["labels"] for e in examples], np.int32),
-                        tuple(str(i) for i in range(self._num_classes)))
+                        self._class_names)
 
   def train_subset(self, n: int, seed: int = 0) -> ImageDataset:
     return self._decoded(self._records, n, seed)

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pathlib
 import tarfile
+import zlib
 
 import ml_collections
 import numpy as np
@@ -95,38 +96,105 @@ def _decode(item: tuple[str, bytes], size: int | None) -> np.ndarray:
     raise DatasetError(f"Cannot decode image {name!r} ({e}). Remove or replace the file and run again.") from e
 
 
-def _list_split(path: pathlib.Path, split: str) -> list[tuple[str, str, bytes | None]]:
-  """(class, member name, bytes or None for files read later) for every image in split."""
-  items = []
-  if path.is_dir():
-    root = path / split
-    if not root.is_dir():
-      raise DatasetError(f"No split {split!r} in image folder {path}: expected {root}/<class>/*.jpg.")
-    for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-      for f in sorted(cls_dir.iterdir()):
-        if f.suffix.lower() in IMAGE_SUFFIXES:
-          items.append((cls_dir.name, str(f), None))
-    return items
-  with tarfile.open(path, "r:*") as tar:
-    for member in tar:
-      parts = pathlib.PurePosixPath(member.name).parts
-      parts = parts[1:] if parts and parts[0] == "." else parts
-      # Accept split/class/file or a single top folder before it.
-      for offset in (0, 1):
-        if len(parts) == offset + 3 and parts[offset] == split:
-          if member.isfile() and pathlib.PurePosixPath(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
-            items.append((parts[offset + 1], member.name, tar.extractfile(member).read()))
-          break
+def directory_classes(path: pathlib.Path, split: str) -> dict[str, list[pathlib.Path]]:
+  """{class: its image files, sorted} of ``path/split/<class>/``; a class folder without
+  images is an error that names it (the labels would silently shift without it)."""
+  root = path / split
+  if not root.is_dir():
+    raise DatasetError(f"No split {split!r} in image folder {path}: expected {root}/<class>/*.jpg.")
+  classes = {}
+  for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    files = sorted(f for f in cls_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+      raise DatasetError(f"The class folder {cls_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}): add its images "
+                         "or remove the folder, so that every class of the split has examples.")
+    classes[cls_dir.name] = files
+  if not classes:
+    raise DatasetError(f"No images found for split {split!r} in {path}: expected {root}/<class>/*.jpg.")
+  return classes
+
+
+def _archive_members(path: pathlib.Path, split: str, read: bool) -> list[tuple[str, str, bytes | None]]:
+  """(class, member name, bytes when ``read``) for every image of ``split`` in a tar
+  archive laid out as split/class/file (or one top folder before it)."""
+  items, class_dirs = [], set()
+  try:
+    with tarfile.open(path, "r:*") as tar:
+      for member in tar:
+        parts = pathlib.PurePosixPath(member.name).parts
+        parts = parts[1:] if parts and parts[0] == "." else parts
+        for offset in (0, 1):
+          if len(parts) == offset + 2 and parts[offset] == split and member.isdir():
+            class_dirs.add(parts[offset + 1])
+          if len(parts) == offset + 3 and parts[offset] == split:
+            if member.isfile() and pathlib.PurePosixPath(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
+              items.append((parts[offset + 1], member.name, tar.extractfile(member).read() if read else None))
+            break
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    raise DatasetError(f"Cannot read the archive {path} ({type(e).__name__}: {e}): it is truncated or corrupt. "
+                       "Copy or download it again, or point config.data.path at the unpacked folder.") from e
+  empty = sorted(class_dirs - {c for c, _, _ in items})
+  if empty:
+    raise DatasetError(f"The class folder(s) {empty} of split {split!r} in {path} hold no images: add their "
+                       "images or remove the folders, so that every class of the split has examples.")
+  if not items:
+    raise DatasetError(f"No images found for split {split!r} in {path}: expected {split}/<class>/*.jpg.")
   return sorted(items, key=lambda t: t[1])
 
 
+def _list_split(path: pathlib.Path, split: str) -> list[tuple[str, str, bytes | None]]:
+  """(class, member name, bytes or None for files read later) for every image in split."""
+  if path.is_dir():
+    return [(c, str(f), None) for c, files in directory_classes(path, split).items() for f in files]
+  return _archive_members(path, split, read=True)
+
+
+def folder_class_names(path: str, split: str) -> tuple[str, ...]:
+  """The sorted class names of one split of an image folder (directory or archive)."""
+  src = pathlib.Path(path).expanduser()
+  if src.is_dir():
+    return tuple(directory_classes(src, split))
+  return tuple(sorted({c for c, _, _ in _archive_members(src, split, read=False)}))
+
+
+def label_index(split_classes, train_classes: tuple[str, ...], split: str, where) -> dict[str, int]:
+  """Each class of ``split`` -> its label: its index among the training split's classes
+  (by name), so every split numbers a class alike; a class the training split does not
+  have is an error that names it."""
+  index = {c: i for i, c in enumerate(train_classes)}
+  unknown = sorted(set(split_classes) - set(index))
+  if unknown:
+    raise DatasetError(f"Split {split!r} of {where} has classes the training split does not: {unknown[:5]}. The "
+                       "labels number the training split's classes; remove those folders from the split, or add "
+                       "them to the training split.")
+  return index
+
+
 def _cache_key(path: pathlib.Path, split: str, size: int | None) -> str:
-  stat = path.stat()
-  ident = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{split}|{size}"
-  return hashlib.sha1(ident.encode()).hexdigest()[:16]
+  """A hash of everything the decoded split depends on: for a directory, every image's
+  relative name, size and modification time (so an added, removed or replaced file
+  decodes again); for an archive, its own."""
+  h = hashlib.sha1(f"{path.resolve()}|{split}|{size}".encode())
+  if path.is_dir():
+    for cls, files in directory_classes(path, split).items():
+      for f in files:
+        stat = f.stat()
+        h.update(f"|{cls}/{f.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+  else:
+    stat = path.stat()
+    h.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+  return h.hexdigest()[:16]
 
 
-def image_folder(path: str, split: str, image_size: int | None, cache_dir: str | None, workers: int = 0) -> ImageDataset:
+def _cache_name(path: pathlib.Path, split: str, key: str) -> str:
+  """Short whatever the path (a file name has at most 255 bytes): the folder's name cut
+  to 40 characters, the split's to 20, and the key."""
+  safe = lambda text, n: "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:n]
+  return f"{safe(path.name, 40)}-{safe(split, 20)}-{key}.npz"
+
+
+def image_folder(path: str, split: str, image_size: int | None, cache_dir: str | None, workers: int = 0,
+                 train_classes: tuple[str, ...] | None = None) -> ImageDataset:
   """Decode ``path`` (a directory or .tar.gz of split/class/*.jpg) once, then cache it.
 
   Args:
@@ -136,24 +204,43 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
       images as they are (they must then share one size, as CIFAR's do).
     cache_dir: where the decoded uint8 arrays are kept; None disables the cache.
     workers: decoding processes (0: one per core).
+    train_classes: the training split's class names, which number the labels; None:
+      this split's own (it is the training split).
   """
   src = pathlib.Path(path).expanduser()
   if not src.exists():
     raise DatasetError(
         f"Image folder {src} does not exist. Point config.data.path at a directory or .tar.gz "
         "laid out as split/class/*.jpg (for CIFAR-10 here: ../shared/data/cifar10-jpeg.tar.gz).")
-  cache = None
+  cache, dataset = None, None
   if cache_dir:
-    cache = pathlib.Path(cache_dir) / f"{src.name}-{split}-{_cache_key(src, split, image_size)}.npz"
+    cache = pathlib.Path(cache_dir) / _cache_name(src, split, _cache_key(src, split, image_size))
     if cache.exists():
       try:
         with np.load(cache) as f:
-          return ImageDataset(f["images"], f["labels"], tuple(json.loads(str(f["classes"]))))
+          dataset = ImageDataset(f["images"], f["labels"], tuple(json.loads(str(f["classes"]))))
       except Exception as e:  # a torn or corrupt cache file: decode again
         logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
+  if dataset is None:
+    dataset = _decode_split(src, split, image_size, workers)
+    if cache is not None:
+      cache.parent.mkdir(parents=True, exist_ok=True)
+      # A temporary name of this process's own (runs started together share the cache and
+      # decode at once), then an atomic rename: a crash never leaves a half-written cache.
+      tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+      np.savez(tmp, images=dataset.images, labels=dataset.labels, classes=json.dumps(dataset.class_names))
+      os.replace(tmp, cache)
+  if train_classes is None or tuple(train_classes) == dataset.class_names:
+    return dataset
+  # Cached with this split's own class numbering; relabel by the training split's names.
+  index = label_index(dataset.class_names, tuple(train_classes), split, src)
+  relabel = np.array([index[c] for c in dataset.class_names], np.int32)
+  return ImageDataset(dataset.images, relabel[dataset.labels], tuple(train_classes))
+
+
+def _decode_split(src: pathlib.Path, split: str, image_size: int | None, workers: int) -> ImageDataset:
+  """Every image of a split, decoded in parallel, labelled by its own sorted classes."""
   items = _list_split(src, split)
-  if not items:
-    raise DatasetError(f"No images found for split {split!r} in {src}: expected {split}/<class>/*.jpg.")
   classes = sorted({c for c, _, _ in items})
   index = {c: i for i, c in enumerate(classes)}
   payloads = [(name, data if data is not None else pathlib.Path(name).read_bytes()) for _, name, data in items]
@@ -166,19 +253,14 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
       decoded = list(pool.map(_decode, payloads, [image_size] * len(payloads), chunksize=chunk))
   else:
     decoded = [_decode(p, image_size) for p in payloads]
-  shapes = {a.shape for a in decoded}
+  shapes = sorted({a.shape for a in decoded})
   if len(shapes) != 1:
-    raise DatasetError(f"Images in {src}/{split} have different sizes {sorted(shapes)[:3]}...; set config.data.image_size.")
-  images = np.stack(decoded)
+    raise DatasetError(
+        f"Images in {src}/{split} have different sizes ({', '.join(f'{h}x{w}' for h, w, _ in shapes[:3])}"
+        f"{', ...' if len(shapes) > 3 else ''}): set --config.data.decode_size=N to decode each to N x N (the "
+        "shorter side resized to N, then the centre square), e.g. the size of the views, config.data.image_size.")
   labels = np.array([index[c] for c, _, _ in items], np.int32)
-  if cache is not None:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary name of this process's own (runs started together share the cache and
-    # decode at once), then an atomic rename: a crash never leaves a half-written cache.
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=images, labels=labels, classes=json.dumps(classes))
-    os.replace(tmp, cache)
-  return ImageDataset(images, labels, tuple(classes))
+  return ImageDataset(np.stack(decoded), labels, tuple(classes))
 
 
 # ----------------------------------------------------------------------------------
@@ -213,6 +295,21 @@ def tfds_examples(name: str, split: str, data_dir: str | None):
     raise DatasetError(f"TFDS dataset {name!r} split {split!r} is not prepared in {where} ({e}). {prepare}.") from e
 
 
+def tfds_class_names(name: str, data_dir: str | None) -> tuple[str, ...] | None:
+  """The label names of a prepared TFDS dataset, from its ``DatasetInfo`` (None when it
+  has no ``label`` feature with names)."""
+  import tensorflow_datasets as tfds
+
+  try:
+    features = tfds.builder(name, data_dir=data_dir or None).info.features
+  except Exception as e:  # reported where the data is read
+    logging.info("No DatasetInfo for TFDS %s (%s).", name, e)
+    return None
+  label = features["label"] if "label" in features else None
+  names = getattr(label, "names", None)
+  return tuple(names) if names else None
+
+
 def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | None) -> ImageDataset:
   examples, count = tfds_examples(name, split, data_dir)
   logging.info("Reading %d examples of TFDS %s/%s.", count, name, split)
@@ -223,8 +320,10 @@ def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | N
       image = _decode((f"{name}[{i}]", _png_bytes(image)), image_size)
     images.append(image)
     labels.append(int(example["label"]))
-  num_classes = int(max(labels)) + 1
-  return ImageDataset(np.stack(images), np.array(labels, np.int32), tuple(str(i) for i in range(num_classes)))
+  names = tfds_class_names(name, data_dir) or tuple(str(i) for i in range(int(max(labels)) + 1))
+  if max(labels) >= len(names):
+    raise DatasetError(f"TFDS {name}/{split} has label {max(labels)}, but its DatasetInfo names {len(names)} classes.")
+  return ImageDataset(np.stack(images), np.array(labels, np.int32), names)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -246,15 +345,21 @@ def _png_bytes(array: np.ndarray) -> bytes:
 SOURCES = ("synthetic", "image_folder", "tfds")
 
 
-def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None = None) -> ImageDataset:
-  """The dataset named by ``config.data`` for one split ("train" or "test")."""
+def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None = None,
+         train_classes: tuple[str, ...] | None = None) -> ImageDataset:
+  """The dataset named by ``config.data`` for one split ("train" or "test"), labelled by
+  the training split's classes (``train_classes`` when known, else listed)."""
   if data_cfg.source == "synthetic":
     n = data_cfg.num_train if split == "train" else data_cfg.num_test
     return synthetic(n, data_cfg.image_size, data_cfg.num_classes, seed=0 if split == "train" else 1)
   if data_cfg.source == "image_folder":
-    split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
     size = data_cfg.decode_size or None
-    return image_folder(data_cfg.path, split_name, size, data_cfg.cache_dir or cache_dir)
+    if split == "train":
+      return image_folder(data_cfg.path, data_cfg.train_split, size, data_cfg.cache_dir or cache_dir)
+    if train_classes is None:
+      train_classes = folder_class_names(data_cfg.path, data_cfg.train_split)
+    return image_folder(data_cfg.path, data_cfg.test_split, size, data_cfg.cache_dir or cache_dir,
+                        train_classes=train_classes)
   if data_cfg.source == "tfds":
     split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
     return tfds_source(data_cfg.tfds_name, split_name, data_cfg.tfds_data_dir, data_cfg.decode_size or None)

@@ -1,9 +1,11 @@
 """A streaming input pipeline for datasets too large to hold on the device (ImageNet).
 
 A Grain ``MapDataset`` over a random-access source (an image-folder directory or a
-prepared TFDS dataset), sharded per process, shuffled with a new permutation each epoch,
-decoded on host workers, where each view's random resized crop is taken from the full
-image, and batched. The rest of each view's augmentation (flip, colour, blur,
+prepared TFDS dataset), shuffled with a new permutation each epoch, decoded on host
+workers, where each view's random resized crop is taken from the full image, and
+batched; each process reads and decodes only its own rows of every global batch. The
+global batches, their order and their crops are the same whatever the number of
+processes (one host or a pod read the same run). The rest of each view's augmentation (flip, colour, blur,
 solarisation) then runs on the device, one key per example, as for in-memory data.
 
 The iterator's state (per process: how far it has read, and its workers' positions) is
@@ -26,22 +28,23 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from emim.data.sources import IMAGE_SUFFIXES, DatasetError
+from emim.data.sources import DatasetError, directory_classes, label_index, tfds_class_names
 
 
-def image_folder_records(path: str, split: str) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
-  """(file, label) for every image of ``path/split/<class>/``, in a fixed order."""
-  root = pathlib.Path(path).expanduser() / split
-  if not root.is_dir():
+def image_folder_records(path: str, split: str, train_classes: tuple[str, ...] | None = None,
+                         ) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+  """(file, label) for every image of ``path/split/<class>/``, in a fixed order, and the
+  class names the labels number: the training split's (``train_classes``; None: this
+  split's own), matched by name, as the in-memory loader does."""
+  root = pathlib.Path(path).expanduser()
+  if not (root / split).is_dir():
     raise DatasetError(
-        f"Streaming needs an image-folder directory: {root} does not exist. Unpack the archive "
+        f"Streaming needs an image-folder directory: {root / split} does not exist. Unpack the archive "
         "(streaming reads files at random), or use --config.data.stream=False for data that fits in memory.")
-  classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-  records = [(str(f), label) for label, c in enumerate(classes)
-             for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-  if not records:
-    raise DatasetError(f"No images in {root}/<class>/.")
-  return records, classes
+  files = directory_classes(root, split)
+  classes = tuple(train_classes) if train_classes is not None else tuple(files)
+  index = label_index(files, classes, split, root)
+  return [(str(f), index[c]) for c, paths in files.items() for f in paths], classes
 
 
 def _open_file(record) -> tuple[Image.Image, int, str]:
@@ -105,12 +108,16 @@ class TwoCropDecode(grain.transforms.RandomMap):
     return {"views": np.stack(views), "labels": np.int32(label)}
 
 
-def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, Any, int]:
-  """(random-access records, a function record -> (PIL image, label, name), classes)."""
+def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, Any, tuple[str, ...]]:
+  """(random-access records, a function record -> (PIL image, label, name), the class
+  names the labels number: the training split's)."""
   split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
   if data_cfg.source == "image_folder":
-    records, classes = image_folder_records(data_cfg.path, split_name)
-    return records, _open_file, len(classes)
+    train_classes = None
+    if split != "train":
+      _, train_classes = image_folder_records(data_cfg.path, data_cfg.train_split)
+    records, classes = image_folder_records(data_cfg.path, split_name, train_classes)
+    return records, _open_file, classes
   if data_cfg.source == "tfds":
     import tensorflow_datasets as tfds
 
@@ -121,14 +128,45 @@ def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any,
           f"TFDS dataset {data_cfg.tfds_name!r} split {split_name!r} is not prepared as ArrayRecord ({e}). Streaming "
           f"reads at random, which needs ArrayRecord: tfds build {data_cfg.tfds_name} --file_format=array_record "
           "(see the README's Data section).") from e
-    return source, _open_tfds, data_cfg.num_classes
+    names = tfds_class_names(data_cfg.tfds_name, data_cfg.tfds_data_dir)
+    return source, _open_tfds, names or tuple(str(i) for i in range(data_cfg.num_classes))
   raise DatasetError(f"Streaming reads 'image_folder' or 'tfds' sources, not {data_cfg.source!r}.")
+
+
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch of ``parent`` (the global sequence of
+  examples): with global batch B over P processes (b = B / P rows each), element k of
+  process p is element (k // b) * B + p * b + k % b of the global sequence."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch_size: int, processes: int, index: int):
+    super().__init__(parent)
+    self._global, self._local = global_batch_size, global_batch_size // processes
+    self._offset = index * self._local
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global * self._local
+
+  def _global_index(self, k: int) -> int:
+    return (k // self._local) * self._global + self._offset + k % self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global_index(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessRows(offset={self._offset}, rows={self._local} of {self._global})"
 
 
 def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, seed: int, start_step: int = 0,
                 workers: int = 0) -> grain.DatasetIterator:
-  """This process's share of the global batches, from ``start_step`` on, forever: an
+  """This process's rows of the global batches, from ``start_step`` on, forever: an
   iterator whose ``get_state()``/``set_state()`` the checkpoints save and restore.
+
+  The shuffle (a new permutation each epoch) and the random crops are drawn over the
+  global sequence of examples, each crop seeded by its example's place in it, and each
+  process takes its rows of every global batch: the global batches are the same however
+  many processes read them.
 
   Args:
     records: a random-access sequence of examples.
@@ -141,9 +179,9 @@ def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, s
   processes, index = jax.process_count(), jax.process_index()
   if global_batch_size % processes:
     raise ValueError(f"The global batch size {global_batch_size} is not divisible by the {processes} processes.")
-  ds = grain.MapDataset.source(records)[index::processes]
-  ds = ds.shuffle(seed=seed).repeat(None)
+  ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(decode, seed=seed) if isinstance(decode, grain.transforms.RandomMap) else ds.map(decode)
+  ds = _ProcessRows(ds, global_batch_size, processes, index)
   ds = ds.batch(global_batch_size // processes, drop_remainder=True)
   it = ds[start_step:].to_iter_dataset()
   if workers > 0:
@@ -162,11 +200,15 @@ def _absl_flags_parsed() -> None:
 @dataclasses.dataclass(frozen=True)
 class StreamSplit:
   """One split of a streamed dataset, for the evaluation program: records, their
-  decoder and the number of classes."""
+  decoder and the class names the labels number."""
 
   records: Any
   decode: grain.transforms.Map
-  num_classes: int
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
 
   def __len__(self) -> int:
     return len(self.records)
@@ -186,5 +228,5 @@ class StreamSplit:
 
 def stream_split(data_cfg: ml_collections.ConfigDict, split: str) -> StreamSplit:
   """A split for evaluation: centre squares of ``decode_size``."""
-  records, open_fn, num_classes = stream_source(data_cfg, split)
-  return StreamSplit(records, CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size), num_classes)
+  records, open_fn, class_names = stream_source(data_cfg, split)
+  return StreamSplit(records, CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size), class_names)

@@ -10,9 +10,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from emim.backbone import extract_features
+from emim.backbone import backbone_from_model_config, extract_features, model_config_of
+from emim.data.sources import DatasetError
+from emim.evaluators import Context, register
 from emim.objectives import l2_normalize
 
 
@@ -50,7 +53,10 @@ class PeriodicKnn:
   """kNN accuracy of the online backbone on fixed (small) train and test sets, cheap
   enough to run inside training every ``config.eval.every_steps`` steps."""
 
+  name, at_start = "knn", False
+
   def __init__(self, backbone, train_data, test_data, eval_cfg, mesh):
+    self.every_steps = eval_cfg.every_steps
     self._train = (train_data.images, train_data.labels)
     self._test = (test_data.images, test_data.labels)
     self._num_classes = train_data.num_classes
@@ -58,10 +64,29 @@ class PeriodicKnn:
     self._mesh = mesh
     self._apply = jax.jit(backbone.apply)
 
-  def __call__(self, variables) -> dict[str, float]:
+  def accuracy(self, variables) -> dict[str, float]:
+    """kNN accuracy of the backbone with ``variables`` on the fixed subsets."""
     fn = lambda images: self._apply(variables, images)
     size = self._cfg.batch_size
     train_f = extract_features(fn, self._train[0], size, self._mesh)
     test_f = extract_features(fn, self._test[0], size, self._mesh)
     return knn_accuracy(train_f, self._train[1], test_f, self._test[1], self._num_classes,
                         tuple(self._cfg.knn_k), self._cfg.knn_temperature)
+
+  def run(self, state) -> dict[str, float]:
+    variables = {"params": state.params["encoder"]["backbone"], "batch_stats": state.batch_stats["encoder"]["backbone"]}
+    return {f"knn/{k}": v for k, v in self.accuracy(variables).items()}
+
+
+@register("knn")
+def build(config: ml_collections.ConfigDict, context: Context) -> PeriodicKnn | None:
+  if config.eval.every_steps <= 0:
+    return None
+  data = context.data
+  try:
+    test = data.test_subset(config.eval.knn_test_subset)
+  except DatasetError as e:
+    raise DatasetError(f"{e} The periodic kNN (--config.eval.every_steps={config.eval.every_steps}) needs the test "
+                       "split; set --config.eval.every_steps=0 to train without it.") from e
+  backbone = backbone_from_model_config(model_config_of(config), {})
+  return PeriodicKnn(backbone, data.train_subset(config.eval.knn_train_subset), test, config.eval, context.mesh)

@@ -13,8 +13,11 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from emim import objectives as O
+from emim import sharding
+from emim.evaluators import Context, register
 from emim.train_step import StepParts, TrainState, make_views
 
 _EVAL_KEY = 20261122  # fixed: the same views at every evaluation
@@ -52,3 +55,34 @@ def make_mi_tracker(parts: StepParts, tau: float = 0.1, objective_eps: float = 1
     }
 
   return track
+
+
+class MiTracker:
+  """The MI estimates of the online encoder on a fixed batch of training images, every
+  ``every_steps`` steps (by default with every progress line) and before the first."""
+
+  name, at_start = "mi", True
+
+  def __init__(self, parts: StepParts, state: TrainState, images, every_steps: int, objective_eps: float):
+    self.every_steps = every_steps
+    self._images = images
+    self._track = make_mi_tracker(parts, objective_eps=objective_eps).lower(state, images).compile()
+
+  def run(self, state: TrainState) -> dict[str, float]:
+    # Wait for every device's copy, not only the one device_get reads: the estimates are
+    # replicated, and a step dispatched (and a checkpoint begun) while other devices still
+    # run the tracker wedged the 8-device CPU tests twice, every thread parked.
+    evals = jax.device_get(jax.block_until_ready(self._track(state, self._images)))
+    return {k: float(v) for k, v in evals.items()}
+
+
+@register("mi")
+def build(config: ml_collections.ConfigDict, context: Context) -> MiTracker | None:
+  every_steps = config.train.log_every if config.eval.mi_every_steps < 0 else config.eval.mi_every_steps
+  if every_steps == 0:
+    return None
+  data = context.data
+  # A fixed random subset of the training images.
+  subset = data.train_subset(min(data.num_examples, config.eval.mi_batch_size), seed=1)
+  images = sharding.put_global(subset.images, sharding.replicated(context.mesh))
+  return MiTracker(context.parts, context.state, images, every_steps, config.method.get("eps", 1e-4))

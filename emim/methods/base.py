@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from emim.methods import defaults
+
 Array = jax.Array
 Metrics = dict[str, Array]
 
@@ -51,40 +53,28 @@ class Method:
     return self.loss_fn(views, objective_state)
 
 
-_REGISTRY: dict[str, tuple[Callable[[ml_collections.ConfigDict], Method], Callable[[], ml_collections.ConfigDict]]] = {}
+_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {}
 
 
-def register(name: str, default_config: Callable[[], ml_collections.ConfigDict]):
-  """Decorator: register ``build(method_cfg) -> Method`` under ``name``."""
+def register(name: str):
+  """Decorator: register ``build(method_cfg) -> Method`` under ``name``, a method whose
+  default config is in defaults.py."""
 
   def wrap(build):
-    if name in _REGISTRY:
+    if name in _BUILDERS:
       raise ValueError(f"Method {name!r} registered twice.")
-    _REGISTRY[name] = (build, default_config)
+    if name not in defaults.available():
+      raise ValueError(f"Method {name!r} has no default config in emim/methods/defaults.py.")
+    _BUILDERS[name] = build
     return build
 
   return wrap
 
 
-def available() -> list[str]:
-  return sorted(_REGISTRY)
-
-
-def _lookup(name: str):
-  if name not in _REGISTRY:
-    raise ValueError(f"Unknown method {name!r}; registered methods: {', '.join(available())}.")
-  return _REGISTRY[name]
-
-
-def method_config(name: str) -> ml_collections.ConfigDict:
-  """The default config of a registered method (with ``name`` set)."""
-  cfg = _lookup(name)[1]()
-  cfg.name = name
-  return cfg
-
-
 def make_method(method_cfg: ml_collections.ConfigDict) -> Method:
-  return _lookup(method_cfg.name)[0](method_cfg)
+  if method_cfg.name not in _BUILDERS:
+    raise ValueError(f"Unknown method {method_cfg.name!r}; registered methods: {', '.join(sorted(_BUILDERS))}.")
+  return _BUILDERS[method_cfg.name](method_cfg)
 
 
 def symmetrized(loss_pair: Callable[[Array, Array], tuple[Array, Metrics]], a: tuple[Array, Array], b: tuple[Array, Array]):

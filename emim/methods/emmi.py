@@ -10,29 +10,6 @@ from emim import objectives as O
 from emim.methods.base import Method, Views, register
 
 
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      form="symmetric",  # "symmetric" (three d x d log-dets) or "joint" (one 2d x 2d)
-      backend="taylor",  # "taylor" | "cholesky" | "eigh"
-      eps=1e-4,
-      order=4,  # Taylor order K (seed 001, Figure 3)
-      # "max_eig" (tracked lambda_max) or "trace" (c tr(A)/d; it diverged on CIFAR-10: a
-      # spread spectrum scaled by its mean leaves the series' region (0, 2)).
-      rescale="max_eig",
-      rescale_c=1.0,
-      eig_momentum=0.9,
-      power_iters=3,
-      w_inv=1.0,  # weight of the joint-entropy terms; 1 is the pure MI
-      smoothing=0.0,  # covariance smoothing lam (CorInfoMax: 0.01); 0 = batch statistics
-      # "l2": each embedding on the unit sphere before the statistics. The surrogate is not
-      # scale-invariant as the exact MI is (beta is a stopped constant), and without it the
-      # embedding scale is free to drift (BENCHMARKS.md, "CIFAR-10 variants side by side").
-      normalize="none",
-      target=True,  # momentum encoder
-      target_momentum=0.99,  # m0 of the cosine schedule to 1
-  ))
-
-
 def emmi_config(cfg: ml_collections.ConfigDict) -> O.EmmiConfig:
   logdet = O.LogdetConfig(
       backend=cfg.backend, eps=cfg.eps, order=cfg.order, rescale=cfg.rescale, rescale_c=cfg.rescale_c,
@@ -43,7 +20,7 @@ def emmi_config(cfg: ml_collections.ConfigDict) -> O.EmmiConfig:
 NORMALIZATIONS = {"none": lambda z: z, "l2": O.l2_normalize}
 
 
-@register("emmi", default_config)
+@register("emmi")
 def build(cfg: ml_collections.ConfigDict) -> Method:
   loss_cfg = emmi_config(cfg)
   if cfg.normalize not in NORMALIZATIONS:

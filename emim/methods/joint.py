@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import functools
 
-import ml_collections
-
 from emim import objectives as O
 from emim.methods.base import Method, Views, register
 
@@ -20,22 +18,21 @@ def _jmi_method(name, pair_loss):
   return Method(name=name, paradigm="jmi", uses_target=False, uses_predictor=False, loss_fn=loss_fn)
 
 
-@register("simclr", lambda: ml_collections.ConfigDict(dict(tau=0.5)))
+@register("simclr")
 def build_simclr(cfg):
   return _jmi_method("simclr", functools.partial(O.nt_xent, tau=cfg.tau))
 
 
-@register("barlow_twins", lambda: ml_collections.ConfigDict(dict(lambd=5e-3)))
+@register("barlow_twins")
 def build_barlow_twins(cfg):
   return _jmi_method("barlow_twins", functools.partial(O.barlow_twins, lambd=cfg.lambd))
 
 
-@register("vicreg", lambda: ml_collections.ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0)))
+@register("vicreg")
 def build_vicreg(cfg):
   return _jmi_method("vicreg", functools.partial(O.vicreg, sim_coeff=cfg.sim_coeff, std_coeff=cfg.std_coeff, cov_coeff=cfg.cov_coeff))
 
 
-@register("taylor_dv", lambda: ml_collections.ConfigDict(dict(lambd=1.0)))
+@register("taylor_dv")
 def build_taylor_dv(cfg):
-  # lambd=0 is seed 002's ablation: without the regulariser the representation collapses.
   return _jmi_method("taylor_dv", functools.partial(O.taylor_dv, lambd=cfg.lambd))

@@ -6,14 +6,8 @@ from __future__ import annotations
 
 import functools
 
-import ml_collections
-
 from emim import objectives as O
 from emim.methods.base import Method, Views, register, symmetrized
-
-
-def _config(**kw) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(target_momentum=0.99, **kw))
 
 
 def _sdmi_method(name, pair_loss, uses_target, predictor=True):
@@ -26,22 +20,21 @@ def _sdmi_method(name, pair_loss, uses_target, predictor=True):
   return Method(name=name, paradigm="sdmi", uses_target=uses_target, uses_predictor=predictor, loss_fn=loss_fn)
 
 
-@register("byol", _config)
+@register("byol")
 def build_byol(cfg):
   return _sdmi_method("byol", O.byol_loss, uses_target=True)
 
 
-@register("simsiam", lambda: ml_collections.ConfigDict())
+@register("simsiam")
 def build_simsiam(cfg):
   return _sdmi_method("simsiam", O.simsiam_loss, uses_target=False)
 
 
-@register("moco", lambda: _config(tau=0.2, predictor=True))
+@register("moco")
 def build_moco(cfg):
   return _sdmi_method("moco", functools.partial(O.moco_infonce, tau=cfg.tau), uses_target=True, predictor=cfg.predictor)
 
 
-@register("sdmi", lambda: _config(predictor=True))
+@register("sdmi")
 def build_sdmi(cfg):
-  # predictor=False is seed 002's ablation: without it the representation collapses.
   return _sdmi_method("sdmi", O.sdmi_prototype_loss, uses_target=True, predictor=cfg.predictor)

@@ -18,6 +18,7 @@ ModuleDef = Any
 # name -> (block kind, blocks per stage)
 ARCHITECTURES = {
     "resnet_tiny": ("basic", (1, 1)),  # tests and the CPU default: two stages, one block each
+    "resnet_tiny_bottleneck": ("bottleneck", (1, 1)),  # ResNet-50's block, as small (tests)
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),

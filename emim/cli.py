@@ -1,0 +1,74 @@
+"""What the three programs (emim.main, emim.evaluate, emim.export) share on the command
+line: errors a user can fix are one message, not a traceback.
+
+A mistyped config field (``--config.train.batchsize=3``) fails inside absl's flag parsing
+as a chain of KeyError and AttributeError tracebacks; ``parse_flags`` turns it into one
+line naming the flag and, when ml_collections has one, the field meant. Errors of the
+programs themselves that name their fix (a missing dataset, a busy work directory, an
+unreadable checkpoint, ...) are printed as their message and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from absl import app, flags
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-override mistakes reported in one line."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        _fail(f"the config file {path} does not exist (the configs are configs/*.py, e.g. "
+              "--config=configs/cifar10.py:byol).")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a malformed value, a missing required flag, a config that raised
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # a config file's error: its first and last lines
+      lines = [line for line in text.splitlines() if line.strip()]
+      text = f"{lines[0]} {lines[-1]}"
+    _fail(f"{text}\n  (--helpfull lists the flags)")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = ", ".join(arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")) or "--config"
+    # ml_collections nests KeyError reprs inside AttributeError: unescape to one line.
+    text = str(e)
+    if len(text) > 1 and text[0] == text[-1] == "'":
+      text = text[1:-1]
+    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+    _fail(f"cannot apply {bad}: {text}\n  (a run's config.json lists every field of its config)")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """The errors whose message names the fix (imported here, after flag parsing)."""
+  from emim.checkpoint import CheckpointError
+  from emim.config_base import ConfigError
+  from emim.data.sources import DatasetError
+  from emim.export import ExportError
+  from emim.workdir import WorkdirBusy
+
+  return (CheckpointError, ConfigError, DatasetError, ExportError, WorkdirBusy, FileNotFoundError, PermissionError,
+          FloatingPointError)
+
+
+def run(main) -> None:
+  """``app.run(main)``, with clean messages for what a user can fix."""
+
+  @functools.wraps(main)
+  def guarded(argv):
+    try:
+      return main(argv)
+    except user_errors() as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(guarded, flags_parser=parse_flags)

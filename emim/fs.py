@@ -1,0 +1,78 @@
+"""One path type for work directories, checkpoints, exports and evaluation files: a local
+folder or any filesystem ``etils.epath`` reaches (``gs://`` with the ``gcs`` extra,
+``s3://``, ...), so ``--workdir=gs://bucket/run`` is the same run as a local one.
+
+The two kinds differ in what a write is. On an object store an object is written whole
+(a reader sees the old one or the new one, never half) but cannot be appended to, and a
+"rename" is a copy; on a local disk a write is made atomic with a temporary file and a
+rename. ``atomic_write_*`` hide that difference; files that grow (metrics) are staged
+locally and uploaded whole by ``emim.metric_writer``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import uuid
+
+from etils import epath
+
+Path = epath.Path
+PathLike = str | os.PathLike
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """``path`` as an ``epath.Path``; a local one made absolute (and ``~`` expanded)."""
+  if is_remote(path):
+    return epath.Path(str(path))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def is_remote(path: PathLike) -> bool:
+  """Whether ``path`` names an object store (``gs://...``) rather than a local folder."""
+  return "://" in os.fspath(path)
+
+
+def _temporary_sibling(path: epath.Path) -> epath.Path:
+  # A name of this process's own in the same folder, so the rename stays on one disk.
+  return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+  """Write ``data`` so that a reader (or a crash) never sees a half-written file."""
+  path = as_path(path)
+  if is_remote(path):
+    path.write_bytes(data)  # an object appears whole or not at all
+    return
+  tmp = _temporary_sibling(path)
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable(directory: PathLike, what: str, fix: str) -> None:
+  """Fail now, before any work, if nothing can be written to ``directory``; the message
+  names ``what`` would be written there and ``fix``."""
+  directory = as_path(directory)
+  probe = _temporary_sibling(directory / ".write_probe")
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(f"Cannot write {what} to {directory} ({type(e).__name__}: {e}). {fix}") from e
+
+
+def local_cache_dir(workdir: PathLike) -> str:
+  """Where decoded datasets are cached: beside a local work directory (shared by the runs
+  next to it), or in the user's cache for a remote one (NumPy reads a local file)."""
+  if is_remote(workdir):
+    return str(pathlib.Path("~/.cache/emim/datasets").expanduser())
+  return str(pathlib.Path(os.fspath(as_path(workdir))).parent / ".emim_cache")
