@@ -10,13 +10,21 @@
 #                                          # deterministic XLA kernels, and their cost
 #   bash benchmarks/accelerator.sh sweep --epochs=20 --variant='byol=:byol' ...
 #                                          # CIFAR-10 variants side by side (cifar_sweep.py)
+#   bash benchmarks/accelerator.sh breakdown  # the step's time part by part (step_breakdown.py),
+#                                          # EMMI and Barlow Twins, batch 256 and 512
+#   bash benchmarks/accelerator.sh long NAME [--config.x=... overrides]
+#                                          # one long run across several calls on a machine kept
+#                                          # warm: each call trains until TRAIN_LIMIT (SIGTERM: a
+#                                          # checkpoint at the step reached), the next resumes;
+#                                          # kNN on all test images every KNN_EVERY steps; once
+#                                          # finished, the linear probe (PROBE_EPOCHS, augmented)
 # CPU smoke test of the script itself: SMOKE=1 bash benchmarks/accelerator.sh cifar
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: accelerator.sh bench|cifar|resume|sweep}
+stage=${1:?usage: accelerator.sh bench|cifar|resume|sweep|breakdown|long}
 OUT=${OUT:-/tmp/emim_accelerator}
 mkdir -p "$OUT"
-if ! python3 -c "import grain, ml_collections" 2> /dev/null; then  # the carried wheels
+if ! python3 -c "import grain, ml_collections, clu" 2> /dev/null; then  # the carried wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -92,6 +100,48 @@ case "$stage" in
     # Each run's logs and metrics in one archive: a device call returns only a few files.
     (cd "$OUT/sweep" && tar czf ../sweep_runs.tgz -- */ && rm -rf -- */)
     ;;
-  *) echo "unknown stage $stage: bench, cifar, resume or sweep" >&2; exit 2 ;;
+  breakdown)
+    configs=(configs/cifar10.py configs/cifar10.py:barlow_twins); sizes=(--batch 256 512)
+    if [ "${SMOKE:-0}" = 1 ]; then
+      configs=(configs/synthetic.py:runlocal configs/synthetic.py:barlow_twins,runlocal); sizes=(--batch 32 --steps 3)
+    fi
+    for config in "${configs[@]}"; do
+      name=$(basename "${config%%:*}" .py)_$(echo "${config#*:}" | tr ',:/' '___')
+      python3 benchmarks/step_breakdown.py --config="$config" "${sizes[@]}" --out="$OUT/breakdown_$name" 2>&1 \
+        | grep -v "^W" | tee "$OUT/breakdown_$name.txt"
+    done
+    ;;
+  long)
+    name=${2:?usage: accelerator.sh long NAME [overrides]}
+    WORKDIR=${WORKDIR:-/tmp/emim_long/$name}
+    run=(--config="${CONFIG:-configs/cifar10.py}" --config.data.path="$CIFAR" "${@:3}")
+    # kNN on all 10,000 test images against all 50,000 training images, every KNN_EVERY
+    # steps (1950: 10 CIFAR epochs at batch 256): the accuracy-over-time curve.
+    knn=(--config.eval.every_steps="${KNN_EVERY:-1950}" --config.eval.knn_train_subset=50000
+         --config.eval.knn_test_subset=10000)
+    probe=(--config.eval.probe_epochs="${PROBE_EPOCHS:-100}" --config.eval.probe_mode=augmented)
+    if [ "${SMOKE:-0}" = 1 ]; then
+      run=(--config=configs/synthetic.py:runlocal --config.train.num_steps=6 "${@:3}")
+      knn=(--config.eval.every_steps=3); probe=(--config.eval.probe_epochs=1 --config.eval.probe_mode=features)
+    fi
+    mkdir -p "$WORKDIR"
+    SECONDS=0
+    timeout --signal=TERM "${TRAIN_LIMIT:-540}" python3 -m emim.main "${run[@]}" "${knn[@]}" --workdir="$WORKDIR" 2>&1 \
+      | grep -v "^W" | tee -a "$OUT/$name.train.log"
+    rc=${PIPESTATUS[0]}
+    echo "$SECONDS" >> "$WORKDIR/call_seconds.txt"
+    echo "$name: this call ran ${SECONDS}s (exit $rc); calls so far: $(paste -sd+ "$WORKDIR/call_seconds.txt" | bc)s" \
+      | tee -a "$OUT/$name.train.log"
+    cp "$WORKDIR/metrics.jsonl" "$OUT/$name.metrics.jsonl"; cp "$WORKDIR/timings.json" "$OUT/$name.timings.json" 2> /dev/null
+    if [ "$rc" = 0 ]; then  # finished: the standard linear probe on the last checkpoint
+      SECONDS=0
+      python3 -m emim.evaluate --workdir="$WORKDIR" "${probe[@]}" 2>&1 | grep -v "^W" | tee "$OUT/$name.evaluate.log"
+      echo "$name: evaluation ${SECONDS}s" | tee -a "$OUT/$name.evaluate.log"
+      cp "$WORKDIR/evaluation.json" "$OUT/$name.evaluation.json"
+    else
+      echo "$name: not finished; the same command resumes it from its checkpoint." | tee -a "$OUT/$name.train.log"
+    fi
+    ;;
+  *) echo "unknown stage $stage: bench, cifar, resume, sweep, breakdown or long" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

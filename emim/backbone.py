@@ -13,6 +13,7 @@ import numpy as np
 
 from emim import checkpoint as ckpt_lib
 from emim import fs, sharding
+from emim.config_base import ConfigError
 from emim.data import augment
 from emim.models import ResNet, make_backbone, parse_dtype
 
@@ -90,11 +91,20 @@ def load_run_config(workdir: fs.PathLike, step: int | None = None) -> ml_collect
   if step is not None or ckpt_lib.latest_step(checkpoint_dir(workdir)) is not None:
     _, saved = ckpt_lib.restore_config(checkpoint_dir(workdir), step)
     if saved is not None:
-      return ml_collections.ConfigDict(saved)
+      return ml_collections.ConfigDict(_tuples(saved))
   path = workdir / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"No {path}: --workdir must be a training run's work directory (or pass --config).")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+    raise FileNotFoundError(f"No {path} and no checkpoint: --workdir must be a training run's work directory.")
+  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+
+
+def _tuples(value):
+  """JSON's lists back to the tuples the configs hold (so --config.x='(1, 2)' applies)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 # The model fields that decide the shapes of the saved variables.
@@ -112,7 +122,7 @@ def check_same_model(workdir: fs.PathLike, config: ml_collections.ConfigDict, st
   differ = [f"{k}={saved.get(k)!r} in the run, {config.model.get(k)!r} asked" for k in _SHAPE_FIELDS
             if saved.get(k) != config.model.get(k)]
   if differ:
-    raise ValueError(
+    raise ConfigError(
         f"The run in {workdir} trained another model than this config describes ({'; '.join(differ)}). "
         "Leave out --config to use the run's own config (its fields can still be overridden, e.g. "
         "--config.eval.probe_epochs=10), or repeat the training run's --config.model overrides.")

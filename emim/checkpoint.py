@@ -102,9 +102,10 @@ class Checkpointer:
             f"--config.checkpoint.init_from={self.directory.parent} --config.checkpoint.restore_step={earlier[-1]}; "
             f"or move {path} aside (e.g. to {path}.corrupt) and run the same command." if earlier else
             " No earlier checkpoint exists: start in a new --workdir.")
-    return (f"Cannot restore the checkpoint at {path} ({type(error).__name__}: {error}). It is left as it is.{fork} "
-            "(A config that changed the model or method since the checkpoint was written also fails here: run with "
-            "the config in its config.json.)")
+    detail = str(error) if len(str(error)) <= 300 else str(error)[:300] + " ..."
+    return (f"Cannot restore the checkpoint at {path}; it is left as it is.{fork} (A config that changed the model "
+            f"or method since the checkpoint was written also fails here: run with the config in its config.json.) "
+            f"The error: {type(error).__name__}: {detail}")
 
   def reached_preemption(self, step: int) -> bool:
     """Whether JAX's preemption service (multi-process jobs) asks every process to save
@@ -137,6 +138,33 @@ def sync_processes(name: str, timeout_s: int = 3600) -> None:
   error (CPU collectives give up after 30 s). ``name`` must be new to the job."""
   if jax.process_count() > 1:
     ocp.multihost.sync_global_processes(name, timeout=timeout_s)
+
+
+# The config fields that decide the shapes of the saved state.
+STRUCTURE_FIELDS = (("model", "backbone"), ("model", "width"), ("model", "cifar_stem"), ("model", "projector_dims"),
+                    ("model", "predictor_dims"), ("method", "name"))
+
+
+def check_same_structure(directory: fs.PathLike, step: int | None, config: dict) -> None:
+  """Refuse, before restoring, a config whose model or method is not the one checkpoint
+  ``step`` (the latest by default) was saved with, naming the fields that differ (a
+  checkpoint saved before checkpoints held their config is not checked)."""
+  try:
+    step, saved = restore_config(directory, step)
+  except CheckpointError as e:  # the restore itself reports what is wrong with the checkpoint
+    logging.warning("Not comparing the config with the checkpoint's: %s", e)
+    return
+  if saved is None:
+    return
+  get = lambda cfg, path: cfg.get(path[0], {}).get(path[1])
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  differ = [f"{a}.{b}: {norm(get(saved, (a, b)))!r} in the checkpoint, {norm(get(config, (a, b)))!r} now"
+            for a, b in STRUCTURE_FIELDS if norm(get(saved, (a, b))) != norm(get(config, (a, b)))]
+  if differ:
+    raise CheckpointError(
+        f"The checkpoint {fs.as_path(directory) / str(step)} holds another model than this config describes "
+        f"({'; '.join(differ)}). Run with the config it was trained with (its config.json, or "
+        "--config.<field>= overrides that match), or train the new model in a new --workdir.")
 
 
 def abstract_like(tree, shardings):

@@ -17,9 +17,13 @@ import sys
 from absl import app, flags
 
 
-def _fail(message: str) -> None:
+def fail(message: str, status: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
+
+
+def _fail(message: str) -> None:
+  fail(message, 2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -57,7 +61,29 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from emim.workdir import WorkdirBusy
 
   return (CheckpointError, ConfigError, DatasetError, ExportError, WorkdirBusy, FileNotFoundError, PermissionError,
-          FloatingPointError)
+          NotADirectoryError, FloatingPointError)
+
+
+# Where an exception from these packages comes from a remote filesystem: its client's
+# retries exhausted (no network, no such bucket, no credentials).
+_REMOTE_CLIENTS = ("aiohttp", "gcsfs", "google.auth", "google.api_core", "s3fs", "botocore", "fsspec")
+
+
+def explain(error: BaseException) -> str | None:
+  """One line for an error a user can fix; None for anything else (a bug: a traceback)."""
+  if isinstance(error, user_errors()):
+    return str(error)
+  chain, e = [], error
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  if isinstance(error, ImportError) and "gcsfs" in str(error):
+    return f"{error}: gs:// paths need the gcs extra: pip install \"emim[gcs]\" (or pip install -e \".[gcs]\")."
+  if any(type(e).__module__.split(".")[0] in {m.split(".")[0] for m in _REMOTE_CLIENTS} for e in chain):
+    return (f"cannot reach a remote path ({type(error).__name__}: {str(error)[:300]}). Check the path and the "
+            "credentials (gcloud auth application-default login, or the VM's service account), and that the gcs "
+            "extra is installed (pip install \"emim[gcs]\").")
+  return None
 
 
 def run(main) -> None:
@@ -67,8 +93,12 @@ def run(main) -> None:
   def guarded(argv):
     try:
       return main(argv)
-    except user_errors() as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+    except KeyboardInterrupt:
+      fail("interrupted (Ctrl-C); nothing already saved was lost.", 130)
+    except Exception as e:
+      message = explain(e)
+      if message is None:
+        raise
+      fail(message, 1)
 
   app.run(guarded, flags_parser=parse_flags)

@@ -41,7 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       backbone="resnet18", width=64, cifar_stem=True, dtype="float32",
-      projector_dims=(2048, 2048, 512), projector_output_norm=False, predictor_dims=(2048, 512)))
+      projector_dims=(2048, 2048, 512), projector_output_norm=False, predictor_dims=(2048, 512),
+      # Both views (and the target's two) through one forward, each view normalised by its
+      # own BatchNorm statistics (GroupedBatchNorm): the same model as a forward per view
+      # (tests/test_fused_views.py), fewer, larger kernels on an accelerator.
+      fused_views=False))
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", train_split="train", test_split="test", tfds_name="", tfds_data_dir="",
@@ -70,7 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
       deterministic=True,
       # Non-finite updates are refused (the state stays as it was); this many refused in a
       # row stop the run, at the next progress line.
-      max_nonfinite_in_a_row=10))
+      max_nonfinite_in_a_row=10,
+      # (first, last): a jax.profiler trace of these steps (1-based, inclusive) into
+      # workdir/profile, for xprof or TensorBoard's profile plugin; (0, 0): none.
+      profile_steps=(0, 0)))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, keep=3, async_save=True,
@@ -179,12 +186,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"--config.{field}={value!r}: it must be a positive integer.")
 
   positive("train.batch_size", c.train.batch_size)
+  positive("model.width", c.model.width)
+  positive("data.image_size", c.data.image_size)
   positive("train.log_every", c.train.log_every)
   positive("train.max_nonfinite_in_a_row", c.train.max_nonfinite_in_a_row)
   positive("checkpoint.every_steps", c.checkpoint.every_steps)
   positive("checkpoint.keep", c.checkpoint.keep)
   positive("eval.mi_batch_size", c.eval.mi_batch_size)
   positive("eval.batch_size", c.eval.batch_size)
+  profile = tuple(c.train.profile_steps)
+  if len(profile) != 2 or not all(isinstance(v, int) for v in profile) or not (
+      profile == (0, 0) or 1 <= profile[0] <= profile[1]):
+    raise ConfigError(f"--config.train.profile_steps={profile!r}: give (first, last) steps to trace, 1 <= first <= "
+                      "last, e.g. '(100, 110)'; (0, 0) traces none.")
   if c.train.num_steps < 0 or c.train.num_epochs < 0 or (c.train.num_steps == 0 and c.train.num_epochs == 0):
     raise ConfigError(f"--config.train.num_steps={c.train.num_steps} and --config.train.num_epochs="
                       f"{c.train.num_epochs}: set one of them to a positive number (num_steps wins when > 0).")
@@ -193,9 +207,39 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
       raise ConfigError(f"--config.model.{field}={dims!r}: give the width of every layer, the output's last, "
                         "e.g. '(2048, 2048, 512)'.")
+  if c.optim.base_lr < 0:
+    raise ConfigError(f"--config.optim.base_lr={c.optim.base_lr}: a learning rate cannot be negative.")
+  if c.eval.mi_every_steps < -1:
+    raise ConfigError(f"--config.eval.mi_every_steps={c.eval.mi_every_steps}: -1 (with every progress line), 0 (off) "
+                      "or a number of steps.")
+  if c.eval.every_steps < 0:
+    raise ConfigError(f"--config.eval.every_steps={c.eval.every_steps}: 0 (off) or a number of steps.")
+  if c.eval.every_steps:
+    positive("eval.knn_train_subset", c.eval.knn_train_subset)
+    positive("eval.knn_test_subset", c.eval.knn_test_subset)
   if c.method.name not in method_defaults.available():
     raise ConfigError(f"--config.method.name={c.method.name!r}: choose one of {', '.join(method_defaults.available())} "
                       "(a variant, e.g. --config=configs/cifar10.py:byol, sets the method with its defaults).")
   if c.data.source == "image_folder" and not c.data.path:
     raise ConfigError("--config.data.path is empty: point it at the image folder (a directory or .tar.gz laid out "
                       "as split/class/*.jpg).")
+
+
+PROBE_MODES, PROBE_OPTIMIZERS = ("augmented", "features"), ("sgd", "lars")
+
+
+def validate_eval(c: ml_collections.ConfigDict) -> None:
+  """The evaluation program's fields, checked before any checkpoint is read."""
+  e = c.eval
+  for field in ("probe_epochs", "probe_batch_size", "batch_size"):
+    if not isinstance(e[field], int) or e[field] <= 0:
+      raise ConfigError(f"--config.eval.{field}={e[field]!r}: it must be a positive integer.")
+  if e.probe_mode not in PROBE_MODES:
+    raise ConfigError(f"--config.eval.probe_mode={e.probe_mode!r}: choose one of {PROBE_MODES}.")
+  if e.probe_optimizer not in PROBE_OPTIMIZERS:
+    raise ConfigError(f"--config.eval.probe_optimizer={e.probe_optimizer!r}: choose one of {PROBE_OPTIMIZERS}.")
+  if not e.probe_lr > 0:
+    raise ConfigError(f"--config.eval.probe_lr={e.probe_lr}: it must be positive.")
+  if not e.knn_temperature > 0 or any(not isinstance(k, int) or k <= 0 for k in e.knn_k):
+    raise ConfigError(f"--config.eval.knn_k={tuple(e.knn_k)} and knn_temperature={e.knn_temperature}: positive "
+                      "integers and a positive temperature.")

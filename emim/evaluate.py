@@ -35,6 +35,7 @@ from emim import fs, sharding, workdir as workdir_lib
 from emim.backbone import (checkpoint_dir, features_and_labels, init_backbone, load_run_config, model_config_of,
                            restore_backbone)
 from emim.checkpoint import quiet_orbax_logs
+from emim.config_base import ConfigError, validate_eval
 from emim.data import sources, streaming
 from emim.evaluators.knn import knn_accuracy
 from emim.evaluators.linear_probe import linear_probe
@@ -49,9 +50,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   untrained backbone); returns (and records, in ``results_dir``, by default ``workdir``)
   the results."""
   if mode not in MODES:
-    raise ValueError(f"Unknown --mode {mode!r}; choose one of {MODES}.")
+    raise ConfigError(f"Unknown --mode {mode!r}; choose one of {MODES}.")
   if random_init and step is not None:
-    raise ValueError("--random_init evaluates no checkpoint: drop --checkpoint_step.")
+    raise ConfigError("--random_init evaluates no checkpoint: drop --checkpoint_step.")
+  validate_eval(config)
   workdir = fs.as_path(workdir)
   results_dir = fs.as_path(results_dir) if results_dir else workdir
   if workdir_lib.writes_files():  # before any work: the results must have somewhere to go
@@ -123,10 +125,7 @@ def record(directory: fs.Path, results: dict) -> None:
   if not workdir_lib.writes_files():
     return
   directory.mkdir(parents=True, exist_ok=True)
-  path = directory / "evaluation.json"
-  table = json.loads(path.read_text()) if path.exists() else {}
-  table[key] = results
-  workdir_lib.write_json(path, table)
+  workdir_lib.update_json(directory / "evaluation.json", lambda table: table.__setitem__(key, results))
   writer = MetricWriter(directory, "metrics_eval.jsonl")
   prefix = "eval/random_init/" if results.get("random_init") else "eval/"
   writer.write(results["step"], {prefix + k: v for k, v in results.items() if isinstance(v, float)})
@@ -139,25 +138,36 @@ def _flag_values(argv: list[str], name: str) -> list[str]:
   return values + [value for flag, value in zip(argv, argv[1:]) if flag == f"--{name}"]
 
 
+# The checkpoint whose config define_config_flag took, so that main evaluates that one
+# (training beside may save a newer checkpoint meanwhile).
+_CONFIG_STEP: int | None = None
+
+
 def define_config_flag(argv: list[str]) -> None:
   """--config: a config file, or by default the config saved with the checkpoint to
   evaluate (the run's config.json for older checkpoints), so that
   ``--config.eval.probe_epochs=10`` alone overrides a field of what the run trained with
-  (the flag's default must exist before the command line is parsed)."""
+  (the flag's default must exist before the command line is parsed). A --workdir that
+  holds neither is reported now, before the overrides would be taken for unknown flags."""
+  global _CONFIG_STEP
   file_given = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
   workdirs, steps = _flag_values(argv, "workdir"), _flag_values(argv, "checkpoint_step")
-  config = None
-  if not file_given and workdirs:
-    step = int(steps[-1]) if steps and int(steps[-1]) >= 0 else None
-    try:
-      config = load_run_config(workdirs[-1], step)
-    except (FileNotFoundError, ckpt_lib.CheckpointError):
-      config = None  # main() reports what is missing
-  if config is not None:
-    config.lock()
-    config_flags.DEFINE_config_dict("config", config, "The checkpoint's own config; override any field.")
-  else:
+  if file_given or not workdirs:
     config_flags.DEFINE_config_file("config", None, "Config file; default: the checkpoint's own config.", lock_config=True)
+    return
+  try:
+    step = int(steps[-1]) if steps and int(steps[-1]) >= 0 else None
+    if step is None and "--random_init" not in argv:
+      step = ckpt_lib.latest_step(checkpoint_dir(workdirs[-1]))
+    config = load_run_config(workdirs[-1], step)
+  except Exception as e:  # a missing run, an unreadable checkpoint, an unreachable bucket
+    message = cli.explain(e)
+    if message is None:
+      raise
+    cli.fail(message, status=1)
+  _CONFIG_STEP = step
+  config.lock()
+  config_flags.DEFINE_config_dict("config", config, "The checkpoint's own config; override any field.")
 
 
 def main(argv):
@@ -166,15 +176,14 @@ def main(argv):
   quiet_orbax_logs()
   FLAGS = flags.FLAGS
   step = None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step
-  # Without a checkpoint or config.json in --workdir and without --config, this names the fix.
   config = FLAGS.config if FLAGS.config is not None else load_run_config(FLAGS.workdir, step)
   if config.train.get("deterministic", False):
     # The probe trains with SGD on the GPU too: deterministic kernels make a re-run on the
     # same checkpoint give the same numbers there. Acts only before JAX starts.
     from emim.train import use_deterministic_gpu_ops
     use_deterministic_gpu_ops()
-  if step is None and not FLAGS.random_init:  # fixed now: training may save a newer one meanwhile
-    step = ckpt_lib.latest_step(checkpoint_dir(FLAGS.workdir))
+  if step is None and not FLAGS.random_init:  # the one whose config was read; else the latest now
+    step = _CONFIG_STEP if _CONFIG_STEP is not None else ckpt_lib.latest_step(checkpoint_dir(FLAGS.workdir))
   evaluate(config, FLAGS.workdir, step, FLAGS.mode, FLAGS.random_init, FLAGS.results_dir)
 
 

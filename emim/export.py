@@ -38,6 +38,7 @@ from emim.backbone import Backbone, backbone_from_model_config, checkpoint_dir, 
 from emim.checkpoint import quiet_orbax_logs
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
+EXPORT_FILES = (BACKBONE_FILE, MODEL_FILE, TORCH_FILE)
 
 
 def torchvision_state_dict(backbone: Backbone) -> dict[str, np.ndarray]:
@@ -92,23 +93,34 @@ def _write_files(backbone: Backbone, directory: fs.Path, meta: dict) -> None:
   fs.atomic_write_text(directory / MODEL_FILE, json.dumps(meta, indent=2))  # last: marks the export complete
 
 
-def check_output(output: fs.PathLike, overwrite: bool) -> fs.Path:
-  """``output`` as a path, if an export may be written there (new or empty, or
-  ``overwrite``)."""
+def check_output(output: fs.PathLike, overwrite: bool, workdir: fs.PathLike | None = None) -> fs.Path:
+  """``output`` as a path (a symlink's target), if an export may be written there: a new
+  or empty directory, or with ``overwrite`` one that holds an earlier export and nothing
+  else. Never the run's own work directory, nor any folder with other files: --overwrite
+  replaces an export, not a project."""
   output = fs.as_path(output)
+  if not fs.is_remote(output):
+    output = fs.as_path(os.path.realpath(os.fspath(output)))
   if output.exists() and not output.is_dir():
     raise ExportError(f"--output {output} is a file, not a directory.")
-  if output.is_dir() and any(True for _ in output.iterdir()) and not overwrite:
-    raise ExportError(f"--output {output} is not empty (it holds {sorted(p.name for p in output.iterdir())[:5]}). "
-                      "Choose a new directory, or add --overwrite to replace what is there.")
+  if workdir is not None and os.fspath(output).rstrip("/") == os.fspath(fs.as_path(workdir)).rstrip("/"):
+    raise ExportError(f"--output {output} is the run's work directory: choose a directory of its own.")
+  names = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+  if names and not overwrite:
+    raise ExportError(f"--output {output} is not empty (it holds {names[:5]}). Choose a new directory, or add "
+                      "--overwrite to replace the export that is there.")
+  foreign = [n for n in names if n not in EXPORT_FILES]
+  if foreign:
+    raise ExportError(f"--output {output} holds files that are not an emim export ({foreign[:5]}): --overwrite "
+                      "replaces an earlier export only. Choose a new directory.")
   return output
 
 
 def export_backbone(backbone: Backbone, output: fs.PathLike, info: dict | None = None, overwrite: bool = False) -> fs.Path:
   """Write the three export files to ``output``; returns the directory.
 
-  ``output`` must be new or empty unless ``overwrite``: another run's export is never
-  replaced by accident.
+  ``output`` must be new or empty, or with ``overwrite`` hold an earlier export (and
+  nothing else): another run's files are never replaced by accident.
   """
   output = check_output(output, overwrite)
   meta = {**backbone.model_config, "feature_dim": backbone.feature_dim, **(info or {})}
@@ -127,7 +139,12 @@ def export_backbone(backbone: Backbone, output: fs.PathLike, info: dict | None =
     if output.exists():
       replaced = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
       os.replace(output, replaced)
-    os.replace(staging, output)
+    try:
+      os.replace(staging, output)
+    except OSError:
+      if replaced is not None:
+        os.replace(replaced, output)  # the earlier export stays where it was
+      raise
     if replaced is not None:
       shutil.rmtree(replaced)
   finally:
@@ -158,6 +175,11 @@ def load_backbone(path: fs.PathLike):
   except Exception as e:  # msgpack raises several types for a truncated or foreign file
     raise ExportError(f"Cannot read {path / BACKBONE_FILE} ({type(e).__name__}: {e}): it is truncated, or not the "
                       f"backbone {MODEL_FILE} describes. Export the run again.") from e
+  shapes = lambda tree: [np.shape(x) for x in jax.tree.leaves(tree)]
+  if shapes(variables) != shapes(template):
+    raise ExportError(f"{path / BACKBONE_FILE} holds other shapes than the model {path / MODEL_FILE} describes "
+                      f"({meta.get('backbone')}, width {meta.get('width')}): the two files are of different exports. "
+                      "Export the run again.")
   backbone = backbone_from_model_config(meta, variables)
   return backbone, backbone.features_fn()
 
@@ -167,7 +189,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_orbax_logs()
   FLAGS = flags.FLAGS
-  check_output(FLAGS.output, FLAGS.overwrite)  # before any work
+  check_output(FLAGS.output, FLAGS.overwrite, FLAGS.workdir)  # before any work
   step = None if FLAGS.checkpoint_step < 0 else FLAGS.checkpoint_step
   if step is None:  # fixed now, so the config and the parameters are of one checkpoint
     step = ckpt_lib.latest_step(checkpoint_dir(FLAGS.workdir))

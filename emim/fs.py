@@ -22,15 +22,33 @@ PathLike = str | os.PathLike
 
 
 def as_path(path: PathLike) -> epath.Path:
-  """``path`` as an ``epath.Path``; a local one made absolute (and ``~`` expanded)."""
+  """``path`` as an ``epath.Path``; a local one (``file://`` included) made absolute, ``~``
+  expanded."""
+  path = os.fspath(path)
+  if path.startswith("file://"):
+    path = path[len("file://"):]
   if is_remote(path):
-    return epath.Path(str(path))
-  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def is_remote(path: PathLike) -> bool:
   """Whether ``path`` names an object store (``gs://...``) rather than a local folder."""
-  return "://" in os.fspath(path)
+  path = os.fspath(path)
+  return "://" in path and not path.startswith("file://")
+
+
+def ensure_directory(path: PathLike, what: str) -> epath.Path:
+  """``path`` as a directory, made if needed; a clear error when it, or a folder on its
+  way, is a file. ``what`` names it for the message (e.g. "--workdir")."""
+  path = as_path(path)
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f"{what} {path} is a file, not a directory: choose a directory.")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as e:
+    raise NotADirectoryError(f"Cannot make {what} {path}: a part of that path is a file ({e}).") from e
+  return path
 
 
 def _temporary_sibling(path: epath.Path) -> epath.Path:

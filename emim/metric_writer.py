@@ -48,10 +48,13 @@ class MetricWriter:
     filename: the JSON-lines file, e.g. "metrics.jsonl" or "metrics_eval.jsonl".
     active: whether this process writes; default: process 0 of the job.
     sync_every_s: for a remote ``workdir``, the longest time between uploads.
+    resume_step: the step a resumed run starts from: lines of later steps (written by
+      the attempt that went past its last checkpoint before it died) and torn lines are
+      dropped, so that every step's line appears once.
   """
 
   def __init__(self, workdir: fs.PathLike, filename: str = "metrics.jsonl", *, active: bool | None = None,
-               sync_every_s: float = 30.0):
+               sync_every_s: float = 30.0, resume_step: int | None = None):
     if active is None:
       import jax  # deferred: the writer itself needs no JAX
 
@@ -70,14 +73,41 @@ class MetricWriter:
       self._staging = tempfile.mkdtemp(prefix="emim-metrics-")
       local_dir = self._staging
       if self.path.exists():
-        shutil.copyfileobj(self.path.open("rb"), open(os.path.join(local_dir, filename), "wb"))
+        with self.path.open("rb") as src, open(os.path.join(local_dir, filename), "wb") as dst:
+          shutil.copyfileobj(src, dst)
     self._local_path = os.path.join(local_dir, filename)
+    self._continue(resume_step)
     self._file = open(self._local_path, "a", encoding="utf-8")
     if EventFileWriter is not None:
       self._tb_dir = os.path.join(local_dir, TENSORBOARD_DIR)
       self._tb = EventFileWriter(self._tb_dir, filename_suffix=f".{os.path.splitext(filename)[0]}")
     else:
       logging.info("tensorboard not installed: metrics go to %s only.", self.path)
+
+  def _continue(self, resume_step: int | None) -> None:
+    """Make the existing file end with a whole line, and (``resume_step``) drop the
+    lines of steps after it."""
+    if not os.path.exists(self._local_path):
+      return
+    with open(self._local_path, "rb") as f:
+      data = f.read()
+    if resume_step is None:
+      if data and not data.endswith(b"\n"):
+        with open(self._local_path, "ab") as f:
+          f.write(b"\n")  # a torn last line stays apart from the next
+      return
+    kept = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+      try:
+        if json.loads(line)["step"] <= resume_step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        pass  # torn
+    dropped = len(data.decode("utf-8", errors="replace").splitlines()) - len(kept)
+    if dropped:
+      logging.info("Dropped %d line(s) after step %d from %s: the resumed run writes those steps again.", dropped,
+                   resume_step, self.path)
+      fs.atomic_write_text(self._local_path, "".join(line + "\n" for line in kept))
 
   # --- clu's MetricWriter interface ----------------------------------------------------
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

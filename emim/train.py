@@ -17,7 +17,9 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -108,10 +110,14 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
   method = methods.make_method(config.method)
   encoder = models.make_encoder(config.model)
   predictor = models.make_predictor(config.model) if method.uses_predictor else None
+  fused = config.model.get("fused_views", False)  # (absent from configs saved before it existed)
+  views_encoder = models.make_encoder(config.model, bn_groups=2) if fused else None
+  views_predictor = models.make_predictor(config.model, bn_groups=2) if fused and predictor is not None else None
   lr_fn = optim.learning_rate_schedule(config.optim, config.train.batch_size, steps_per_epoch, total_steps)
   momentum_fn = momentum_schedule(config.method.target_momentum, total_steps) if method.uses_target else None
   return StepParts(
-      method=method, encoder=encoder, predictor=predictor, tx=optim.make_optimizer(config.optim, lr_fn),
+      method=method, encoder=encoder, predictor=predictor, views_encoder=views_encoder,
+      views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, lr_fn),
       probe_tx=optax.adam(config.train.probe_lr), momentum_fn=momentum_fn, lr_fn=lr_fn,
       view1=config.augment.view1, view2=config.augment.view2, image_size=config.data.image_size,
       mean=tuple(config.data.mean), std=tuple(config.data.std), num_classes=num_classes)
@@ -143,7 +149,7 @@ def compile_train_step(parts: StepParts, data, state: TrainState, state_sharding
 # Step metrics that are not loss terms; the progress line shows the rest (the loss, the
 # method's own terms, e.g. ld_sum or bt_off_diag) and the online-probe accuracy.
 _NOT_TERMS = ("lr", "target_momentum", "grad_norm", "update_norm", "param_norm", "probe_loss", "embedding_std",
-              "rank_renyi2", step_metrics.REFUSED)
+              "rank_renyi2", step_metrics.REFUSED, step_metrics.LONGEST)
 
 
 def _is_loss_term(name: str) -> bool:
@@ -193,21 +199,42 @@ class ProgressLine:
 
 def _check_finite(state: TrainState, host_metrics: dict, done: int, config: ml_collections.ConfigDict,
                   checkpointer: ckpt_lib.Checkpointer) -> None:
-  """Refused updates are reported with the progress line; ``max_nonfinite_in_a_row`` of
-  them in a row stop the run (the parameters are still the last finite ones)."""
+  """Refused updates are reported with the progress line; a run of
+  ``max_nonfinite_in_a_row`` of them since the last line stops the run (the parameters
+  are still the last finite ones)."""
   refused = int(host_metrics.get(step_metrics.REFUSED, 0))
-  in_a_row = int(state.refused_in_a_row)
+  longest = int(host_metrics.get(step_metrics.LONGEST, 0))
+  now = int(state.refused_in_a_row)
+  limit = config.train.max_nonfinite_in_a_row
   if refused:
-    logging.warning("%d update(s) refused as non-finite in the steps up to %d (%d in a row now; the run stops at %d).",
-                    refused, done, in_a_row, config.train.max_nonfinite_in_a_row)
-  if in_a_row >= config.train.max_nonfinite_in_a_row:
+    logging.warning("%d update(s) refused as non-finite in the steps up to %d (at most %d in a row; the run stops at "
+                    "%d).", refused, done, longest, limit)
+  if longest >= limit:
+    kept = f"those of step {done - now}" if now else "those of a later, finite step (the run recovered since)"
     raise FloatingPointError(
-        f"The last {in_a_row} updates, up to step {done}, were refused: the loss, gradient or update was not "
-        f"finite (mean loss of the interval: {host_metrics.get('loss')}). The parameters are those of step "
-        f"{done - in_a_row}, and every checkpoint in {checkpointer.directory} holds finite ones: lower "
+        f"{longest} updates in a row were refused, up to step {done}: the loss, gradient or update was not finite. "
+        f"The parameters are {kept}, and every checkpoint in {checkpointer.directory} holds finite ones: lower "
         "--config.optim.base_lr (or set --config.optim.clip_norm, or raise the objective's eps) and run the same "
-        "command to resume from the latest. --config.train.max_nonfinite_in_a_row sets how many refusals in a "
-        "row stop a run.")
+        f"command to resume from the latest. --config.train.max_nonfinite_in_a_row={limit} sets how many refusals "
+        "in a row stop a run (checked at each progress line).")
+
+
+def _take_lock(lock: workdir_lib.WorkdirLock | None) -> None:
+  """Process 0 takes the work directory's lock, and every process learns whether it did:
+  a refused job stops in all its processes at once, not at their first collective."""
+  refused = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except Exception as e:  # busy, or the work directory unreachable: every process stops
+      refused = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(refused is None))) and refused is None:
+      raise workdir_lib.WorkdirBusy("Process 0 of this job could not take the work directory's lock; its log says why.")
+  if refused is not None:
+    raise refused
 
 
 def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Checkpointer, abstract_state, data):
@@ -227,6 +254,7 @@ def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Ch
   else:
     return None
   try:
+    ckpt_lib.check_same_structure(source.directory, restore_step, json.loads(config.to_json_best_effort()))
     state, data_restored = source.restore(abstract_state, restore_step, data.iterator)
   finally:
     if source is not checkpointer:
@@ -238,6 +266,52 @@ def restore_or_init(config: ml_collections.ConfigDict, checkpointer: ckpt_lib.Ch
   logging.info("Resumed from step %d in %s%s.", int(state.step), source.directory,
                " with the data iterator's position" if data_restored else "")
   return state
+
+
+class StepProfiler:
+  """A ``jax.profiler`` trace of steps ``first`` to ``last`` (config.train.profile_steps,
+  1-based, inclusive), each step annotated for the profile's step view, into
+  ``workdir/profile`` (staged locally and uploaded for a remote work directory); for
+  xprof or TensorBoard's profile plugin."""
+
+  def __init__(self, steps, workdir: fs.Path):
+    self.first, self.last = tuple(steps)
+    self._workdir, self._tracing = workdir, False
+    self._dir = None
+
+  def step(self, done: int):
+    """The context to run step ``done`` in: the trace starts before step ``first``."""
+    if self.last and done == self.first:
+      remote = fs.is_remote(self._workdir)
+      self._dir = tempfile.mkdtemp(prefix="emim-profile-") if remote else os.fspath(self._workdir / "profile")
+      jax.profiler.start_trace(self._dir)
+      self._tracing = True
+    if self._tracing:
+      return jax.profiler.StepTraceAnnotation("train", step_num=done)
+    return contextlib.nullcontext()
+
+  def after(self, done: int, state) -> None:
+    if self._tracing and done >= self.last:
+      jax.block_until_ready(state)  # the traced steps, finished
+      self.close()
+
+  def close(self) -> None:
+    if not self._tracing:
+      return
+    jax.profiler.stop_trace()
+    self._tracing = False
+    target = self._workdir / "profile"
+    if fs.is_remote(self._workdir):
+      for root, _, files in os.walk(self._dir):
+        for name in files:
+          local = os.path.join(root, name)
+          dest = target / os.path.relpath(local, self._dir)
+          dest.parent.mkdir(parents=True, exist_ok=True)
+          with open(local, "rb") as f:
+            fs.atomic_write_bytes(dest, f.read())
+      shutil.rmtree(self._dir, ignore_errors=True)
+    logging.info("Profile of steps %d to %d written to %s (xprof, or tensorboard --logdir with the profile "
+                 "plugin).", self.first, self.last, target)
 
 
 def _log_parameter_overview(state: TrainState) -> None:
@@ -260,9 +334,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
   writes_files = workdir_lib.writes_files()
   timings = {}
   with contextlib.ExitStack() as cleanup:  # closed on every exit path, in reverse order
-    if writes_files:
-      # One job per work directory: refused here, before any work, while another lives.
-      cleanup.enter_context(workdir_lib.WorkdirLock(workdir))
+    # One job per work directory: refused here, before any work, while another lives.
+    lock = workdir_lib.WorkdirLock(workdir) if writes_files else None
+    _take_lock(lock)
+    if lock is not None:
+      cleanup.callback(lock.release)
 
     # --- Mesh ------------------------------------------------------------------------
     _check_deterministic(config)
@@ -319,7 +395,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
       workdir_lib.write_json(workdir / workdir_lib.CLASSES_FILE, {"train": list(data.class_names)})
       # Written now and again at the end, so a run stopped early still tells its set-up costs.
       workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
-    writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, active=writes_files)))
+    # A fresh start (step 0) writes every line again, its step-0 estimates included.
+    writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, active=writes_files,
+                                                                    resume_step=start_step or -1)))
 
     def evaluate(evaluator, step):
       t = time.perf_counter()
@@ -340,15 +418,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     interval = empty_interval
     t_train = time.perf_counter()
     progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
+    profiler = StepProfiler(config.train.profile_steps, workdir) if writes_files else StepProfiler((0, 0), workdir)
+    cleanup.callback(profiler.close)
     with StopRequest() as stop:
       for step in range(start_step, last_step):
-        state, interval = step_fn(state, data.next_input(), interval)
         done = step + 1
+        with profiler.step(done):
+          state, interval = step_fn(state, data.next_input(), interval)
+        profiler.after(done, state)
         if done % log_every == 0 or done == last_step:
           host = step_metrics.compute(interval)
           interval = empty_interval
           writer.write(done, {**host, **progress(done, host)})
           _check_finite(state, host, done, config, checkpointer)
+          if lock is not None:
+            lock.check()
           final = dict(host)
         for evaluator in evaluators:
           if evaluator_due(evaluator, done, last_step):
@@ -365,10 +449,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
           break
     timings["train_s"] = time.perf_counter() - t_train
     timings.update(progress.paused_total)  # spent inside train_s, not counted in steps/s
-  logging.info("Timings: decode %.1fs, evaluator set-up %.1fs, compile %.1fs, train %.1fs (evaluators %.1fs, "
-               "checkpoint saves %.1fs).", timings["decode_s"], timings["eval_setup_s"], timings["compile_s"],
-               timings["train_s"], timings.get("evaluators_s", 0.0), timings.get("checkpoint_s", 0.0))
-  if writes_files:
-    workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
+    logging.info("Timings: decode %.1fs, evaluator set-up %.1fs, compile %.1fs, train %.1fs (evaluators %.1fs, "
+                 "checkpoint saves %.1fs).", timings["decode_s"], timings["eval_setup_s"], timings["compile_s"],
+                 timings["train_s"], timings.get("evaluators_s", 0.0), timings.get("checkpoint_s", 0.0))
+    if writes_files:  # while the lock is held
+      workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
   return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings,
                    stopped_by_signal=stop.signum)

@@ -63,6 +63,10 @@ class StepParts:
   method: Method
   encoder: Encoder
   predictor: MLP | None
+  # The same modules taking both views in one call, each view normalised by its own
+  # BatchNorm statistics (config.model.fused_views); None: a forward per view.
+  views_encoder: Encoder | None
+  views_predictor: MLP | None
   tx: optax.GradientTransformation
   probe_tx: optax.GradientTransformation
   momentum_fn: Callable[[Array], Array] | None
@@ -124,28 +128,41 @@ def _apply(module, params, stats, x):
   return out, updates["batch_stats"]
 
 
+def _apply_views(module, views_module, params, stats, x1, x2):
+  """((output of view 1, output of view 2), updated batch statistics): two train-mode
+  forwards of ``module``, or, with ``views_module`` (its grouped-BatchNorm copy), one
+  forward of the views interleaved row by row, which computes the same (each view
+  normalised by its own statistics, the running averages updated by view 1, then 2).
+  Interleaving keeps each device's rows on that device."""
+  if views_module is None:
+    out1, stats = _apply(module, params, stats, x1)
+    out2, stats = _apply(module, params, stats, x2)
+    return (out1, out2), stats
+  n = x1.shape[0]
+  both = jnp.stack([x1, x2], axis=1).reshape((2 * n,) + x1.shape[1:])
+  out, stats = _apply(views_module, params, stats, both)
+  paired = jax.tree.map(lambda y: y.reshape((n, 2) + y.shape[1:]), out)
+  return (jax.tree.map(lambda y: y[:, 0], paired), jax.tree.map(lambda y: y[:, 1], paired)), stats
+
+
 def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[TrainState, Metrics]:
   """One optimisation step of the online encoder (and predictor), the EMA target and the
   online linear probe. Pure: bind ``parts`` with functools.partial and jit."""
   x1, x2 = make_views(parts, state.rng, state.step, batch)
 
   def loss_fn(params):
-    enc_stats = state.batch_stats["encoder"]
-    (f1, z1), enc_stats = _apply(parts.encoder, params["encoder"], enc_stats, x1)
-    (_, z2), enc_stats = _apply(parts.encoder, params["encoder"], enc_stats, x2)
+    ((f1, z1), (_, z2)), enc_stats = _apply_views(
+        parts.encoder, parts.views_encoder, params["encoder"], state.batch_stats["encoder"], x1, x2)
     new_stats = {"encoder": enc_stats}
     pred = target = None
     if parts.predictor is not None:
-      pred_stats = state.batch_stats["predictor"]
-      p1, pred_stats = _apply(parts.predictor, params["predictor"], pred_stats, z1)
-      p2, pred_stats = _apply(parts.predictor, params["predictor"], pred_stats, z2)
-      pred, new_stats["predictor"] = (p1, p2), pred_stats
+      pred, new_stats["predictor"] = _apply_views(
+          parts.predictor, parts.views_predictor, params["predictor"], state.batch_stats["predictor"], z1, z2)
     if state.target is not None:
-      tp, ts = state.target["params"], state.target["batch_stats"]
       # The target normalises with its own batch statistics (train mode); its running
       # averages are an EMA of the online ones, below.
-      (_, t1), _ = _apply(parts.encoder, tp, ts, x1)
-      (_, t2), _ = _apply(parts.encoder, tp, ts, x2)
+      ((_, t1), (_, t2)), _ = _apply_views(parts.encoder, parts.views_encoder, state.target["params"],
+                                           state.target["batch_stats"], x1, x2)
       target = (jax.lax.stop_gradient(t1), jax.lax.stop_gradient(t2))
     loss, objective_state, metrics = parts.method.loss(Views((z1, z2), pred, target), state.objective_state)
     aux = (new_stats, objective_state, metrics, jax.lax.stop_gradient(f1), jax.lax.stop_gradient(z1))
@@ -194,13 +211,14 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
       "target_momentum": momentum,
       "grad_norm": grad_norm,
       "update_norm": update_norm,
-      "param_norm": optax.tree.norm(params),
+      "param_norm": optax.tree.norm(new_state.params),  # the parameters kept (a refused update's are not)
       "probe_loss": probe_ce,
       "probe_acc": probe_acc,
       "embedding_std": O.embedding_std(z1),
       # The effective rank from traces, unless the objective already reports it (EMMI).
       "rank_renyi2": method_metrics["rank_renyi2"] if "rank_renyi2" in method_metrics else O.renyi2_rank(z1),
       "finite": ok.astype(jnp.float32),
+      "refused_in_a_row": new_state.refused_in_a_row.astype(jnp.float32),
   }
   return new_state, metrics
 

@@ -3,10 +3,10 @@ keeps a second job out of it.
 
     config.json          the config of the latest start (each checkpoint holds its own too)
     config_history/      the earlier starts' configs, when they differed
-    classes.json         the class names the labels number, and each split's counts
+    classes.json         the class names the labels number
     metrics.jsonl        every logged metric; tensorboard/ beside it
     timings.json         decode, compile, evaluator set-up and train seconds
-    lock.json            the job that trains here: host, pid, heartbeat
+    lock.json            the job that trains here (a kernel lock; its host, pid, command)
     checkpoints/         Orbax: state, config and data-iterator items per step
 
 Only process 0 of a job writes these (``writes_files``); the others log.
@@ -14,6 +14,8 @@ Only process 0 of a job writes these (``writes_files``); the others log.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +40,30 @@ def writes_files() -> bool:
 
 def write_json(path: fs.PathLike, value) -> None:
   fs.atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def update_json(path: fs.PathLike, update) -> dict:
+  """Read a JSON object, ``update(table)`` it in place, write it back whole; returns it.
+  Locally two programs doing this at once (two evaluations) take turns under an ``flock``
+  of a sibling ``.lock`` file, so both results land. A file that is not JSON is moved
+  aside (named in a warning), never written over."""
+  path = fs.as_path(path)
+  with contextlib.ExitStack() as stack:
+    if not fs.is_remote(path):
+      fd = os.open(os.fspath(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+      stack.callback(os.close, fd)
+      fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+    table = {}
+    if path.exists():
+      try:
+        table = json.loads(path.read_text())
+      except ValueError:
+        aside = path.parent / f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.atomic_write_bytes(aside, path.read_bytes())
+        logging.warning("%s was not valid JSON; moved it to %s and started a new one.", path, aside)
+    update(table)
+    write_json(path, table)
+  return table
 
 
 def record_config(workdir: fs.Path, config_json: str) -> None:
@@ -73,6 +99,8 @@ class WorkdirBusy(RuntimeError):
 
 
 def _pid_alive(pid: int) -> bool:
+  if pid == os.getpid():  # a record of this pid is not this process's (a pid reused: a container's 1)
+    return False
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -87,16 +115,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-  """``lock.json`` in the work directory, held by process 0 of the job training there.
+  """The one job that may train in a work directory: process 0 of it holds ``lock.json``.
 
-  The record names the holder (host, pid, command, start) and carries a heartbeat that a
-  thread renews every ``heartbeat_s`` seconds. A second job is refused with the holder's
-  name while the holder is alive; a dead holder's lock is broken with a warning: on the
-  same host, dead means its pid is gone; from another host, that its heartbeat is older
-  than ``stale_after_s``. Locally the lock is created atomically (``O_EXCL``). An object
-  store has no atomic create here, so there the lock is written, left ``settle_s`` seconds
-  and read back: of two jobs starting within that window, the later writer keeps it and
-  the other is refused.
+  Locally the lock is the kernel's: an exclusive ``flock`` on lock.json, held while the
+  process lives and dropped by the kernel when it ends (kill -9 included), so a dead
+  holder never blocks a resume and two jobs never both hold it; the file's content only
+  names the holder (host, pid, command, start) for the refusal message.
+
+  An object store (gs://) has no locks. There the holder writes its record and a thread
+  renews its heartbeat every ``heartbeat_s`` seconds; a record whose heartbeat is older
+  than ``stale_after_s``, or whose pid is gone on this very host, is a dead holder's, and
+  a new job writes over it. The record is written, left ``settle_s`` seconds and read
+  back: of two jobs writing at once, the later keeps it and the other is refused. A job
+  whose record another has overwritten learns it at its next heartbeat (``lost``), and
+  the training loop stops it.
   """
 
   def __init__(self, workdir: fs.PathLike, heartbeat_s: float = 60.0, stale_after_s: float = 600.0,
@@ -104,81 +136,83 @@ class WorkdirLock:
     self.path = fs.as_path(workdir) / LOCK_FILE
     self.heartbeat_s, self.stale_after_s, self.settle_s = heartbeat_s, stale_after_s, settle_s
     self._token = uuid.uuid4().hex
+    self._remote = fs.is_remote(self.path)
     self._stop = threading.Event()
     self._thread = None
+    self._fd = None
     self._held = False
+    self.lost: dict | None = None  # the record that replaced this job's (remote only)
 
   def _record(self, started: float) -> dict:
     return {"token": self._token, "host": socket.gethostname(), "pid": os.getpid(), "started": started,
             "heartbeat": time.time(), "command": " ".join(sys.argv)}
 
   def _read(self) -> dict | None:
+    """The holder's record; None when there is none, {} when it is torn (its writer died
+    while writing). A storage error is raised: it says nothing about the holder."""
     try:
-      return json.loads(self.path.read_text())
+      text = self.path.read_text()
     except FileNotFoundError:
       return None
-    except (ValueError, OSError):  # torn: a holder that died while writing it
+    try:
+      return json.loads(text) if text.strip() else {}
+    except ValueError:
       return {}
 
   def _alive(self, holder: dict) -> bool:
     if not holder:
       return False
+    fresh = time.time() - float(holder.get("heartbeat", 0)) < self.stale_after_s
     if holder.get("host") == socket.gethostname():
-      return _pid_alive(int(holder.get("pid", -1)))
-    return time.time() - float(holder.get("heartbeat", 0)) < self.stale_after_s
+      return fresh and _pid_alive(int(holder.get("pid", -1)))
+    return fresh
 
   def _busy(self, holder: dict) -> WorkdirBusy:
     age = time.time() - float(holder.get("heartbeat", 0))
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+    what = (f"its lock is released when that process ends; if the job is certainly dead, delete {self.path}, or "
+            f"wait until its heartbeat ({age:.0f}s ago) is {self.stale_after_s:.0f}s old" if self._remote else
+            "the lock is released when that process ends (the kernel drops it, kill -9 included)")
     return WorkdirBusy(
-        f"{self.path.parent} is in use by another job: pid {holder.get('pid')} on {holder.get('host')}, started "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(holder.get('started', 0))))}, last heartbeat "
-        f"{age:.0f}s ago ({holder.get('command', '?')}). Two jobs in one work directory would overwrite each "
-        f"other's checkpoints. Wait for it or stop it, or use another --workdir; if that job is certainly dead, "
-        f"delete {self.path}.")
+        f"{self.path.parent} is in use by another job: pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+        f"started {started} ({holder.get('command', '?')}). Two jobs in one work directory would overwrite each "
+        f"other's checkpoints. Wait for it or stop it, or use another --workdir; {what}.")
 
   def acquire(self) -> "WorkdirLock":
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fs.ensure_directory(self.path.parent, "--workdir")
     started = time.time()
-    if fs.is_remote(self.path):
+    if self._remote:
       self._acquire_remote(started)
+      self._thread = threading.Thread(target=self._beat, args=(started,), name="emim-workdir-lock", daemon=True)
+      self._thread.start()
     else:
       self._acquire_local(started)
     self._held = True
-    self._thread = threading.Thread(target=self._beat, args=(started,), name="emim-workdir-lock", daemon=True)
-    self._thread.start()
     return self
 
-  def _break_if_dead(self) -> None:
-    holder = self._read()
-    if holder is None:
-      return
-    if self._alive(holder):
-      raise self._busy(holder)
-    logging.warning("Breaking the lock of a job that is no longer alive (pid %s on %s): %s.", holder.get("pid"),
-                    holder.get("host"), self.path)
-    try:
-      self.path.unlink()
-    except FileNotFoundError:
-      pass
-
   def _acquire_local(self, started: float) -> None:
-    # The record is written to a file of its own, then linked to lock.json: the link is
-    # atomic and fails if lock.json exists, so no reader ever sees a half-written lock.
-    tmp = self.path.parent / f".{LOCK_FILE}.{self._token}"
-    tmp.write_text(json.dumps(self._record(started)))
-    try:
-      for _ in range(3):
-        try:
-          os.link(os.fspath(tmp), os.fspath(self.path))
-          return
-        except FileExistsError:
-          self._break_if_dead()
-      raise self._busy(self._read() or {})
-    finally:
-      tmp.unlink()
+    while True:
+      fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise self._busy(self._read() or {}) from None
+      if os.fstat(fd).st_ino == os.stat(os.fspath(self.path)).st_ino:
+        break
+      os.close(fd)  # lock.json was replaced while we locked the old one: lock the new one
+    data = json.dumps(self._record(started)).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    self._fd = fd
 
   def _acquire_remote(self, started: float) -> None:
-    self._break_if_dead()
+    holder = self._read()
+    if holder is not None and self._alive(holder):
+      raise self._busy(holder)
+    if holder is not None:
+      logging.warning("Taking over the lock of a job that is no longer alive (pid %s on %s): %s.", holder.get("pid"),
+                      holder.get("host"), self.path)
     write_json(self.path, self._record(started))
     time.sleep(self.settle_s)
     holder = self._read() or {}
@@ -187,26 +221,43 @@ class WorkdirLock:
 
   def _beat(self, started: float) -> None:
     while not self._stop.wait(self.heartbeat_s):
-      holder = self._read()
-      if not holder or holder.get("token") != self._token:
-        logging.error("The lock %s is no longer this job's (now: %s); another job may be writing this work "
-                      "directory.", self.path, holder)
-        return
       try:
+        holder = self._read()
+        if not holder or holder.get("token") != self._token:
+          self.lost = holder or {}
+          logging.error("The lock %s is no longer this job's (now: %s): another job writes this work directory; "
+                        "this one stops at its next progress line.", self.path, holder)
+          return
         write_json(self.path, self._record(started))
       except OSError as e:  # a transient storage error: the next beat tries again
-        logging.warning("Cannot renew the lock %s (%s).", self.path, e)
+        logging.warning("Cannot renew the lock %s (%s); trying again in %.0fs.", self.path, e, self.heartbeat_s)
+
+  def check(self) -> None:
+    """Raise if another job has taken this job's lock (see ``lost``)."""
+    if self.lost is not None:
+      raise WorkdirBusy(f"Another job took over {self.path} while this one was training ({self.lost}); stopped so "
+                        "that the two do not overwrite each other's checkpoints.")
 
   def release(self) -> None:
     if not self._held:
       return
+    self._held = False
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)  # the file stays (deleting it would let two jobs lock two files)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+      return
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    holder = self._read()
-    if holder and holder.get("token") == self._token:
-      self.path.unlink()
-    self._held = False
+    try:
+      holder = self._read()
+      if holder and holder.get("token") == self._token:
+        self.path.unlink()
+    except OSError as e:
+      logging.warning("Cannot remove the lock %s (%s): it expires %.0fs after its last heartbeat.", self.path, e,
+                      self.stale_after_s)
 
   def __enter__(self):
     return self.acquire()

@@ -222,3 +222,10 @@ def test_tfds_class_names_come_from_its_dataset_info():
   with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
     data = sources.load(cfg, "train")
   assert data.class_names == ("angular_leaf_spot", "bean_rust", "healthy") and data.num_classes == 3
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, caplog):
+  root = write_folder(tmp_path / "folder")
+  (tmp_path / "not_a_dir").write_text("")
+  data = sources.image_folder(str(root), "train", None, cache_dir=str(tmp_path / "not_a_dir" / "cache"))
+  assert len(data) == 6 and "Cannot write the decode cache" in caplog.text

@@ -174,6 +174,41 @@ def test_export_refuses_a_non_empty_directory_and_replaces_it_only_when_asked(tr
     emim.load_backbone(out)
 
 
+def test_overwrite_replaces_an_export_only_never_a_run_or_a_project(trained_run, tmp_path):
+  config, workdir = trained_run
+  _, backbone = restore_backbone(workdir, config)
+  project = tmp_path / "project"
+  project.mkdir()
+  (project / "important.py").write_text("keep me")
+  with pytest.raises(export.ExportError, match=r"not an emim export \(\['important.py'\]\).*replaces an earlier export"):
+    export.export_backbone(backbone, project, overwrite=True)
+  assert (project / "important.py").read_text() == "keep me"
+  with pytest.raises(export.ExportError, match="is the run's work directory"):
+    export.check_output(workdir, True, workdir)
+  link = tmp_path / "link"
+  link.symlink_to(export.export_backbone(backbone, tmp_path / "target"))
+  out = export.export_backbone(backbone, link, {"step": 7}, overwrite=True)  # through a symlink: its target
+  assert out == export.check_output(tmp_path / "target", True) and link.is_symlink()
+  assert json.loads((link / export.MODEL_FILE).read_text())["step"] == 7
+
+
+def test_evaluate_reports_a_missing_run_and_takes_tuple_overrides(trained_run, tmp_path):
+  _, workdir = trained_run
+  missing = subprocess.run([sys.executable, "-m", "emim.evaluate", f"--workdir={tmp_path / 'nothere'}",
+                            "--config.eval.probe_epochs=1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert missing.returncode == 1 and "no checkpoint: --workdir must be a training run's" in missing.stderr
+  assert "Unknown command line flag" not in missing.stderr and "Traceback" not in missing.stderr
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluation.json"))
+  knn = subprocess.run([sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--mode=knn",
+                        "--config.eval.knn_k=(5,)"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert knn.returncode == 0, knn.stderr[-2000:]
+  assert "knn_top1_k5" in json.loads((run / "evaluation.json").read_text())["192"]
+  zero = subprocess.run([sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--config.eval.probe_epochs=0"],
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert zero.returncode == 1 and "error: --config.eval.probe_epochs=0: it must be a positive integer" in zero.stderr
+
+
 def test_evaluate_and_export_read_the_config_their_checkpoint_was_trained_with(trained_run, tmp_path):
   """A later start of the run (or an edited config.json) does not change what an earlier
   checkpoint holds: the programs rebuild the model from the checkpoint's own config."""

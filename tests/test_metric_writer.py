@@ -56,3 +56,18 @@ def test_has_every_method_of_clus_metric_writer_interface():
     assert ours is not None, method.name
     theirs = [a.arg for a in method.args.args + method.args.kwonlyargs]
     assert list(inspect.signature(ours).parameters) == theirs, method.name
+
+
+def test_a_resumed_run_rewrites_the_steps_after_its_checkpoint_and_a_torn_line_stays_apart(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.5}\n{"step": 6, "lo')  # died at 6, saved at 4
+  writer = MetricWriter(tmp_path, active=True, resume_step=4)
+  writer.write(6, {"loss": 0.25})
+  writer.close()
+  assert read_metrics(path) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}, {"step": 6, "loss": 0.25}]
+  other = tmp_path / "metrics_eval.jsonl"
+  other.write_text('{"step": 2, "a": 1.0}\n{"step": 3, "a"')  # torn by a crash
+  writer = MetricWriter(tmp_path, "metrics_eval.jsonl", active=True)
+  writer.write(4, {"a": 2.0})
+  writer.close()
+  assert other.read_text().splitlines()[-1] == '{"step": 4, "a": 2.0}'

@@ -64,3 +64,22 @@ def test_two_processes_train_stream_resume_write_once_and_equal_one_process(tmp_
   for step in (2, 4):
     for name in ("loss", "grad_norm", "param_norm", "probe_loss"):
       np.testing.assert_allclose(two[step][name], one[step][name], rtol=2e-4, err_msg=f"{name} at step {step}")
+
+
+def test_a_busy_work_directory_stops_every_process_of_a_job_at_once(tmp_path, folder):
+  """Process 0 finds the lock held; the other process learns it at once, not at a
+  collective it would wait on."""
+  from emim.workdir import WorkdirLock
+
+  with WorkdirLock(tmp_path):
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")}
+    command = [sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal",
+               f"--workdir={tmp_path}", f"--config.data.path={folder}", *ARGS, "--distributed",
+               f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen(command + [f"--process_id={i}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env=env) for i in range(2)]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], logs
+  assert f"is in use by another job: pid {os.getpid()}" in logs[0]
+  assert "Process 0 of this job could not take the work directory's lock" in logs[1]

@@ -21,7 +21,7 @@ from emim.config_base import ConfigError
 from emim.data import sources
 from emim.evaluators.knn import knn_accuracy
 from emim.metric_writer import read_metrics
-from emim.workdir import WorkdirBusy
+from emim.workdir import WorkdirBusy, WorkdirLock
 
 
 def params_of(state):
@@ -36,7 +36,7 @@ def assert_same_params(a, b):
 
 def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
   assert jax.device_count() == 8
-  config = tiny_synthetic(**{"eval.every_steps": 2})
+  config = tiny_synthetic(**{"eval.every_steps": 2, "train.profile_steps": (2, 3)})
   result = train.run(config, str(tmp_path))
   assert int(result.state.step) == 4
   assert np.isfinite(result.final_metrics["loss"])
@@ -66,7 +66,8 @@ def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
   timings = json.loads((tmp_path / "timings.json").read_text())
   assert set(timings) == {"decode_s", "compile_s", "eval_setup_s", "train_s", "evaluators_s", "checkpoint_s"}
   assert timings["evaluators_s"] + timings["checkpoint_s"] < timings["train_s"]
-  assert not (tmp_path / "lock.json").exists()  # released at the end
+  WorkdirLock(tmp_path).acquire().release()  # released at the end
+  assert list((tmp_path / "profile").rglob("*.xplane.pb")), "the trace of steps 2-3"
   # The state is replicated over the 8-device mesh and the batch was sharded over it.
   leaf = jax.tree.leaves(result.state.params)[0]
   assert len(leaf.sharding.device_set) == 8
@@ -125,10 +126,11 @@ def test_refused_updates_stop_the_run_only_in_a_row_and_its_checkpoint_resumes(t
   the last finite parameters, and a resume with a workable learning rate trains on."""
   broken = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": float("nan"), "train.num_steps": 8,
                              "train.max_nonfinite_in_a_row": 4, "checkpoint.every_steps": 2})
-  with pytest.raises(FloatingPointError, match=r"last 4 updates, up to step 4, were refused.*those of step 0"):
+  with pytest.raises(FloatingPointError, match=r"4 updates in a row were refused, up to step 4.*those of step 0"):
     train.run(broken, str(tmp_path))
   rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
-  assert [(r["step"], r["refused_updates"]) for r in rows] == [(2, 2.0), (4, 2.0)]  # not stopped at 2 in a row
+  assert [(r["step"], r["refused_updates"], r["refused_in_a_row_max"]) for r in rows] == [(2, 2.0, 2.0), (4, 2.0, 4.0)]
+  assert np.isnan(rows[0]["loss"])  # no finite step to average
   assert Checkpointer(tmp_path / "checkpoints").all_steps() == [1, 2]  # (Orbax saves a fresh run's first step)
   _, fresh = ckpt_lib.restore_subtree(tmp_path / "checkpoints", 1, ("params",))
   _, saved = ckpt_lib.restore_subtree(tmp_path / "checkpoints", 2, ("params", "refused_in_a_row"))
@@ -140,7 +142,8 @@ def test_refused_updates_stop_the_run_only_in_a_row_and_its_checkpoint_resumes(t
   resumed = train.run(fixed, str(tmp_path))
   assert int(resumed.state.step) == 8 and int(resumed.state.refused_in_a_row) == 0
   rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
-  assert [(r["step"], r["refused_updates"]) for r in rows][2:] == [(4, 0.0), (6, 0.0), (8, 0.0)]
+  # Step 4's line of the stopped attempt (after its last checkpoint, 2) gave way to the resumed run's.
+  assert [(r["step"], r["refused_updates"]) for r in rows] == [(2, 2.0), (4, 0.0), (6, 0.0), (8, 0.0)]
   assert np.isfinite(resumed.final_metrics["loss"])
   moved = jax.tree.leaves(jax.device_get(resumed.state.params))[0]
   assert not np.array_equal(moved, jax.tree.leaves(fresh["params"])[0])
@@ -154,12 +157,33 @@ def test_bad_values_are_refused_before_any_work_naming_the_field(tmp_path):
       ("train.batch_size", -8, r"train.batch_size=-8"),
       ("model.projector_dims", (), r"model.projector_dims=\(\): give the width of every layer"),
       ("train.num_steps", -1, r"train.num_steps=-1 .*set one of them"),
+      ("train.profile_steps", (3, 2), r"train.profile_steps=\(3, 2\): give \(first, last\) steps"),
+      ("model.width", 0, r"model.width=0: it must be a positive integer"),
+      ("data.image_size", 0, r"data.image_size=0"),
+      ("optim.base_lr", -1.0, r"base_lr=-1.0: a learning rate cannot be negative"),
+      ("eval.mi_every_steps", -5, r"mi_every_steps=-5: -1 \(with every progress line\), 0 \(off\)"),
+      ("eval.every_steps", -1, r"eval.every_steps=-1: 0 \(off\) or a number of steps"),
   ]:
     with pytest.raises(ConfigError, match=message):
       train.run(tiny_synthetic(**{field: value}), str(tmp_path / "refused"))
   assert not (tmp_path / "refused").exists()  # refused before anything was written
   with pytest.raises(ConfigError, match="fewer than one batch of 1024.*batch_size"):
     train.run(tiny_synthetic(**{"train.batch_size": 1024}), str(tmp_path / "small"))
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(NotADirectoryError, match="--workdir .*a_file is a file, not a directory"):
+    train.run(tiny_synthetic(), str(tmp_path / "a_file"))
+  with pytest.raises(NotADirectoryError, match="a part of that path is a file"):
+    train.run(tiny_synthetic(), str(tmp_path / "a_file" / "run"))
+
+
+def test_resuming_with_another_model_names_the_fields_not_a_corrupt_checkpoint(tmp_path):
+  train.run(tiny_synthetic(), str(tmp_path), stop_at_step=2)
+  with pytest.raises(CheckpointError, match=r"holds another model than this config describes \(model.width: 8 in "
+                                            r"the checkpoint, 16 now\)"):
+    train.run(tiny_synthetic(**{"model.width": 16}), str(tmp_path))
+  with pytest.raises(CheckpointError, match=r"method.name: 'emmi' in the checkpoint, 'byol' now"):
+    train.run(tiny_synthetic("byol,runlocal"), str(tmp_path))
+  assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 2  # nothing moved or lost
 
 
 def test_a_dataset_without_a_test_split_is_reported_before_compiling(tmp_path, folder):

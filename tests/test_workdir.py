@@ -23,41 +23,54 @@ def dead_pid() -> int:
   return proc.pid
 
 
-def write_lock(workdir, **fields):
-  record = {"token": "other", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+def write_record(path, **fields):
+  record = {"token": "other", "host": socket.gethostname(), "pid": dead_pid(), "started": time.time(),
             "heartbeat": time.time(), "command": "python -m emim.main ...", **fields}
-  (workdir / workdir_lib.LOCK_FILE).write_text(json.dumps(record))
+  path.write_text(json.dumps(record))
 
 
-def test_a_live_holder_refuses_a_second_job_and_a_dead_ones_lock_is_broken(tmp_path, caplog):
-  write_lock(tmp_path)  # this very process: alive
-  with pytest.raises(WorkdirBusy, match=rf"in use by another job: pid {os.getpid()} on {socket.gethostname()}.*delete"):
+def test_a_live_job_holds_the_local_lock_and_its_death_releases_it(tmp_path):
+  """The kernel's lock: held while the holder lives, dropped when it is killed (-9),
+  whatever lock.json says."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c", f"from emim.workdir import WorkdirLock; WorkdirLock({str(tmp_path)!r}).acquire(); "
+                             "print('held', flush=True); import time; time.sleep(600)"],
+      stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(WorkdirBusy, match=rf"in use by another job: pid {holder.pid} on {socket.gethostname()}"):
     WorkdirLock(tmp_path).acquire()
-  write_lock(tmp_path, host="another-host", heartbeat=time.time() - 5)  # another host, beating
+  holder.kill()
+  holder.wait()
+  with WorkdirLock(tmp_path) as lock:
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    with pytest.raises(WorkdirBusy):  # one holder at a time, in one process too
+      WorkdirLock(tmp_path).acquire()
+  write_record(tmp_path / workdir_lib.LOCK_FILE, pid=os.getpid())  # what it says does not matter: no one locks it
+  WorkdirLock(tmp_path).acquire().release()
+
+
+def test_the_remote_lock_follows_the_heartbeat_and_a_job_overtaken_stops(fake_gcs, caplog):
+  remote = f"{fake_gcs}/locks/run"
+  path = workdir_lib.fs.as_path(remote) / workdir_lib.LOCK_FILE
+  fast = lambda: WorkdirLock(remote, heartbeat_s=0.05, stale_after_s=60, settle_s=0.1)
+  write_record(path, host="another-host", heartbeat=time.time() - 5)  # another host, beating
   with pytest.raises(WorkdirBusy, match="on another-host"):
-    WorkdirLock(tmp_path, stale_after_s=60).acquire()
-  write_lock(tmp_path, host="another-host", heartbeat=time.time() - 3600)  # another host, silent for an hour
-  with WorkdirLock(tmp_path, stale_after_s=60) as lock:
-    held = json.loads(lock.path.read_text())
-    assert held["pid"] == os.getpid() and held["token"] != "other"
-  assert not lock.path.exists()  # released
-  pid = dead_pid()
-  write_lock(tmp_path, pid=pid)  # this host, its process gone (killed, or the machine's job ended)
-  with WorkdirLock(tmp_path):
-    pass
-  assert f"no longer alive (pid {pid}" in caplog.text
-
-
-def test_the_heartbeat_renews_the_lock_and_a_lock_taken_over_is_reported(tmp_path, caplog):
-  lock = WorkdirLock(tmp_path, heartbeat_s=0.05).acquire()
-  first = json.loads(lock.path.read_text())["heartbeat"]
-  time.sleep(0.5)
-  assert json.loads(lock.path.read_text())["heartbeat"] > first
-  write_lock(tmp_path, token="intruder")
-  time.sleep(0.3)
-  assert "no longer this job's" in caplog.text
+    fast().acquire()
+  write_record(path, host="another-host", heartbeat=time.time() - 3600)  # silent for an hour
+  fast().acquire().release()
+  assert "no longer alive" in caplog.text and not path.exists()
+  write_record(path, pid=os.getpid())  # this host, a pid reused (a container's 1): not the holder
+  fast().acquire().release()
+  lock = fast().acquire()
+  first = json.loads(path.read_text())["heartbeat"]
+  time.sleep(0.6)
+  assert json.loads(path.read_text())["heartbeat"] > first  # renewed
+  write_record(path, token="intruder", host="another-host")
+  time.sleep(0.6)
+  with pytest.raises(WorkdirBusy, match="took over"):
+    lock.check()
   lock.release()
-  assert json.loads(lock.path.read_text())["token"] == "intruder"  # not ours: left alone
+  assert json.loads(path.read_text())["token"] == "intruder"  # not ours: left alone
 
 
 def test_the_config_of_every_start_is_recorded_and_earlier_ones_kept(tmp_path):
@@ -83,7 +96,8 @@ def test_an_attempt_that_never_trained_leaves_no_config_and_the_real_one_is_expo
     patch.setattr(train, "compile_train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
       train.run(wide, str(tmp_path))
-  assert not (tmp_path / "config.json").exists() and not (tmp_path / workdir_lib.LOCK_FILE).exists()
+  assert not (tmp_path / "config.json").exists()
+  WorkdirLock(tmp_path).acquire().release()  # the interrupted attempt released its lock
   narrow = tiny_synthetic()  # width 8
   train.run(narrow, str(tmp_path))
   assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 8

@@ -35,9 +35,10 @@ class DeviceData:
 
   iterator = None  # each step's batch is a function of the step: nothing to checkpoint
 
-  def __init__(self, data_cfg: ml_collections.ConfigDict, mesh, cache_dir: str, batch_size: int):
-    self._cfg, self._mesh, self._cache_dir, self._batch_size = data_cfg, mesh, cache_dir, batch_size
-    self.train = sources.load(data_cfg, "train", cache_dir=cache_dir)
+  def __init__(self, train: ImageDataset, mesh, batch_size: int, load_test=None):
+    """``train`` placed on the devices; ``load_test()`` gives the test split when an
+    evaluator asks for it."""
+    self.train, self._mesh, self._batch_size, self._load_test = train, mesh, batch_size, load_test
     replicated = sharding.replicated(mesh)
     self._on_device = {"images": sharding.put_global(self.train.images, replicated),
                        "labels": sharding.put_global(self.train.labels, replicated)}
@@ -74,8 +75,9 @@ class DeviceData:
     return _subset(self.train, n, seed)
 
   def test_subset(self, n: int, seed: int = 0) -> ImageDataset:
-    test = sources.load(self._cfg, "test", cache_dir=self._cache_dir, train_classes=self.train.class_names)
-    return _subset(test, n, seed)
+    if self._load_test is None:
+      raise sources.DatasetError("This training data was given without its test split.")
+    return _subset(self._load_test(), n, seed)
 
 
 class StreamData:
@@ -157,4 +159,6 @@ class StreamData:
 def make_train_data(config: ml_collections.ConfigDict, mesh, cache_dir: str):
   if config.data.stream:
     return StreamData(config.data, config.augment, mesh, config.seed, config.train.batch_size)
-  return DeviceData(config.data, mesh, cache_dir, config.train.batch_size)
+  train = sources.load(config.data, "train", cache_dir=cache_dir)
+  load_test = lambda: sources.load(config.data, "test", cache_dir=cache_dir, train_classes=train.class_names)
+  return DeviceData(train, mesh, config.train.batch_size, load_test)

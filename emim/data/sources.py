@@ -224,18 +224,32 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
   if dataset is None:
     dataset = _decode_split(src, split, image_size, workers)
     if cache is not None:
-      cache.parent.mkdir(parents=True, exist_ok=True)
-      # A temporary name of this process's own (runs started together share the cache and
-      # decode at once), then an atomic rename: a crash never leaves a half-written cache.
-      tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-      np.savez(tmp, images=dataset.images, labels=dataset.labels, classes=json.dumps(dataset.class_names))
-      os.replace(tmp, cache)
+      _write_cache(cache, dataset)
   if train_classes is None or tuple(train_classes) == dataset.class_names:
     return dataset
   # Cached with this split's own class numbering; relabel by the training split's names.
   index = label_index(dataset.class_names, tuple(train_classes), split, src)
   relabel = np.array([index[c] for c in dataset.class_names], np.int32)
   return ImageDataset(dataset.images, relabel[dataset.labels], tuple(train_classes))
+
+
+def _write_cache(cache: pathlib.Path, dataset: ImageDataset) -> None:
+  """Keep the decoded split for the next run; a cache that cannot be written (a read-only
+  folder, a full disk) costs the next run a decode, not this one its work."""
+  # A temporary name of this process's own (runs started together share the cache and
+  # decode at once), then an atomic rename: a crash never leaves a half-written cache.
+  tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+  try:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp, images=dataset.images, labels=dataset.labels, classes=json.dumps(dataset.class_names))
+    os.replace(tmp, cache)
+  except OSError as e:
+    logging.warning("Cannot write the decode cache %s (%s); continuing without it. Set --config.data.cache_dir to a "
+                    "writable folder to keep it.", cache, e)
+    try:
+      tmp.unlink()
+    except OSError:
+      pass
 
 
 def _decode_split(src: pathlib.Path, split: str, image_size: int | None, workers: int) -> ImageDataset:

@@ -31,15 +31,18 @@ def parse_dtype(name: str) -> Any:
   return DTYPES[name]
 
 
-def make_encoder(model_cfg: ml_collections.ConfigDict) -> Encoder:
+def make_encoder(model_cfg: ml_collections.ConfigDict, bn_groups: int = 1) -> Encoder:
+  """The encoder; ``bn_groups=2`` takes both views interleaved in one call, each
+  normalised by its own BatchNorm statistics (the same variables as ``bn_groups=1``)."""
   dtype = parse_dtype(model_cfg.dtype)
-  backbone = make_backbone(model_cfg.backbone, model_cfg.width, model_cfg.cifar_stem, dtype)
-  projector = MLP(tuple(model_cfg.projector_dims), output_norm=model_cfg.projector_output_norm, dtype=dtype)
+  backbone = make_backbone(model_cfg.backbone, model_cfg.width, model_cfg.cifar_stem, dtype, bn_groups)
+  projector = MLP(tuple(model_cfg.projector_dims), output_norm=model_cfg.projector_output_norm, dtype=dtype,
+                  bn_groups=bn_groups)
   return Encoder(backbone, projector)
 
 
-def make_predictor(model_cfg: ml_collections.ConfigDict) -> MLP:
-  return MLP(tuple(model_cfg.predictor_dims), dtype=parse_dtype(model_cfg.dtype))
+def make_predictor(model_cfg: ml_collections.ConfigDict, bn_groups: int = 1) -> MLP:
+  return MLP(tuple(model_cfg.predictor_dims), dtype=parse_dtype(model_cfg.dtype), bn_groups=bn_groups)
 
 
 __all__ = ["ARCHITECTURES", "Encoder", "MLP", "ResNet", "make_backbone", "make_encoder", "make_predictor"]

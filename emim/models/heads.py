@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from emim.models.norm import GroupedBatchNorm
 
 
 class MLP(nn.Module):
@@ -16,16 +19,20 @@ class MLP(nn.Module):
     batch_norm: BatchNorm after each hidden Dense (before the ReLU).
     output_norm: an affine-free BatchNorm on the output (Barlow Twins/VICReg style).
     dtype: compute dtype; the output is returned in float32 for the objectives.
+    bn_groups: how many interleaved batches (views) one call carries, each normalised
+      by its own statistics (GroupedBatchNorm); 1 for one batch.
   """
 
   dims: Sequence[int]
   batch_norm: bool = True
   output_norm: bool = False
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, **kw)
+    norm_cls = functools.partial(GroupedBatchNorm, groups=self.bn_groups) if self.bn_groups > 1 else nn.BatchNorm
+    norm = lambda **kw: norm_cls(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, **kw)
     for i, d in enumerate(self.dims[:-1]):
       x = nn.Dense(d, use_bias=not self.batch_norm, dtype=self.dtype, name=f"dense{i}")(x)
       if self.batch_norm:

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from emim.models.norm import GroupedBatchNorm
+
 ModuleDef = Any
 
 # name -> (block kind, blocks per stage)
@@ -89,6 +91,8 @@ class ResNet(nn.Module):
     cifar_stem: 3x3 stride-1 conv and no max-pool (32x32 inputs) instead of the 7x7
       stride-2 conv and max-pool of the ImageNet stem.
     dtype: compute dtype; parameters stay float32.
+    bn_groups: how many interleaved batches (views) one call carries, each normalised
+      by its own statistics (GroupedBatchNorm); 1 for one batch.
   """
 
   stage_sizes: Sequence[int]
@@ -96,6 +100,7 @@ class ResNet(nn.Module):
   width: int = 64
   cifar_stem: bool = False
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @property
   def feature_dim(self) -> int:
@@ -105,8 +110,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(TorchPaddedConv, use_bias=False, dtype=self.dtype)
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    norm_cls = functools.partial(GroupedBatchNorm, groups=self.bn_groups) if self.bn_groups > 1 else nn.BatchNorm
+    norm = functools.partial(norm_cls, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     block_cls = BottleneckBlock if self.block == "bottleneck" else BasicBlock
     x = x.astype(self.dtype)
     if self.cifar_stem:
@@ -123,8 +128,9 @@ class ResNet(nn.Module):
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
-def make_backbone(name: str, width: int = 64, cifar_stem: bool = False, dtype: Any = jnp.float32) -> ResNet:
+def make_backbone(name: str, width: int = 64, cifar_stem: bool = False, dtype: Any = jnp.float32,
+                  bn_groups: int = 1) -> ResNet:
   if name not in ARCHITECTURES:
     raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(ARCHITECTURES)}.")
   block, stages = ARCHITECTURES[name]
-  return ResNet(stage_sizes=stages, block=block, width=width, cifar_stem=cifar_stem, dtype=dtype)
+  return ResNet(stage_sizes=stages, block=block, width=width, cifar_stem=cifar_stem, dtype=dtype, bn_groups=bn_groups)
