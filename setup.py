@@ -37,6 +37,6 @@ setup(
         # checkpoint arrays go through TensorStore, which speaks GCS itself).
         "gcs": ["gcsfs"],
         # The GCS emulator lets the tests run a gs:// work directory without the network.
-        "test": ["pytest", "tensorboard", "gcsfs", "gcp-storage-emulator"],
+        "test": ["pytest", "tensorboard", "gcsfs", "gcp-storage-emulator", "setuptools>=70.1"],  # (setuptools: the wheel test)
     },
 )

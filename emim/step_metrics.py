@@ -14,6 +14,7 @@ from __future__ import annotations
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from clu import metrics as clu_metrics
 
 # The value at the interval's last step: schedules and states, not per-batch noise.
@@ -88,5 +89,7 @@ def merge(interval: dict[str, clu_metrics.Metric], step_metrics: dict[str, jax.A
 
 
 def compute(interval: dict[str, clu_metrics.Metric]) -> dict[str, float]:
-  """Host floats: means, last values and the refused count."""
-  return {name: float(metric.compute()) for name, metric in jax.device_get(interval).items()}
+  """Host floats: means, last values and the refused count (a mean over no finite step
+  is NaN: there was nothing to average)."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return {name: float(metric.compute()) for name, metric in jax.device_get(interval).items()}
