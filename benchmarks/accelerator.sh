@@ -113,7 +113,7 @@ case "$stage" in
     ;;
   long)
     name=${2:?usage: accelerator.sh long NAME [overrides]}
-    WORKDIR=${WORKDIR:-/tmp/emim_long/$name}
+    run_dir=${LONG_DIR:-/tmp/emim_long}/$name
     run=(--config="${CONFIG:-configs/cifar10.py}" --config.data.path="$CIFAR" "${@:3}")
     # kNN on all 10,000 test images against all 50,000 training images, every KNN_EVERY
     # steps (1950: 10 CIFAR epochs at batch 256): the accuracy-over-time curve.
@@ -124,20 +124,20 @@ case "$stage" in
       run=(--config=configs/synthetic.py:runlocal --config.train.num_steps=6 "${@:3}")
       knn=(--config.eval.every_steps=3); probe=(--config.eval.probe_epochs=1 --config.eval.probe_mode=features)
     fi
-    mkdir -p "$WORKDIR"
+    mkdir -p "$run_dir"
     SECONDS=0
-    timeout --signal=TERM "${TRAIN_LIMIT:-540}" python3 -m emim.main "${run[@]}" "${knn[@]}" --workdir="$WORKDIR" 2>&1 \
+    timeout --signal=TERM "${TRAIN_LIMIT:-540}" python3 -m emim.main "${run[@]}" "${knn[@]}" --workdir="$run_dir" 2>&1 \
       | grep -v "^W" | tee -a "$OUT/$name.train.log"
     rc=${PIPESTATUS[0]}
-    echo "$SECONDS" >> "$WORKDIR/call_seconds.txt"
-    echo "$name: this call ran ${SECONDS}s (exit $rc); calls so far: $(paste -sd+ "$WORKDIR/call_seconds.txt" | bc)s" \
+    echo "$SECONDS" >> "$run_dir/call_seconds.txt"
+    echo "$name: this call ran ${SECONDS}s (exit $rc); calls so far: $(awk '{s += $1} END {print s}' "$run_dir/call_seconds.txt")s" \
       | tee -a "$OUT/$name.train.log"
-    cp "$WORKDIR/metrics.jsonl" "$OUT/$name.metrics.jsonl"; cp "$WORKDIR/timings.json" "$OUT/$name.timings.json" 2> /dev/null
+    cp "$run_dir/metrics.jsonl" "$OUT/$name.metrics.jsonl"; cp "$run_dir/timings.json" "$OUT/$name.timings.json" 2> /dev/null
     if [ "$rc" = 0 ]; then  # finished: the standard linear probe on the last checkpoint
       SECONDS=0
-      python3 -m emim.evaluate --workdir="$WORKDIR" "${probe[@]}" 2>&1 | grep -v "^W" | tee "$OUT/$name.evaluate.log"
+      python3 -m emim.evaluate --workdir="$run_dir" "${probe[@]}" 2>&1 | grep -v "^W" | tee "$OUT/$name.evaluate.log"
       echo "$name: evaluation ${SECONDS}s" | tee -a "$OUT/$name.evaluate.log"
-      cp "$WORKDIR/evaluation.json" "$OUT/$name.evaluation.json"
+      cp "$run_dir/evaluation.json" "$OUT/$name.evaluation.json"
     else
       echo "$name: not finished; the same command resumes it from its checkpoint." | tee -a "$OUT/$name.train.log"
     fi
