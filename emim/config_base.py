@@ -52,7 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
       cache_dir="", decode_size=0, image_size=32, num_classes=10, num_train=4096, num_test=1024,
       mean=CIFAR_MEAN, std=CIFAR_STD,
       stream=False,  # True: a Grain pipeline on host workers (ImageNet) instead of data on device
-      workers=8))  # host decoding processes when streaming
+      workers=8,  # host decoding processes when streaming
+      # Streaming: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that leaves its
+      # crops their output size (the crops' boxes unchanged); False: at full size.
+      reduced_decode=True,
+      # Only these classes, labelled in sorted order: a subset of emim/data/class_lists.py
+      # ("imagenet100": CMC's ImageNet-100) or a file of class names; "": every class.
+      class_subset=""))
 
   # Two views: the asymmetric BYOL recipe (blur 1.0 / 0.1, solarise 0.0 / 0.2).
   c.augment = ml_collections.ConfigDict(dict(
@@ -155,7 +161,12 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -
   if recipe is not None:
     recipe(c)
   if "runlocal" in variants:
-    c.model.backbone, c.model.width = "resnet_tiny", 8
+    # ResNet-50's block kept for the ImageNet configs, at a tiny width and 32x32 views.
+    c.model.backbone = "resnet_tiny_bottleneck" if c.model.backbone == "resnet50" else "resnet_tiny"
+    c.model.width = 8
+    if c.data.image_size > 32:
+      c.data.image_size, c.data.decode_size = 32, 40
+    c.data.workers = min(c.data.workers, 2)
     c.model.projector_dims, c.model.predictor_dims = (64, 32), (64, 32)
     c.data.num_train, c.data.num_test = min(c.data.num_train, 512), min(c.data.num_test, 256)
     c.train.batch_size, c.train.num_steps, c.train.log_every = 32, 4, 2

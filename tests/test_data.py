@@ -95,7 +95,8 @@ def test_tfds_source_reads_a_data_source_without_tensorflow(name, shape):
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     data = sources.load(cfg, "train")
     records, open_fn, _ = streaming.stream_source(cfg, "train")
-    image, label, _ = open_fn(records[0])
+    image, label, name = open_fn(records[0])
+    image, _, _ = streaming._decode(image, 1.0, name)  # (records open lazily; decoding converts to RGB)
   assert data.images.shape == (6,) + shape and data.images.dtype == np.uint8
   assert data.labels.shape == (6,) and data.labels.dtype == np.int32
   assert image.mode == "RGB" and image.size == shape[:2] and 0 <= label < 10

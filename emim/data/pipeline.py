@@ -88,10 +88,11 @@ class StreamData:
     self._cfg, self._mesh, self._seed, self._batch_size = data_cfg, mesh, seed, batch_size
     self._records, open_fn, self._class_names = streaming.stream_source(data_cfg, "train")
     # Training: each view's random resized crop from the full image, on the host.
+    reduce = data_cfg.get("reduced_decode", True)
     self._two_crops = streaming.TwoCropDecode(
-        open_fn, data_cfg.image_size, (augment_cfg.view1.crop_scale, augment_cfg.view2.crop_scale))
+        open_fn, data_cfg.image_size, (augment_cfg.view1.crop_scale, augment_cfg.view2.crop_scale), reduce=reduce)
     # Evaluators: centre squares.
-    self._centre = streaming.CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size)
+    self._centre = streaming.CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size, reduce)
     logging.info("Streaming %d training images with %d host workers.", len(self._records), data_cfg.workers)
     # The checkpoints save this iterator's state and restore sets it (before the first
     # batch is read for compiling).

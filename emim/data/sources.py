@@ -24,6 +24,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from emim.data import class_lists
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -96,14 +98,52 @@ def _decode(item: tuple[str, bytes], size: int | None) -> np.ndarray:
     raise DatasetError(f"Cannot decode image {name!r} ({e}). Remove or replace the file and run again.") from e
 
 
-def directory_classes(path: pathlib.Path, split: str) -> dict[str, list[pathlib.Path]]:
-  """{class: its image files, sorted} of ``path/split/<class>/``; a class folder without
-  images is an error that names it (the labels would silently shift without it)."""
+def class_subset(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The classes ``config.data.class_subset`` keeps, sorted (their labels' order): a
+  named subset of emim/data/class_lists.py ("imagenet100"), or a file of class names, one
+  per line; None keeps every class."""
+  name = data_cfg.get("class_subset", "")
+  if not name:
+    return None
+  if name in class_lists.SUBSETS:
+    return tuple(sorted(class_lists.SUBSETS[name]))
+  path = pathlib.Path(name).expanduser()
+  if path.is_file():
+    names = {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    return tuple(sorted(names))
+  raise DatasetError(f"--config.data.class_subset={name!r} is neither a known subset ({', '.join(class_lists.SUBSETS)}) "
+                     "nor a file of class names, one per line.")
+
+
+def _check_subset_present(found, subset, split: str, where) -> None:
+  """The training split must hold every class of the subset (else the labels would not be
+  the subset's); other splits may lack some."""
+  missing = sorted(set(subset) - set(found))
+  if missing and split_is_train(split):
+    raise DatasetError(f"Split {split!r} of {where} lacks {len(missing)} class(es) of --config.data.class_subset: "
+                       f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Point config.data.path at a folder with "
+                       "all of them (for ImageNet-100: the full ImageNet train/ folder, or one prepared with them).")
+
+
+def split_is_train(split: str) -> bool:
+  return split.startswith("train")
+
+
+def directory_classes(path: pathlib.Path, split: str, subset: tuple[str, ...] | None = None,
+                      ) -> dict[str, list[pathlib.Path]]:
+  """{class: its image files, sorted} of ``path/split/<class>/`` (only the classes of
+  ``subset`` when given); a class folder without images is an error that names it (the
+  labels would silently shift without it)."""
   root = path / split
   if not root.is_dir():
     raise DatasetError(f"No split {split!r} in image folder {path}: expected {root}/<class>/*.jpg.")
+  folders = sorted(p for p in root.iterdir() if p.is_dir())
+  if subset is not None:
+    _check_subset_present({p.name for p in folders}, subset, split, root)
+    keep = set(subset)
+    folders = [p for p in folders if p.name in keep]
   classes = {}
-  for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+  for cls_dir in folders:
     files = sorted(f for f in cls_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
       raise DatasetError(f"The class folder {cls_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}): add its images "
@@ -114,10 +154,13 @@ def directory_classes(path: pathlib.Path, split: str) -> dict[str, list[pathlib.
   return classes
 
 
-def _archive_members(path: pathlib.Path, split: str, read: bool) -> list[tuple[str, str, bytes | None]]:
+def _archive_members(path: pathlib.Path, split: str, read: bool, subset: tuple[str, ...] | None = None,
+                     ) -> list[tuple[str, str, bytes | None]]:
   """(class, member name, bytes when ``read``) for every image of ``split`` in a tar
-  archive laid out as split/class/file (or one top folder before it)."""
-  items, class_dirs = [], set()
+  archive laid out as split/class/file (or one top folder before it); only the classes
+  of ``subset`` when given."""
+  keep = None if subset is None else set(subset)
+  items, class_dirs, seen = [], set(), set()
   try:
     with tarfile.open(path, "r:*") as tar:
       for member in tar:
@@ -127,12 +170,18 @@ def _archive_members(path: pathlib.Path, split: str, read: bool) -> list[tuple[s
           if len(parts) == offset + 2 and parts[offset] == split and member.isdir():
             class_dirs.add(parts[offset + 1])
           if len(parts) == offset + 3 and parts[offset] == split:
+            seen.add(parts[offset + 1])
+            if keep is not None and parts[offset + 1] not in keep:
+              break
             if member.isfile() and pathlib.PurePosixPath(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
               items.append((parts[offset + 1], member.name, tar.extractfile(member).read() if read else None))
             break
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
     raise DatasetError(f"Cannot read the archive {path} ({type(e).__name__}: {e}): it is truncated or corrupt. "
                        "Copy or download it again, or point config.data.path at the unpacked folder.") from e
+  if subset is not None:
+    _check_subset_present(seen | class_dirs, subset, split, path)
+    class_dirs &= keep
   empty = sorted(class_dirs - {c for c, _, _ in items})
   if empty:
     raise DatasetError(f"The class folder(s) {empty} of split {split!r} in {path} hold no images: add their "
@@ -142,19 +191,19 @@ def _archive_members(path: pathlib.Path, split: str, read: bool) -> list[tuple[s
   return sorted(items, key=lambda t: t[1])
 
 
-def _list_split(path: pathlib.Path, split: str) -> list[tuple[str, str, bytes | None]]:
+def _list_split(path: pathlib.Path, split: str, subset=None) -> list[tuple[str, str, bytes | None]]:
   """(class, member name, bytes or None for files read later) for every image in split."""
   if path.is_dir():
-    return [(c, str(f), None) for c, files in directory_classes(path, split).items() for f in files]
-  return _archive_members(path, split, read=True)
+    return [(c, str(f), None) for c, files in directory_classes(path, split, subset).items() for f in files]
+  return _archive_members(path, split, read=True, subset=subset)
 
 
-def folder_class_names(path: str, split: str) -> tuple[str, ...]:
+def folder_class_names(path: str, split: str, subset: tuple[str, ...] | None = None) -> tuple[str, ...]:
   """The sorted class names of one split of an image folder (directory or archive)."""
   src = pathlib.Path(path).expanduser()
   if src.is_dir():
-    return tuple(directory_classes(src, split))
-  return tuple(sorted({c for c, _, _ in _archive_members(src, split, read=False)}))
+    return tuple(directory_classes(src, split, subset))
+  return tuple(sorted({c for c, _, _ in _archive_members(src, split, read=False, subset=subset)}))
 
 
 def label_index(split_classes, train_classes: tuple[str, ...], split: str, where) -> dict[str, int]:
@@ -170,13 +219,13 @@ def label_index(split_classes, train_classes: tuple[str, ...], split: str, where
   return index
 
 
-def _cache_key(path: pathlib.Path, split: str, size: int | None) -> str:
+def _cache_key(path: pathlib.Path, split: str, size: int | None, subset=None) -> str:
   """A hash of everything the decoded split depends on: for a directory, every image's
   relative name, size and modification time (so an added, removed or replaced file
-  decodes again); for an archive, its own."""
-  h = hashlib.sha1(f"{path.resolve()}|{split}|{size}".encode())
+  decodes again); for an archive, its own; and the class subset."""
+  h = hashlib.sha1(f"{path.resolve()}|{split}|{size}|{subset}".encode())
   if path.is_dir():
-    for cls, files in directory_classes(path, split).items():
+    for cls, files in directory_classes(path, split, subset).items():
       for f in files:
         stat = f.stat()
         h.update(f"|{cls}/{f.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -194,7 +243,7 @@ def _cache_name(path: pathlib.Path, split: str, key: str) -> str:
 
 
 def image_folder(path: str, split: str, image_size: int | None, cache_dir: str | None, workers: int = 0,
-                 train_classes: tuple[str, ...] | None = None) -> ImageDataset:
+                 train_classes: tuple[str, ...] | None = None, subset: tuple[str, ...] | None = None) -> ImageDataset:
   """Decode ``path`` (a directory or .tar.gz of split/class/*.jpg) once, then cache it.
 
   Args:
@@ -206,6 +255,7 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
     workers: decoding processes (0: one per core).
     train_classes: the training split's class names, which number the labels; None:
       this split's own (it is the training split).
+    subset: only these classes (config.data.class_subset); None: every class.
   """
   src = pathlib.Path(path).expanduser()
   if not src.exists():
@@ -214,7 +264,7 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
         "laid out as split/class/*.jpg (for CIFAR-10 here: ../shared/data/cifar10-jpeg.tar.gz).")
   cache, dataset = None, None
   if cache_dir:
-    cache = pathlib.Path(cache_dir) / _cache_name(src, split, _cache_key(src, split, image_size))
+    cache = pathlib.Path(cache_dir) / _cache_name(src, split, _cache_key(src, split, image_size, subset))
     if cache.exists():
       try:
         with np.load(cache) as f:
@@ -222,7 +272,7 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
       except Exception as e:  # a torn or corrupt cache file: decode again
         logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
   if dataset is None:
-    dataset = _decode_split(src, split, image_size, workers)
+    dataset = _decode_split(src, split, image_size, workers, subset)
     if cache is not None:
       _write_cache(cache, dataset)
   if train_classes is None or tuple(train_classes) == dataset.class_names:
@@ -252,9 +302,9 @@ def _write_cache(cache: pathlib.Path, dataset: ImageDataset) -> None:
       pass
 
 
-def _decode_split(src: pathlib.Path, split: str, image_size: int | None, workers: int) -> ImageDataset:
+def _decode_split(src: pathlib.Path, split: str, image_size: int | None, workers: int, subset=None) -> ImageDataset:
   """Every image of a split, decoded in parallel, labelled by its own sorted classes."""
-  items = _list_split(src, split)
+  items = _list_split(src, split, subset)
   classes = sorted({c for c, _, _ in items})
   index = {c: i for i, c in enumerate(classes)}
   payloads = [(name, data if data is not None else pathlib.Path(name).read_bytes()) for _, name, data in items]
@@ -324,20 +374,106 @@ def tfds_class_names(name: str, data_dir: str | None) -> tuple[str, ...] | None:
   return tuple(names) if names else None
 
 
-def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | None) -> ImageDataset:
+def tfds_source(name: str, split: str, data_dir: str | None, image_size: int | None,
+                subset: tuple[str, ...] | None = None) -> ImageDataset:
   examples, count = tfds_examples(name, split, data_dir)
   logging.info("Reading %d examples of TFDS %s/%s.", count, name, split)
+  all_names = tfds_class_names(name, data_dir)
+  relabel = _subset_relabel(all_names, subset, name)
   images, labels = [], []
   for i, example in enumerate(examples):
+    label = int(example["label"])
+    if relabel is not None:
+      if relabel[label] < 0:
+        continue
+      label = int(relabel[label])
     image = _rgb(np.asarray(example["image"], np.uint8))
     if image_size is not None and image.shape[:2] != (image_size, image_size):
       image = _decode((f"{name}[{i}]", _png_bytes(image)), image_size)
     images.append(image)
-    labels.append(int(example["label"]))
-  names = tfds_class_names(name, data_dir) or tuple(str(i) for i in range(int(max(labels)) + 1))
+    labels.append(label)
+  if not labels:
+    raise DatasetError(f"TFDS {name}/{split} has no example of the classes of --config.data.class_subset.")
+  names = subset or all_names or tuple(str(i) for i in range(int(max(labels)) + 1))
   if max(labels) >= len(names):
     raise DatasetError(f"TFDS {name}/{split} has label {max(labels)}, but its DatasetInfo names {len(names)} classes.")
-  return ImageDataset(np.stack(images), np.array(labels, np.int32), names)
+  return ImageDataset(np.stack(images), np.array(labels, np.int32), tuple(names))
+
+
+def _subset_relabel(all_names, subset, name: str) -> np.ndarray | None:
+  """For each of the dataset's labels, its label among ``subset`` (-1: not in it)."""
+  if subset is None:
+    return None
+  if not all_names:
+    raise DatasetError(f"--config.data.class_subset needs the class names of TFDS {name!r}, and its DatasetInfo has "
+                       "none: prepare the dataset with its metadata (tfds build), or clear class_subset.")
+  missing = sorted(set(subset) - set(all_names))
+  if missing:
+    raise DatasetError(f"TFDS {name!r} has no class {missing[:5]} of --config.data.class_subset.")
+  index = {c: i for i, c in enumerate(subset)}
+  return np.array([index.get(c, -1) for c in all_names], np.int64)
+
+
+class SubsetRecords:
+  """The records of a random-access TFDS source whose class is in a subset, their labels
+  renumbered among the subset's classes. Which records those are is computed once, by
+  reading every record's label (without decoding its image where TFDS allows), and kept
+  in ``cache_dir``: the next run starts at once."""
+
+  def __init__(self, source, relabel: np.ndarray, cache_key: str, cache_dir: str):
+    self._source, self._relabel = source, relabel
+    path = pathlib.Path(cache_dir).expanduser() / f"{cache_key}.npy"
+    if path.exists():
+      self._indices = np.load(path)
+    else:
+      logging.info("Finding the records of the class subset among %d (once; kept in %s).", len(source), path)
+      labels = np.array([int(source[i]["label"]) for i in range(len(source))], np.int64)
+      self._indices = np.flatnonzero(relabel[labels] >= 0)
+      try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, self._indices)
+        os.replace(tmp, path)
+      except OSError as e:
+        logging.warning("Cannot keep the subset's record index in %s (%s).", path, e)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    example = dict(self._source[int(self._indices[i])])
+    example["label"] = int(self._relabel[int(example["label"])])
+    return example
+
+
+def tfds_stream_records(name: str, split: str, data_dir: str | None, subset: tuple[str, ...] | None):
+  """(random-access records, class names) of a TFDS split prepared as ArrayRecord, for
+  streaming: images left encoded where TFDS allows (the host workers decode them, JPEGs
+  at a reduced scale when the crop allows), only the subset's classes when given."""
+  import tensorflow_datasets as tfds
+
+  def open_source(decoders):
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False, decoders=decoders)
+
+  try:
+    source = open_source(None)
+  except Exception as e:
+    raise DatasetError(
+        f"TFDS dataset {name!r} split {split!r} is not prepared as ArrayRecord ({e}). Streaming reads at random, "
+        f"which needs ArrayRecord: tfds build {name} --file_format=array_record (see the README's Data section).") from e
+  try:  # encoded bytes, decoded by the workers (TFDS's own decoding decodes at full size)
+    encoded = open_source({"image": tfds.decode.SkipDecoding()})
+    encoded[0]
+    source = encoded
+  except Exception as e:  # (mock datasets and some versions cannot skip decoding)
+    logging.info("TFDS %s is read decoded (%s).", name, e)
+  all_names = tfds_class_names(name, data_dir)
+  if subset is None:
+    return source, all_names
+  relabel = _subset_relabel(all_names, subset, name)
+  key = hashlib.sha1(f"{name}|{split}|{data_dir}|{len(source)}|{subset}".encode()).hexdigest()[:16]
+  safe = "".join(ch if ch.isalnum() else "_" for ch in f"{name}_{split}")[:60]
+  return SubsetRecords(source, relabel, f"{safe}-{key}", "~/.cache/emim/tfds_subsets"), subset
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -367,14 +503,15 @@ def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None 
     n = data_cfg.num_train if split == "train" else data_cfg.num_test
     return synthetic(n, data_cfg.image_size, data_cfg.num_classes, seed=0 if split == "train" else 1)
   if data_cfg.source == "image_folder":
-    size = data_cfg.decode_size or None
+    size, subset = data_cfg.decode_size or None, class_subset(data_cfg)
     if split == "train":
-      return image_folder(data_cfg.path, data_cfg.train_split, size, data_cfg.cache_dir or cache_dir)
+      return image_folder(data_cfg.path, data_cfg.train_split, size, data_cfg.cache_dir or cache_dir, subset=subset)
     if train_classes is None:
-      train_classes = folder_class_names(data_cfg.path, data_cfg.train_split)
+      train_classes = folder_class_names(data_cfg.path, data_cfg.train_split, subset)
     return image_folder(data_cfg.path, data_cfg.test_split, size, data_cfg.cache_dir or cache_dir,
-                        train_classes=train_classes)
+                        train_classes=train_classes, subset=subset)
   if data_cfg.source == "tfds":
     split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
-    return tfds_source(data_cfg.tfds_name, split_name, data_cfg.tfds_data_dir, data_cfg.decode_size or None)
+    return tfds_source(data_cfg.tfds_name, split_name, data_cfg.tfds_data_dir, data_cfg.decode_size or None,
+                       class_subset(data_cfg))
   raise ValueError(f"Unknown data source {data_cfg.source!r}; choose one of {SOURCES}.")

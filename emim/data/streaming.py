@@ -18,6 +18,8 @@ start a stream at a given batch without a saved state.
 from __future__ import annotations
 
 import dataclasses
+import io
+import math
 import pathlib
 from typing import Any, Iterator
 
@@ -28,38 +30,59 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from emim.data.sources import DatasetError, directory_classes, label_index, tfds_class_names
+from emim.data.sources import DatasetError, class_subset, directory_classes, label_index, tfds_stream_records
 
 
 def image_folder_records(path: str, split: str, train_classes: tuple[str, ...] | None = None,
-                         ) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+                         subset: tuple[str, ...] | None = None) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
   """(file, label) for every image of ``path/split/<class>/``, in a fixed order, and the
   class names the labels number: the training split's (``train_classes``; None: this
-  split's own), matched by name, as the in-memory loader does."""
+  split's own), matched by name, as the in-memory loader does; only the classes of
+  ``subset`` (config.data.class_subset) when given."""
   root = pathlib.Path(path).expanduser()
   if not (root / split).is_dir():
     raise DatasetError(
         f"Streaming needs an image-folder directory: {root / split} does not exist. Unpack the archive "
         "(streaming reads files at random), or use --config.data.stream=False for data that fits in memory.")
-  files = directory_classes(root, split)
+  files = directory_classes(root, split, subset)
   classes = tuple(train_classes) if train_classes is not None else tuple(files)
   index = label_index(files, classes, split, root)
   return [(str(f), index[c]) for c, paths in files.items() for f in paths], classes
 
 
+# Records open lazily: ``open_fn(record) -> (PIL image, header read, not decoded; label;
+# name)``, so that a JPEG can be decoded straight at a reduced scale (``_decode``).
 def _open_file(record) -> tuple[Image.Image, int, str]:
   path, label = record
   try:
-    with Image.open(path) as im:
-      return im.convert("RGB"), label, path
+    return Image.open(path), label, path
   except Exception as e:
     raise DatasetError(f"Cannot decode image {path!r} ({e}). Remove or replace the file and run again.") from e
 
 
 def _open_tfds(example) -> tuple[Image.Image, int, str]:
-  image = np.asarray(example["image"], np.uint8)
+  image = example["image"]
+  if isinstance(image, bytes):  # left encoded (SkipDecoding): decoded by _decode
+    return Image.open(io.BytesIO(image)), int(example["label"]), "tfds example"
+  image = np.asarray(image, np.uint8)
   image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image  # grayscale (MNIST)
-  return Image.fromarray(image).convert("RGB"), int(example["label"]), "tfds example"
+  return Image.fromarray(image), int(example["label"]), "tfds example"
+
+
+def _decode(im: Image.Image, keep: float, name: str, reduce: bool = True) -> tuple[Image.Image, float, float]:
+  """``im`` decoded in RGB, a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8, PIL's
+  ``draft``) that keeps at least the fraction ``keep`` of its width and height, so no
+  crop taken from it falls below its output size; returns the image and its width and
+  height as fractions of the original's. Decoding a 500x375 JPEG at 1/4 costs a fraction
+  of a full decode (benchmarks/input_pipeline.py)."""
+  w, h = im.size
+  try:
+    if reduce and keep < 1.0 and im.format == "JPEG":
+      im.draft("RGB", (max(1, math.ceil(w * keep)), max(1, math.ceil(h * keep))))
+    rgb = im.convert("RGB")
+  except Exception as e:  # PIL raises several types for bad files
+    raise DatasetError(f"Cannot decode image {name!r} ({e}). Remove or replace the file and run again.") from e
+  return rgb, rgb.size[0] / w, rgb.size[1] / h
 
 
 def _centre_square(im: Image.Image, size: int) -> np.ndarray:
@@ -84,27 +107,33 @@ def _random_box(rng: np.random.Generator, w: int, h: int, scale, ratio) -> tuple
 class CentreDecode(grain.transforms.Map):
   """record -> {"images": uint8 (S, S, 3), "labels"}: the evaluation view."""
 
-  def __init__(self, open_fn, size: int):
-    self.open_fn, self.size = open_fn, size
+  def __init__(self, open_fn, size: int, reduce: bool = True):
+    self.open_fn, self.size, self.reduce = open_fn, size, reduce
 
   def map(self, record):
-    im, label, _ = self.open_fn(record)
-    return {"images": _centre_square(im, self.size), "labels": np.int32(label)}
+    im, label, name = self.open_fn(record)
+    rgb, _, _ = _decode(im, self.size / min(im.size), name, self.reduce)
+    return {"images": _centre_square(rgb, self.size), "labels": np.int32(label)}
 
 
 class TwoCropDecode(grain.transforms.RandomMap):
   """record -> {"views": uint8 (2, S, S, 3), "labels"}: the two training views' random
-  resized crops, taken on the host from the full decoded image (the rest of each
-  view's augmentation runs on the device). Grain seeds ``rng`` from the dataset seed and
-  the element's index, so the crops are a function of the step too."""
+  resized crops, their boxes drawn on the full image and taken on the host (the rest of
+  each view's augmentation runs on the device). A JPEG is decoded at the smallest scale
+  that leaves both boxes at least S pixels on each side (``reduce``): the boxes, and so
+  the crops' distribution, are those of the full image. Grain seeds ``rng`` from the
+  dataset seed and the element's index, so the crops are a function of the step too."""
 
-  def __init__(self, open_fn, size: int, scales, ratio=(3 / 4, 4 / 3)):
-    self.open_fn, self.size, self.scales, self.ratio = open_fn, size, tuple(scales), ratio
+  def __init__(self, open_fn, size: int, scales, ratio=(3 / 4, 4 / 3), reduce: bool = True):
+    self.open_fn, self.size, self.scales, self.ratio, self.reduce = open_fn, size, tuple(scales), ratio, reduce
 
   def random_map(self, record, rng: np.random.Generator):
-    im, label, _ = self.open_fn(record)
-    views = [np.asarray(im.resize((self.size, self.size), Image.BILINEAR, box=_random_box(rng, *im.size, scale, self.ratio)), np.uint8)
-             for scale in self.scales]
+    im, label, name = self.open_fn(record)
+    boxes = [_random_box(rng, *im.size, scale, self.ratio) for scale in self.scales]
+    keep = max(self.size / min(right - left, bottom - top) for left, top, right, bottom in boxes)
+    rgb, sx, sy = _decode(im, keep, name, self.reduce)
+    views = [np.asarray(rgb.resize((self.size, self.size), Image.BILINEAR, box=(l * sx, t * sy, r * sx, b * sy)),
+                        np.uint8) for l, t, r, b in boxes]
     return {"views": np.stack(views), "labels": np.int32(label)}
 
 
@@ -112,24 +141,16 @@ def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any,
   """(random-access records, a function record -> (PIL image, label, name), the class
   names the labels number: the training split's)."""
   split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
+  subset = class_subset(data_cfg)
   if data_cfg.source == "image_folder":
     train_classes = None
     if split != "train":
-      _, train_classes = image_folder_records(data_cfg.path, data_cfg.train_split)
-    records, classes = image_folder_records(data_cfg.path, split_name, train_classes)
+      _, train_classes = image_folder_records(data_cfg.path, data_cfg.train_split, subset=subset)
+    records, classes = image_folder_records(data_cfg.path, split_name, train_classes, subset)
     return records, _open_file, classes
   if data_cfg.source == "tfds":
-    import tensorflow_datasets as tfds
-
-    try:
-      source = tfds.data_source(data_cfg.tfds_name, split=split_name, data_dir=data_cfg.tfds_data_dir or None, download=False)
-    except Exception as e:
-      raise DatasetError(
-          f"TFDS dataset {data_cfg.tfds_name!r} split {split_name!r} is not prepared as ArrayRecord ({e}). Streaming "
-          f"reads at random, which needs ArrayRecord: tfds build {data_cfg.tfds_name} --file_format=array_record "
-          "(see the README's Data section).") from e
-    names = tfds_class_names(data_cfg.tfds_name, data_cfg.tfds_data_dir)
-    return source, _open_tfds, names or tuple(str(i) for i in range(data_cfg.num_classes))
+    records, names = tfds_stream_records(data_cfg.tfds_name, split_name, data_cfg.tfds_data_dir, subset)
+    return records, _open_tfds, names or tuple(str(i) for i in range(data_cfg.num_classes))
   raise DatasetError(f"Streaming reads 'image_folder' or 'tfds' sources, not {data_cfg.source!r}.")
 
 
@@ -203,8 +224,9 @@ class StreamSplit:
   decoder and the class names the labels number."""
 
   records: Any
-  decode: grain.transforms.Map
+  decode: grain.transforms.Map  # the centre view
   class_names: tuple[str, ...]
+  train_decode: grain.transforms.RandomMap | None = None  # one random resized crop (the probe)
 
   @property
   def num_classes(self) -> int:
@@ -223,10 +245,18 @@ class StreamSplit:
     return iter(it)
 
   def shuffled_batches(self, batch_size: int, seed: int, workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    return make_stream(self.records, self.decode, batch_size, seed, 0, workers)
+    """Batches of random resized crops of the full images (``train_decode``), reshuffled
+    every epoch, each process its rows of every batch: {"images", "labels"}."""
+    stream = make_stream(self.records, self.train_decode or self.decode, batch_size, seed, 0, workers)
+    for batch in stream:
+      yield {"images": batch["views"][:, 0], "labels": batch["labels"]} if "views" in batch else batch
 
 
 def stream_split(data_cfg: ml_collections.ConfigDict, split: str) -> StreamSplit:
-  """A split for evaluation: centre squares of ``decode_size``."""
+  """A split for evaluation: centre squares of ``decode_size``, and for the probe's
+  training, random resized crops (scale 0.08 to 1) of ``image_size``."""
   records, open_fn, class_names = stream_source(data_cfg, split)
-  return StreamSplit(records, CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size), class_names)
+  reduce = data_cfg.get("reduced_decode", True)
+  decode = CentreDecode(open_fn, data_cfg.decode_size or data_cfg.image_size, reduce)
+  crop = TwoCropDecode(open_fn, data_cfg.image_size, ((0.08, 1.0),), reduce=reduce)
+  return StreamSplit(records, decode, class_names, crop)

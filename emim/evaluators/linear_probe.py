@@ -43,13 +43,16 @@ def _classifier(params, features):
   return features @ params["kernel"] + params["bias"]
 
 
-def _train_augment(backbone: Backbone, key, images):
+def _train_augment(backbone: Backbone, key, images, precropped: bool = False):
   """The probe's training crops: pad-and-crop + flip for CIFAR-sized images, random
-  resized crop + flip otherwise."""
+  resized crop + flip otherwise; a flip alone for streamed images, whose random resized
+  crop the host took from the full image (``precropped``)."""
   images = augment.to_float(images)
   keys = jax.random.split(key, images.shape[0])
   size = backbone.image_size
-  if images.shape[1] <= 64:
+  if precropped:
+    fn = augment.random_flip
+  elif images.shape[1] <= 64:
     fn = lambda k, x: augment.random_flip(k, augment.pad_and_random_crop(jax.random.fold_in(k, 1), x, 4))
   else:
     fn = lambda k, x: augment.random_flip(k, augment.random_resized_crop(jax.random.fold_in(k, 1), x, size))
@@ -78,7 +81,9 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   Args:
     backbone: the frozen backbone.
     train, test: in-memory ``ImageDataset``s, or ``streaming.StreamSplit``s for data
-      decoded on the host batch by batch (ImageNet).
+      decoded on the host batch by batch (ImageNet: the "augmented" mode's training
+      crops are random resized crops of the full images, taken by the host workers,
+      sharded over the processes like training's, then flipped on the device).
     cfg: probe_epochs, probe_optimizer ("sgd" or "lars"), probe_lr (per 256 examples),
       probe_batch_size, probe_weight_decay, batch_size (feature extraction).
     mode: "augmented" or "features".
@@ -103,9 +108,11 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
     inputs, labels = features[0] if features else features_and_labels(features_fn, train, cfg.batch_size, mesh, workers)
     to_features = lambda variables, key, x: x
   else:
-    inputs, labels = (train.images, train.labels) if hasattr(train, "images") else (None, None)
+    in_memory = hasattr(train, "images")
+    inputs, labels = (train.images, train.labels) if in_memory else (None, None)
     to_features = lambda variables, key, x: backbone.model.apply(
-        variables, augment.normalize(_train_augment(backbone, key, x), backbone.mean, backbone.std), train=False)
+        variables, augment.normalize(_train_augment(backbone, key, x, precropped=not in_memory), backbone.mean,
+                                     backbone.std), train=False)
 
   tx = _probe_optimizer(cfg, batch_size, total_steps)
   num_classes = train.num_classes
