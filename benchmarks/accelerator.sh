@@ -12,6 +12,9 @@
 #                                          # CIFAR-10 variants side by side (cifar_sweep.py)
 #   bash benchmarks/accelerator.sh breakdown  # the step's time part by part (step_breakdown.py),
 #                                          # EMMI and Barlow Twins, batch 256 and 512
+#   bash benchmarks/accelerator.sh resnet50  # ResNet-50 at 224, bf16: emim's EMMI and BYOL steps at
+#                                          # batch 128 and 256 beside torch_reference.py --arch resnet50
+#                                          # (torch.compile), and the host pipeline with 16 workers
 #   bash benchmarks/accelerator.sh long NAME [--config.x=... overrides]
 #                                          # one long run across several calls on a machine kept
 #                                          # warm: each call trains until TRAIN_LIMIT (SIGTERM: a
@@ -21,7 +24,7 @@
 # CPU smoke test of the script itself: SMOKE=1 bash benchmarks/accelerator.sh cifar
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: accelerator.sh bench|cifar|resume|sweep|breakdown|long}
+stage=${1:?usage: accelerator.sh bench|cifar|resume|sweep|breakdown|resnet50|long}
 OUT=${OUT:-/tmp/emim_accelerator}
 mkdir -p "$OUT"
 if ! python3 -c "import grain, ml_collections, clu" 2> /dev/null; then  # the carried wheels
@@ -111,6 +114,24 @@ case "$stage" in
         | grep -v "^W" | tee "$OUT/breakdown_$name.txt"
     done
     ;;
+  resnet50)
+    sizes=(--batch 128 256); pipe=(--generate=2048 --workers 16 --step_pairs_per_s="${STEP_PAIRS_PER_S:-0}")
+    configs=(configs/imagenet1k.py configs/imagenet1k.py:byol)
+    if [ "${SMOKE:-0}" = 1 ]; then
+      sizes=(--batch 32 --steps 3); pipe=(--generate=128 --workers 2 --repeats 1)
+      configs=(configs/imagenet1k.py:runlocal configs/imagenet1k.py:byol,runlocal)
+    fi
+    for config in "${configs[@]}"; do
+      python3 benchmarks/train_step.py --config="$config" "${sizes[@]}" 2>&1 | grep -v "^W" \
+        | tee -a "$OUT/resnet50_train_step.txt"
+    done
+    if [ -f .accel/torch_reference.py ] && python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+      python3 .accel/torch_reference.py --arch resnet50 --image 224 --method byol --batch 128 256 --compile both 2>&1 \
+        | tee "$OUT/resnet50_torch_reference.txt"
+    fi
+    python3 benchmarks/input_pipeline.py "${pipe[@]}" --out="$OUT/input_pipeline" 2>&1 | grep -v "^W" \
+      | tee "$OUT/input_pipeline.txt"
+    ;;
   long)
     name=${2:?usage: accelerator.sh long NAME [overrides]}
     run_dir=${LONG_DIR:-/tmp/emim_long}/$name
@@ -142,6 +163,6 @@ case "$stage" in
       echo "$name: not finished; the same command resumes it from its checkpoint." | tee -a "$OUT/$name.train.log"
     fi
     ;;
-  *) echo "unknown stage $stage: bench, cifar, resume, sweep, breakdown or long" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: bench, cifar, resume, sweep, breakdown, resnet50 or long" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

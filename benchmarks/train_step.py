@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --config=configs/cifar10.py --batch 256 512
     python benchmarks/train_step.py --config=configs/cifar10.py --batch 512 --emim_dtypes float32 bfloat16 --augment_row
     python benchmarks/train_step.py --config=configs/synthetic.py:runlocal --batch 32 --steps 3   # CPU smoke
+    python benchmarks/train_step.py --config=configs/imagenet1k.py:byol --batch 128 256   # ResNet-50, 224, streamed
 
 Two rows per batch size (more with the options below):
   * ``model``: what the PyTorch reference times, on the same footing: ResNet-18 (the
@@ -10,7 +11,8 @@ Two rows per batch size (more with the options below):
     forward, Barlow Twins, SGD with momentum, bf16 compute, inputs already on the device
     (no augmentation);
   * ``emim``: emim's real step for the config (method, EMA target, online probe, LARS),
-    with the batch gathered and augmented on the device from a uint8 dataset held there.
+    with the batch gathered and augmented on the device from a uint8 dataset held there;
+    for a streamed config (ImageNet), from a batch of host-cropped views on the device.
   * ``augment`` (``--augment_row``): the step's batch gather and two augmented views alone,
     to see what the on-device augmentation costs inside the ``emim`` row.
 ``--emim_dtypes`` times the ``emim`` row once per compute dtype (default: the config's).
@@ -33,7 +35,7 @@ from emim import objectives as O
 from emim import sharding, train
 from emim.config_base import load_config_file
 from emim.models import MLP, make_backbone, parse_dtype
-from emim.train_step import device_data_step, gather_batch, init_state, make_views
+from emim.train_step import device_data_step, gather_batch, init_state, make_views, train_step
 
 
 def timed(step, state, args, steps: int, warmup: int = 5) -> tuple[float, float]:
@@ -103,9 +105,26 @@ def _device_dataset(config, batch: int, mesh):
           "labels": sharding.put_global(rng.integers(0, config.data.num_classes, n).astype(np.int32), replicated)}
 
 
+def streamed_step_row(config, batch: int, steps: int, mesh) -> tuple[float, float]:
+  """emim's step as a streamed config (ImageNet) runs it: the host's two random resized
+  crops arrive as a uint8 (B, 2, S, S, 3) batch, the rest of the augmentation on the
+  device (the batch is already there: the host pipeline is benchmarks/input_pipeline.py)."""
+  with config.unlocked():
+    config.train.batch_size = batch
+  parts = train.build_parts(config, config.data.num_classes, 1000, 10_000)
+  state = jax.jit(functools.partial(init_state, parts))(jax.random.PRNGKey(0))
+  size, rng = config.data.image_size, np.random.default_rng(0)
+  spec = sharding.batch_sharding(mesh)
+  inputs = {"views": jax.device_put(rng.integers(0, 255, (batch, 2, size, size, 3), dtype=np.uint8), spec),
+            "labels": jax.device_put(rng.integers(0, config.data.num_classes, batch).astype(np.int32), spec)}
+  return timed(jax.jit(functools.partial(train_step, parts=parts), donate_argnums=0), state, (inputs,), steps)
+
+
 def emim_step_row(config, batch: int, steps: int, mesh, augment_only: bool = False) -> tuple[float, float]:
   """emim's own step for the config, data gathered and augmented on device; with
   ``augment_only``, the gather and the two views alone (the step's input stage)."""
+  if config.data.stream and not augment_only:
+    return streamed_step_row(config, batch, steps, mesh)
   with config.unlocked():
     config.train.batch_size = batch
   dataset = _device_dataset(config, batch, mesh)
