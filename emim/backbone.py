@@ -15,12 +15,13 @@ from emim import checkpoint as ckpt_lib
 from emim import fs, sharding
 from emim.config_base import ConfigError
 from emim.data import augment
+from emim.data.sources import input_shape
 from emim.models import ResNet, make_backbone, parse_dtype
 
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """A ResNet trunk with its params and BatchNorm statistics.
+  """A trunk (a ResNet, or the MLP for vectors) with its params and BatchNorm statistics.
 
   Attributes:
     model: the Flax module (inference: ``train=False``).
@@ -41,9 +42,16 @@ class Backbone:
   def feature_dim(self) -> int:
     return self.model.feature_dim
 
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    """One example: (image_size, image_size, 3), or (dim,) for vectors."""
+    return input_shape_of(self.model_config)
+
   def preprocess(self, images: jax.Array) -> jax.Array:
     """uint8 or [0, 1] images of any square size -> normalised float32 at image_size
-    (a centre crop, resized, when the stored images are larger)."""
+    (a centre crop, resized, when the stored images are larger); vectors as they are."""
+    if len(self.input_shape) == 1:
+      return images.astype(jnp.float32)
     if images.dtype == jnp.uint8:
       images = augment.to_float(images)
     if images.shape[1] != self.image_size:
@@ -63,7 +71,14 @@ class Backbone:
 def model_config_of(config: ml_collections.ConfigDict) -> dict:
   m, d = config.model, config.data
   return {"backbone": m.backbone, "width": m.width, "cifar_stem": m.cifar_stem, "dtype": m.dtype,
-          "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std)}
+          "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std),
+          "input_shape": list(input_shape(d))}
+
+
+def input_shape_of(model_config: dict) -> tuple[int, ...]:
+  """The input shape a model config records (images of image_size before it did)."""
+  size = model_config["image_size"]
+  return tuple(model_config.get("input_shape", (size, size, 3)))
 
 
 def backbone_from_model_config(mc: dict, variables: dict) -> Backbone:
@@ -74,8 +89,7 @@ def backbone_from_model_config(mc: dict, variables: dict) -> Backbone:
 def init_backbone(model_config: dict, seed: int = 0) -> Backbone:
   """A randomly initialised backbone (a baseline for the probes, and for tests)."""
   skeleton = backbone_from_model_config(model_config, {})
-  size = model_config["image_size"]
-  variables = skeleton.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)), train=False)
+  variables = skeleton.model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + input_shape_of(model_config)), train=False)
   return backbone_from_model_config(model_config, variables)
 
 
@@ -162,8 +176,8 @@ def extract_features(fn, images: np.ndarray, batch_size: int, mesh=None) -> np.n
 def features_and_labels(fn, data, batch_size: int, mesh=None, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Features of every example of an in-memory ``ImageDataset`` or a ``StreamSplit``
   (decoded batch by batch on the host), with their labels, in order."""
-  if hasattr(data, "images"):
-    return extract_features(fn, data.images, batch_size, mesh), np.asarray(data.labels)
+  if hasattr(data, "inputs"):
+    return extract_features(fn, data.inputs, batch_size, mesh), np.asarray(data.labels)
   features, labels = [], []
   for batch in data.ordered_batches(batch_size, workers):
     features.append(extract_features(fn, batch["images"], batch_size, mesh))

@@ -19,6 +19,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+VECTOR_SOURCES = ("gaussian_mixture",)  # data sources of vectors, not images (emim/data/mixture.py)
 
 
 class ConfigError(ValueError):
@@ -145,25 +146,37 @@ def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -> ml_collections.ConfigDict:
-  """Apply comma-separated variants: a method name (``byol``, ``simclr``, ...) and/or
+  """Apply comma-separated variants: a method name (``byol``, ``simclr``, ...), seed
+  002's ablations of it (``no_predictor``, ``no_stop_gradient``, ``no_regularizer``) and/or
   ``runlocal`` (a tiny model and schedule that runs on a laptop CPU in seconds).
 
-  The method comes first, then ``recipe(c)`` (a dataset's recipe, which may set fields
-  for one method), then ``runlocal``, which shrinks whatever the recipe chose."""
+  The method comes first, then its ablations, then ``recipe(c)`` (a dataset's recipe,
+  which may set fields for one method), then ``runlocal``, which shrinks whatever the
+  recipe chose."""
   variants = [v for v in (arg or "").split(",") if v]
   methods = method_defaults.available()
   for variant in variants:
-    if variant != "runlocal" and variant not in methods:
-      raise ValueError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods)}) or 'runlocal'.")
+    if variant != "runlocal" and variant not in methods and variant not in method_defaults.ABLATIONS:
+      raise ConfigError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods)}), an ablation "
+                        f"({', '.join(method_defaults.ABLATIONS)}) or 'runlocal'.")
   for variant in variants:
-    if variant != "runlocal":
+    if variant in methods:
       c.method = method_defaults.method_config(variant)
+  for variant in variants:
+    if variant in method_defaults.ABLATIONS:
+      field = method_defaults.ABLATIONS[variant]
+      if field not in c.method:
+        raise ConfigError(f"The {variant} variant does not apply to {c.method.name}: it applies to "
+                          f"{', '.join(method_defaults.ablation_methods(variant))}.")
+      c.method[field] = False
   if recipe is not None:
     recipe(c)
   if "runlocal" in variants:
-    # ResNet-50's block kept for the ImageNet configs, at a tiny width and 32x32 views.
-    c.model.backbone = "resnet_tiny_bottleneck" if c.model.backbone == "resnet50" else "resnet_tiny"
-    c.model.width = 8
+    # ResNet-50's block kept for the ImageNet configs, at a tiny width and 32x32 views;
+    # the vectors' MLP kept, narrower.
+    if c.model.backbone != "mlp":
+      c.model.backbone = "resnet_tiny_bottleneck" if c.model.backbone == "resnet50" else "resnet_tiny"
+    c.model.width = 8 if c.model.backbone != "mlp" else 32
     if c.data.image_size > 32:
       c.data.image_size, c.data.decode_size = 32, 40
     c.data.workers = min(c.data.workers, 2)
@@ -231,6 +244,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.method.name not in method_defaults.available():
     raise ConfigError(f"--config.method.name={c.method.name!r}: choose one of {', '.join(method_defaults.available())} "
                       "(a variant, e.g. --config=configs/cifar10.py:byol, sets the method with its defaults).")
+  vectors = c.data.source in VECTOR_SOURCES
+  if vectors != (c.model.backbone == "mlp"):
+    raise ConfigError(f"--config.model.backbone={c.model.backbone!r} with --config.data.source={c.data.source!r}: "
+                      "the Gaussian mixture's vectors need backbone 'mlp' (configs/gaussian_mixture.py), images a "
+                      "ResNet.")
+  if vectors and c.data.stream:
+    raise ConfigError("--config.data.stream=True: the Gaussian mixture is generated in memory; set it False.")
   if c.data.source == "image_folder" and not c.data.path:
     raise ConfigError("--config.data.path is empty: point it at the image folder (a directory or .tar.gz laid out "
                       "as split/class/*.jpg).")
@@ -247,6 +267,9 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"--config.eval.{field}={e[field]!r}: it must be a positive integer.")
   if e.probe_mode not in PROBE_MODES:
     raise ConfigError(f"--config.eval.probe_mode={e.probe_mode!r}: choose one of {PROBE_MODES}.")
+  if e.probe_mode == "augmented" and c.data.source in VECTOR_SOURCES:
+    raise ConfigError("--config.eval.probe_mode='augmented' crops images; the Gaussian mixture's vectors are probed "
+                      "on their features: --config.eval.probe_mode=features.")
   if e.probe_optimizer not in PROBE_OPTIMIZERS:
     raise ConfigError(f"--config.eval.probe_optimizer={e.probe_optimizer!r}: choose one of {PROBE_OPTIMIZERS}.")
   if not e.probe_lr > 0:

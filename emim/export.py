@@ -6,7 +6,7 @@ writes to --output (a new or empty directory, or any with --overwrite; local or 
   backbone.msgpack                   params and BatchNorm statistics (flax.serialization)
   model.json                         what rebuilds the model: architecture, width, stem,
                                      input size and normalisation, step, method
-  torchvision_resnet.safetensors     a torchvision ResNet state dict (no ``fc``); for the
+  torchvision_resnet.safetensors     (ResNets) a torchvision ResNet state dict (no ``fc``); for the
                                      CIFAR stem replace ``conv1`` by a 3x3 stride-1 conv and
                                      ``maxpool`` by ``nn.Identity()`` before loading
 
@@ -34,7 +34,9 @@ from absl import app, flags, logging
 
 from emim import cli, fs
 from emim import checkpoint as ckpt_lib
-from emim.backbone import Backbone, backbone_from_model_config, checkpoint_dir, load_run_config, restore_backbone
+from emim.backbone import (Backbone, backbone_from_model_config, checkpoint_dir, input_shape_of, load_run_config,
+                           restore_backbone)
+from emim.models import ResNet
 from emim.checkpoint import quiet_orbax_logs
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
@@ -89,7 +91,8 @@ def _write_files(backbone: Backbone, directory: fs.Path, meta: dict) -> None:
 
   variables = jax.device_get(backbone.variables)
   fs.atomic_write_bytes(directory / BACKBONE_FILE, flax.serialization.to_bytes(variables))
-  fs.atomic_write_bytes(directory / TORCH_FILE, safetensors_bytes(torchvision_state_dict(backbone)))
+  if isinstance(backbone.model, ResNet):  # torchvision has no layout for the vectors' MLP
+    fs.atomic_write_bytes(directory / TORCH_FILE, safetensors_bytes(torchvision_state_dict(backbone)))
   fs.atomic_write_text(directory / MODEL_FILE, json.dumps(meta, indent=2))  # last: marks the export complete
 
 
@@ -167,8 +170,8 @@ def load_backbone(path: fs.PathLike):
   except ValueError as e:
     raise ExportError(f"{path / MODEL_FILE} is not valid JSON ({e}): export the run again.") from e
   skeleton = backbone_from_model_config(meta, {})
-  size = meta["image_size"]
-  template = jax.eval_shape(lambda: skeleton.model.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32), train=False))
+  example = np.zeros((1,) + input_shape_of(meta), np.float32)
+  template = jax.eval_shape(lambda: skeleton.model.init(jax.random.PRNGKey(0), example, train=False))
   template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
   try:
     variables = flax.serialization.from_bytes(template, (path / BACKBONE_FILE).read_bytes())

@@ -26,6 +26,19 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, batch_size: int, step
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0)
 
 
+def branch_schedule(schedule, every: int, phase: int):
+  """``schedule`` of the global step, for a branch updated only in its phase of an
+  alternation (``every`` steps of phase 0, then ``every`` of phase 1, ...): its
+  optimiser counts its own updates, and its c-th update is at global step
+  (c // every) * 2 every + phase * every + c % every. Both branches thus follow the
+  run's warm-up and decay, instead of stretching them twice as long."""
+
+  def at_update(count):
+    return schedule((count // every) * 2 * every + phase * every + count % every)
+
+  return at_update
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
   """The optax chain named by ``cfg.name`` (with gradient clipping when cfg.clip_norm > 0)."""
   if cfg.name == "lars":

@@ -32,6 +32,7 @@ from clu import parameter_overview
 from emim import checkpoint as ckpt_lib
 from emim import config_base, fs, methods, models, optim, sharding, step_metrics
 from emim import workdir as workdir_lib
+from emim.data import sources
 from emim.data.pipeline import make_train_data
 from emim.evaluators import Context as EvalContext
 from emim.evaluators import due as evaluator_due
@@ -114,13 +115,18 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
   views_encoder = models.make_encoder(config.model, bn_groups=2) if fused else None
   views_predictor = models.make_predictor(config.model, bn_groups=2) if fused and predictor is not None else None
   lr_fn = optim.learning_rate_schedule(config.optim, config.train.batch_size, steps_per_epoch, total_steps)
-  momentum_fn = momentum_schedule(config.method.target_momentum, total_steps) if method.uses_target else None
+  ema = method.uses_target and method.target_update == "ema"
+  momentum_fn = momentum_schedule(config.method.target_momentum, total_steps) if ema else None
+  online_lr = target_lr = lr_fn
+  if method.target_update == "alternating":
+    online_lr, target_lr = (optim.branch_schedule(lr_fn, method.alternate_every, phase) for phase in (0, 1))
+  target_tx = optim.make_optimizer(config.optim, target_lr) if method.uses_target and not ema else None
   return StepParts(
       method=method, encoder=encoder, predictor=predictor, views_encoder=views_encoder,
-      views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, lr_fn),
-      probe_tx=optax.adam(config.train.probe_lr), momentum_fn=momentum_fn, lr_fn=lr_fn,
+      views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, online_lr),
+      probe_tx=optax.adam(config.train.probe_lr), momentum_fn=momentum_fn, target_tx=target_tx, lr_fn=lr_fn,
       view1=config.augment.view1, view2=config.augment.view2, image_size=config.data.image_size,
-      mean=tuple(config.data.mean), std=tuple(config.data.std), num_classes=num_classes)
+      input_shape=sources.input_shape(config.data), mean=tuple(config.data.mean), std=tuple(config.data.std), num_classes=num_classes)
 
 
 

@@ -8,6 +8,7 @@ resumed run repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -25,7 +26,8 @@ from emim.target import ema_update
 
 Array = jax.Array
 # {"images": uint8 (B, H, W, 3), "labels": int32 (B,)}, or for streamed data whose
-# random resized crops were taken on the host, {"views": uint8 (B, 2, S, S, 3), "labels"}.
+# random resized crops were taken on the host, {"views": uint8 (B, 2, S, S, 3), "labels"},
+# or {"vectors": float32 (B, D), "labels"} (the Gaussian mixture).
 Batch = dict[str, Array]
 Metrics = dict[str, Array]
 
@@ -54,6 +56,9 @@ class TrainState:
   # Consecutive steps whose update was refused as non-finite (0 after a finite one); the
   # loop stops the run when it reaches config.train.max_nonfinite_in_a_row.
   refused_in_a_row: Array
+  # The target's own optimiser state when gradients train it (the canonical SDMI
+  # prototype's alternating updates); None for an EMA target or none.
+  target_opt_state: optax.OptState | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +75,14 @@ class StepParts:
   tx: optax.GradientTransformation
   probe_tx: optax.GradientTransformation
   momentum_fn: Callable[[Array], Array] | None
+  # The target's optimiser when gradients train it (method.target_update "alternating"
+  # or "joint"); each branch's schedule counts its own updates (optim.branch_schedule).
+  target_tx: optax.GradientTransformation | None
   lr_fn: Callable[[Array], Array]
   view1: ml_collections.ConfigDict
   view2: ml_collections.ConfigDict
   image_size: int
+  input_shape: tuple[int, ...]  # one example as the encoder sees it: (S, S, 3) or (D,)
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   num_classes: int
@@ -82,7 +91,7 @@ class StepParts:
 def init_state(parts: StepParts, rng: Array) -> TrainState:
   """A fresh state: initialise online, predictor, target (a copy) and probe."""
   k_enc, k_pred, k_probe = jax.random.split(jax.random.fold_in(rng, _INIT_STREAM), 3)
-  x = jnp.zeros((2, parts.image_size, parts.image_size, 3), jnp.float32)
+  x = jnp.zeros((2,) + tuple(parts.input_shape), jnp.float32)
   enc_vars = parts.encoder.init(k_enc, x, train=False)
   params = {"encoder": enc_vars["params"]}
   batch_stats = {"encoder": enc_vars["batch_stats"]}
@@ -95,6 +104,7 @@ def init_state(parts: StepParts, rng: Array) -> TrainState:
   if parts.method.uses_target:
     target = {"params": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}
   probe_params = nn.Dense(parts.num_classes).init(k_probe, jnp.zeros(features.shape, jnp.float32))["params"]
+  target_opt_state = parts.target_tx.init(target["params"]) if parts.target_tx is not None else None
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -106,13 +116,18 @@ def init_state(parts: StepParts, rng: Array) -> TrainState:
       probe_opt_state=parts.probe_tx.init(probe_params),
       rng=rng,
       refused_in_a_row=jnp.zeros((), jnp.int32),
+      target_opt_state=target_opt_state,
   )
 
 
 def make_views(parts: StepParts, rng: Array, step: Array, batch: Batch) -> tuple[Array, Array]:
-  """Two augmented, normalised views of a uint8 batch; keys from (rng, step)."""
+  """Two augmented, normalised views of a uint8 batch (or of vectors); keys from (rng,
+  step)."""
   key = jax.random.fold_in(jax.random.fold_in(rng, _AUGMENT_STREAM), step)
   k1, k2 = jax.random.split(key)
+  if "vectors" in batch:
+    return (augment.augment_vectors(k1, batch["vectors"], parts.view1),
+            augment.augment_vectors(k2, batch["vectors"], parts.view2))
   precropped = "views" in batch
   sources = (batch["views"][:, 0], batch["views"][:, 1]) if precropped else (batch["images"], batch["images"])
   views = []
@@ -145,33 +160,96 @@ def _apply_views(module, views_module, params, stats, x1, x2):
   return (jax.tree.map(lambda y: y[:, 0], paired), jax.tree.map(lambda y: y[:, 1], paired)), stats
 
 
+def _branches_loss(parts: StepParts, state: TrainState, x1, x2, params, target_params, stop_target: bool = True):
+  """The method's loss of the online branch (``params``: encoder and predictor) against
+  the target branch (``target_params``, with the state's target batch statistics), and
+  (new online batch statistics, new target batch statistics, objective state, metrics,
+  stop-gradient features and projection of view 1)."""
+  ((f1, z1), (_, z2)), enc_stats = _apply_views(
+      parts.encoder, parts.views_encoder, params["encoder"], state.batch_stats["encoder"], x1, x2)
+  new_stats = {"encoder": enc_stats}
+  pred = target = target_stats = None
+  if parts.predictor is not None:
+    pred, new_stats["predictor"] = _apply_views(
+        parts.predictor, parts.views_predictor, params["predictor"], state.batch_stats["predictor"], z1, z2)
+  if target_params is not None:
+    # The target normalises with its own batch statistics (train mode); an EMA target's
+    # running averages are an EMA of the online ones (below), a trained one keeps its own.
+    (t1, t2), target_stats = _apply_views(parts.encoder, parts.views_encoder, target_params,
+                                          state.target["batch_stats"], x1, x2)
+    target = (t1[1], t2[1])
+    if stop_target:
+      target = jax.lax.stop_gradient(target)
+  loss, objective_state, metrics = parts.method.loss(Views((z1, z2), pred, target), state.objective_state)
+  return loss, (new_stats, target_stats, objective_state, metrics, jax.lax.stop_gradient(f1), jax.lax.stop_gradient(z1))
+
+
+def _update(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, updates
+
+
+def _norms(grads, updates):
+  return optax.tree.norm(grads), optax.tree.norm(updates)
+
+
+def _online_update(parts, state, x1, x2):
+  """The online branch's step, the target fixed (an EMA target's step, and the SDMI
+  prototype's E-step): (loss, aux, (gradient norm, update norm), new params, opt state,
+  new batch statistics, target, target optimiser state), the same for every mode."""
+  target_params = None if state.target is None else state.target["params"]
+  (loss, aux), grads = jax.value_and_grad(
+      lambda p: _branches_loss(parts, state, x1, x2, p, target_params), has_aux=True)(state.params)
+  params, opt_state, updates = _update(parts.tx, grads, state.opt_state, state.params)
+  return loss, aux, _norms(grads, updates), params, opt_state, aux[0], state.target, state.target_opt_state
+
+
+def _target_update(parts, state, x1, x2):
+  """The SDMI prototype's M-step: the target branch ascends the same objective, the online
+  branch fixed (its parameters, optimiser state and batch statistics unchanged)."""
+  (loss, aux), grads = jax.value_and_grad(
+      lambda tp: _branches_loss(parts, state, x1, x2, state.params, tp, stop_target=False),
+      has_aux=True)(state.target["params"])
+  target_params, target_opt_state, updates = _update(parts.target_tx, grads, state.target_opt_state,
+                                                     state.target["params"])
+  target = {"params": target_params, "batch_stats": aux[1]}
+  return loss, aux, _norms(grads, updates), state.params, state.opt_state, state.batch_stats, target, target_opt_state
+
+
+def _joint_update(parts, state, x1, x2):
+  """Both branches at once, no stop-gradient between them (seed 002's ablation of the
+  alternation: direct joint ascent)."""
+  (loss, aux), (grads, target_grads) = jax.value_and_grad(
+      lambda p, tp: _branches_loss(parts, state, x1, x2, p, tp, stop_target=False), argnums=(0, 1),
+      has_aux=True)(state.params, state.target["params"])
+  params, opt_state, updates = _update(parts.tx, grads, state.opt_state, state.params)
+  target_params, target_opt_state, target_updates = _update(parts.target_tx, target_grads, state.target_opt_state,
+                                                            state.target["params"])
+  target = {"params": target_params, "batch_stats": aux[1]}
+  return (loss, aux, _norms((grads, target_grads), (updates, target_updates)), params, opt_state, aux[0], target,
+          target_opt_state)
+
+
 def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[TrainState, Metrics]:
-  """One optimisation step of the online encoder (and predictor), the EMA target and the
-  online linear probe. Pure: bind ``parts`` with functools.partial and jit."""
+  """One optimisation step of the online encoder (and predictor), the target (an EMA, or
+  the SDMI prototype's alternating or joint gradient updates) and the online linear
+  probe. Pure: bind ``parts`` with functools.partial and jit."""
   x1, x2 = make_views(parts, state.rng, state.step, batch)
-
-  def loss_fn(params):
-    ((f1, z1), (_, z2)), enc_stats = _apply_views(
-        parts.encoder, parts.views_encoder, params["encoder"], state.batch_stats["encoder"], x1, x2)
-    new_stats = {"encoder": enc_stats}
-    pred = target = None
-    if parts.predictor is not None:
-      pred, new_stats["predictor"] = _apply_views(
-          parts.predictor, parts.views_predictor, params["predictor"], state.batch_stats["predictor"], z1, z2)
-    if state.target is not None:
-      # The target normalises with its own batch statistics (train mode); its running
-      # averages are an EMA of the online ones, below.
-      ((_, t1), (_, t2)), _ = _apply_views(parts.encoder, parts.views_encoder, state.target["params"],
-                                           state.target["batch_stats"], x1, x2)
-      target = (jax.lax.stop_gradient(t1), jax.lax.stop_gradient(t2))
-    loss, objective_state, metrics = parts.method.loss(Views((z1, z2), pred, target), state.objective_state)
-    aux = (new_stats, objective_state, metrics, jax.lax.stop_gradient(f1), jax.lax.stop_gradient(z1))
-    return loss, aux
-
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_stats, objective_state, method_metrics, features, z1 = aux
-  updates, opt_state = parts.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  mode = parts.method.target_update if parts.method.uses_target else "ema"
+  phase_metrics = {}
+  if mode == "alternating":
+    # Block-coordinate ascent: alternate_every steps of the online branch (E-step), then
+    # as many of the target (M-step). lax.cond runs only the phase's branch.
+    phase = (state.step // parts.method.alternate_every) % 2
+    outcome = jax.lax.cond(phase == 0, functools.partial(_online_update, parts), functools.partial(_target_update, parts),
+                           state, x1, x2)
+    phase_metrics["target_phase"] = phase.astype(jnp.float32)  # its interval mean: the share of M-steps
+  elif mode == "joint":
+    outcome = _joint_update(parts, state, x1, x2)
+  else:
+    outcome = _online_update(parts, state, x1, x2)
+  loss, aux, (grad_norm, update_norm), params, opt_state, new_stats, target, target_opt_state = outcome
+  _, _, objective_state, method_metrics, features, z1 = aux
 
   # Online linear probe on stop-gradient features of the first view.
   def probe_loss(probe_params):
@@ -184,17 +262,15 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
   probe_updates, probe_opt_state = parts.probe_tx.update(probe_grads, state.probe_opt_state, state.probe_params)
   probe_params = optax.apply_updates(state.probe_params, probe_updates)
 
-  target = state.target
   momentum = jnp.float32(0.0)
-  if target is not None:
+  if target is not None and mode == "ema":
     momentum = parts.momentum_fn(state.step)
     target = ema_update(target, {"params": params["encoder"], "batch_stats": new_stats["encoder"]}, momentum)
 
-  grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
   proposed = state.replace(
       step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state, target=target,
       objective_state=objective_state, probe_params=probe_params, probe_opt_state=probe_opt_state,
-      refused_in_a_row=jnp.zeros_like(state.refused_in_a_row))
+      refused_in_a_row=jnp.zeros_like(state.refused_in_a_row), target_opt_state=target_opt_state)
   # Never train on a non-finite update: keep the old state (the step still advances, so
   # the data order is unchanged) and count it; the loop stops the run after
   # config.train.max_nonfinite_in_a_row refusals in a row. A NaN or inf anywhere in the
@@ -217,6 +293,7 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
       "embedding_std": O.embedding_std(z1),
       # The effective rank from traces, unless the objective already reports it (EMMI).
       "rank_renyi2": method_metrics["rank_renyi2"] if "rank_renyi2" in method_metrics else O.renyi2_rank(z1),
+      **phase_metrics,
       "finite": ok.astype(jnp.float32),
       "refused_in_a_row": new_state.refused_in_a_row.astype(jnp.float32),
   }

@@ -48,7 +48,12 @@ def load_config(name="synthetic", variant="runlocal"):
 
 def tiny_synthetic(variant="runlocal", **overrides):
   """The synthetic config's runlocal variant, 4 steps, with dotted-key overrides."""
-  config = load_config("synthetic", variant)
+  return tiny_config("synthetic", variant, **overrides)
+
+
+def tiny_config(name, variant="runlocal", **overrides):
+  """``configs/<name>.py:<variant>``, 4 steps, with dotted-key overrides."""
+  config = load_config(name, variant)
   with config.unlocked():
     config.train.num_steps, config.train.log_every = 4, 2
     for key, value in overrides.items():

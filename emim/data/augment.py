@@ -202,3 +202,16 @@ def augment_batch(key: Array, images: Array, cfg: ml_collections.ConfigDict, siz
     raise ValueError(f"Pre-cropped views must be {size}x{size}, got {images.shape[1:3]}.")
   keys = jax.random.split(key, images.shape[0])
   return jax.vmap(lambda k, x: augment_view(k, x, cfg, size, crop))(keys, images)
+
+
+# ----------------------------------------------------------------------------------
+# Vectors (the Gaussian-mixture experiment).
+# ----------------------------------------------------------------------------------
+def augment_vectors(key: Array, vectors: Array, cfg: ml_collections.ConfigDict) -> Array:
+  """A view of a batch of vectors: Gaussian noise of std ``cfg.noise_std`` added, then
+  each coordinate zeroed with probability ``cfg.mask_p`` (one draw per coordinate)."""
+  k_noise, k_mask = jax.random.split(key)
+  x = vectors.astype(jnp.float32) + cfg.noise_std * jax.random.normal(k_noise, vectors.shape, jnp.float32)
+  if cfg.mask_p > 0:
+    x = jnp.where(jax.random.bernoulli(k_mask, cfg.mask_p, x.shape), 0.0, x)
+  return x

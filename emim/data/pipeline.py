@@ -13,6 +13,7 @@ order is a function of the step alone, as on the device).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -25,13 +26,14 @@ from emim.data.sources import ImageDataset
 from emim.train_step import device_data_step, train_step
 
 
-def _subset(dataset: ImageDataset, n: int, seed: int) -> ImageDataset:
+def _subset(dataset, n: int, seed: int):
+  """n random examples of an ImageDataset or VectorDataset (the same type back)."""
   idx = np.random.default_rng(seed).permutation(len(dataset))[:n]
-  return ImageDataset(dataset.images[idx], dataset.labels[idx], dataset.class_names)
+  return dataclasses.replace(dataset, **{dataset.input_key: dataset.inputs[idx]}, labels=dataset.labels[idx])
 
 
 class DeviceData:
-  """The whole training set on the devices (replicated)."""
+  """The whole training set on the devices (replicated): images, or vectors."""
 
   iterator = None  # each step's batch is a function of the step: nothing to checkpoint
 
@@ -40,9 +42,9 @@ class DeviceData:
     evaluator asks for it."""
     self.train, self._mesh, self._batch_size, self._load_test = train, mesh, batch_size, load_test
     replicated = sharding.replicated(mesh)
-    self._on_device = {"images": sharding.put_global(self.train.images, replicated),
-                       "labels": sharding.put_global(self.train.labels, replicated)}
-    logging.info("Data on device: %d images of %s.", len(self.train), self.train.images.shape[1:])
+    self._on_device = {train.input_key: sharding.put_global(train.inputs, replicated),
+                       "labels": sharding.put_global(train.labels, replicated)}
+    logging.info("Data on device: %d %s of %s.", len(train), train.input_key, train.inputs.shape[1:])
 
   @property
   def num_examples(self) -> int:

@@ -1,6 +1,7 @@
-"""Where images come from: a synthetic mixture, an image folder, or a TFDS dataset.
+"""Where images come from: a synthetic mixture, an image folder, or a TFDS dataset (and
+vectors: a Gaussian mixture in R^d, emim/data/mixture.py).
 
-Each source returns an ``ImageDataset`` of uint8 images in memory. The image folder is
+Each image source returns an ``ImageDataset`` of uint8 images in memory. The image folder is
 decoded once, in parallel, into a uint8 cache so later runs start at once; TFDS is read
 with ``tfds.data_source`` (ArrayRecord, no TensorFlow needed).
 """
@@ -24,7 +25,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from emim.data import class_lists
+from emim.config_base import VECTOR_SOURCES
+from emim.data import class_lists, mixture
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -36,6 +38,12 @@ class ImageDataset:
   images: np.ndarray
   labels: np.ndarray
   class_names: tuple[str, ...]
+
+  input_key = "images"  # the key of the inputs in a batch (VectorDataset: "vectors")
+
+  @property
+  def inputs(self) -> np.ndarray:
+    return self.images
 
   @property
   def num_classes(self) -> int:
@@ -492,13 +500,37 @@ def _png_bytes(array: np.ndarray) -> bytes:
 # ----------------------------------------------------------------------------------
 # Dispatch.
 # ----------------------------------------------------------------------------------
-SOURCES = ("synthetic", "image_folder", "tfds")
+SOURCES = ("synthetic", "image_folder", "tfds", "gaussian_mixture")
+
+
+def input_shape(data_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The shape of one example as the encoder sees it."""
+  if data_cfg.source in VECTOR_SOURCES:
+    return (data_cfg.dim,)
+  return (data_cfg.image_size, data_cfg.image_size, 3)
+
+
+def known_views_mi(config: ml_collections.ConfigDict) -> float | None:
+  """The exact MI between two views of the data's distribution where it is known in
+  closed form: the Gaussian mixture with noise views and no masking. None elsewhere."""
+  d, views = config.data, (config.augment.view1, config.augment.view2)
+  if d.source != "gaussian_mixture" or any(v.mask_p > 0 for v in views):
+    return None
+  mi, stderr = mixture.views_mutual_information(d.num_classes, d.dim, d.separation, d.instance_std,
+                                               (views[0].noise_std, views[1].noise_std))
+  logging.info("The exact MI of two views of the Gaussian mixture: %.3f nats (Monte Carlo standard error %.3f).", mi, stderr)
+  return mi
 
 
 def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None = None,
-         train_classes: tuple[str, ...] | None = None) -> ImageDataset:
+         train_classes: tuple[str, ...] | None = None) -> ImageDataset | mixture.VectorDataset:
   """The dataset named by ``config.data`` for one split ("train" or "test"), labelled by
   the training split's classes (``train_classes`` when known, else listed)."""
+  if data_cfg.source == "gaussian_mixture":
+    n = data_cfg.num_train if split == "train" else data_cfg.num_test
+    vectors, labels = mixture.gaussian_mixture(n, data_cfg.dim, data_cfg.num_classes, data_cfg.separation,
+                                               data_cfg.instance_std, seed=0 if split == "train" else 1)
+    return mixture.VectorDataset(vectors, labels, tuple(f"cluster_{i}" for i in range(data_cfg.num_classes)))
   if data_cfg.source == "synthetic":
     n = data_cfg.num_train if split == "train" else data_cfg.num_test
     return synthetic(n, data_cfg.image_size, data_cfg.num_classes, seed=0 if split == "train" else 1)

@@ -57,8 +57,8 @@ class PeriodicKnn:
 
   def __init__(self, backbone, train_data, test_data, eval_cfg, mesh):
     self.every_steps = eval_cfg.every_steps
-    self._train = (train_data.images, train_data.labels)
-    self._test = (test_data.images, test_data.labels)
+    self._train = (train_data.inputs, train_data.labels)
+    self._test = (test_data.inputs, test_data.labels)
     self._num_classes = train_data.num_classes
     self._cfg = eval_cfg
     self._mesh = mesh

@@ -108,8 +108,8 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
     inputs, labels = features[0] if features else features_and_labels(features_fn, train, cfg.batch_size, mesh, workers)
     to_features = lambda variables, key, x: x
   else:
-    in_memory = hasattr(train, "images")
-    inputs, labels = (train.images, train.labels) if in_memory else (None, None)
+    in_memory = hasattr(train, "inputs")
+    inputs, labels = (train.inputs, train.labels) if in_memory else (None, None)
     to_features = lambda variables, key, x: backbone.model.apply(
         variables, augment.normalize(_train_augment(backbone, key, x, precropped=not in_memory), backbone.mean,
                                      backbone.std), train=False)

@@ -1,6 +1,6 @@
 """MI estimates on a fixed evaluation batch, tracked during training (spec section 2).
 
-The same images and the same augmentation keys every time, the encoder in inference
+The same examples and the same augmentation keys every time, the encoder in inference
 mode and no gradient, so the curve shows how the encoder's MI between two views evolves:
 DV, InfoNCE and JSD with the cosine critic, and the Gaussian (second-order) MI, debiased,
 in the batch's leading principal directions (``principal_gaussian_mi``), with the
@@ -17,32 +17,34 @@ import ml_collections
 
 from emim import objectives as O
 from emim import sharding
+from emim.data.sources import known_views_mi
 from emim.evaluators import Context, register
 from emim.train_step import StepParts, TrainState, make_views
 
 _EVAL_KEY = 20261122  # fixed: the same views at every evaluation
 
 
-def online_embeddings(parts: StepParts, state: TrainState, images: jax.Array):
+def online_embeddings(parts: StepParts, state: TrainState, inputs: jax.Array):
   """(features, projections) of the online encoder in inference mode."""
   variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats["encoder"]}
-  return parts.encoder.apply(variables, images, train=False)
+  return parts.encoder.apply(variables, inputs, train=False)
 
 
 def make_mi_tracker(parts: StepParts, tau: float = 0.1, objective_eps: float = 1e-4):
-  """A jitted fn(state, images) -> metrics on two fixed views of ``images``.
+  """A jitted fn(state, inputs) -> metrics on two fixed views of ``inputs`` (a batch:
+  {"images": ...} or {"vectors": ...}).
 
   ``objective_eps`` is the objective's ridge, for the rescaled spectrum.
   """
 
   @jax.jit
-  def track(state: TrainState, images: jax.Array):
-    x1, x2 = make_views(parts, jax.random.PRNGKey(_EVAL_KEY), jnp.int32(0), {"images": images})
+  def track(state: TrainState, inputs: dict):
+    x1, x2 = make_views(parts, jax.random.PRNGKey(_EVAL_KEY), jnp.int32(0), inputs)
     _, z1 = online_embeddings(parts, state, x1)
     _, z2 = online_embeddings(parts, state, x2)
     estimates = O.mi_estimates(z1, z2, tau=tau)
     # Once, while tracing: which subspace the logged Gaussian MI is of.
-    logging.info("MI estimates on %d fixed images; the Gaussian MI of the %d leading principal directions (of %d).",
+    logging.info("MI estimates on %d fixed examples; the Gaussian MI of the %d leading principal directions (of %d).",
                  z1.shape[0], O.default_principal_dims(*z1.shape), z1.shape[1])
     # The smallest eigenvalue of each symmetric-form statistic over its lambda_max: how far
     # into the Taylor polynomial's flat tail the spectrum reaches (exact, eigvalsh).
@@ -58,22 +60,27 @@ def make_mi_tracker(parts: StepParts, tau: float = 0.1, objective_eps: float = 1
 
 
 class MiTracker:
-  """The MI estimates of the online encoder on a fixed batch of training images, every
-  ``every_steps`` steps (by default with every progress line) and before the first."""
+  """The MI estimates of the online encoder on a fixed batch of training examples, every
+  ``every_steps`` steps (by default with every progress line) and before the first;
+  beside them ``eval/true_mi``, the exact MI of two views of the data, where it is known
+  (the Gaussian mixture: every estimate of the embeddings' MI lies below it)."""
 
   name, at_start = "mi", True
 
-  def __init__(self, parts: StepParts, state: TrainState, images, every_steps: int, objective_eps: float):
+  def __init__(self, parts: StepParts, state: TrainState, inputs: dict, every_steps: int, objective_eps: float,
+               true_mi: float | None = None):
     self.every_steps = every_steps
-    self._images = images
-    self._track = make_mi_tracker(parts, objective_eps=objective_eps).lower(state, images).compile()
+    self._inputs = inputs
+    self._true_mi = true_mi
+    self._track = make_mi_tracker(parts, objective_eps=objective_eps).lower(state, inputs).compile()
 
   def run(self, state: TrainState) -> dict[str, float]:
     # Wait for every device's copy, not only the one device_get reads: the estimates are
     # replicated, and a step dispatched (and a checkpoint begun) while other devices still
     # run the tracker wedged the 8-device CPU tests twice, every thread parked.
-    evals = jax.device_get(jax.block_until_ready(self._track(state, self._images)))
-    return {k: float(v) for k, v in evals.items()}
+    evals = jax.device_get(jax.block_until_ready(self._track(state, self._inputs)))
+    known = {} if self._true_mi is None else {"eval/true_mi": self._true_mi}
+    return {**{k: float(v) for k, v in evals.items()}, **known}
 
 
 @register("mi")
@@ -82,7 +89,8 @@ def build(config: ml_collections.ConfigDict, context: Context) -> MiTracker | No
   if every_steps == 0:
     return None
   data = context.data
-  # A fixed random subset of the training images.
+  # A fixed random subset of the training examples.
   subset = data.train_subset(min(data.num_examples, config.eval.mi_batch_size), seed=1)
-  images = sharding.put_global(subset.images, sharding.replicated(context.mesh))
-  return MiTracker(context.parts, context.state, images, every_steps, config.method.get("eps", 1e-4))
+  inputs = {subset.input_key: sharding.put_global(subset.inputs, sharding.replicated(context.mesh))}
+  return MiTracker(context.parts, context.state, inputs, every_steps, config.method.get("eps", 1e-4),
+                   known_views_mi(config))

@@ -40,6 +40,10 @@ class Method:
     uses_predictor: put a predictor MLP on the online branch.
     loss_fn: (views, objective_state) -> (loss, objective_state, metrics).
     init_objective_state: projection dim -> the objective's state (e.g. tracked eigenvalues).
+    target_update: how the target learns: "ema" (a momentum average of the online
+      encoder), "alternating" (its own gradient steps on the same objective, alternating
+      with the online branch's every ``alternate_every`` steps: the canonical SDMI
+      prototype's block-coordinate ascent) or "joint" (both branches every step).
   """
 
   name: str
@@ -48,6 +52,8 @@ class Method:
   uses_predictor: bool
   loss_fn: Callable[[Views, Any], tuple[Array, Any, Metrics]]
   init_objective_state: Callable[[int], Any] = lambda dim: {}
+  target_update: str = "ema"
+  alternate_every: int = 1
 
   def loss(self, views: Views, objective_state: Any) -> tuple[Array, Any, Metrics]:
     return self.loss_fn(views, objective_state)

@@ -34,25 +34,43 @@ def _with_target(**kw) -> dict:
   return dict(target_momentum=0.99, **kw)
 
 
+# The ablation switches of seed 002 (config variants no_predictor, no_stop_gradient and
+# no_regularizer set them False): without its predictor an SDMI method, without its
+# regulariser a JMI one, collapses.
+_SDMI_SWITCHES = dict(predictor=True)
+_JMI_SWITCHES = dict(regularizer=True)
+
 _DEFAULTS = {
     "emmi": _emmi,
-    # SDMI (self_distillation.py).
-    "byol": _with_target,
-    "simsiam": dict,
-    "moco": lambda: _with_target(tau=0.2, predictor=True),
-    # predictor=False is seed 002's ablation: without it the representation collapses.
-    "sdmi": lambda: _with_target(predictor=True),
+    # SDMI (self_distillation.py). BYOL's and MoCo's targets are momentum averages that no
+    # gradient reaches: stop-gradient is not a switch of theirs.
+    "byol": lambda: _with_target(**_SDMI_SWITCHES),
+    "simsiam": lambda: dict(stop_gradient=True, **_SDMI_SWITCHES),
+    "moco": lambda: _with_target(tau=0.2, **_SDMI_SWITCHES),
+    # The canonical SDMI prototype: -cos(h(f(xa)), sg(g(xb))) by block-coordinate ascent,
+    # alternate_every steps of the online branch f (and predictor h), then as many of the
+    # target branch g, each with its own optimiser state. target_update="ema" is the
+    # stand-in BYOL uses (target_momentum); stop_gradient=False ascends both at once.
+    "sdmi": lambda: _with_target(target_update="alternating", alternate_every=1, stop_gradient=True, **_SDMI_SWITCHES),
     # JMI (joint.py).
-    "simclr": lambda: dict(tau=0.5),
-    "barlow_twins": lambda: dict(lambd=5e-3),
-    "vicreg": lambda: dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0),
-    # lambd=0 is seed 002's ablation: without the regulariser the representation collapses.
-    "taylor_dv": lambda: dict(lambd=1.0),
+    "simclr": lambda: dict(tau=0.5, **_JMI_SWITCHES),
+    "barlow_twins": lambda: dict(lambd=5e-3, **_JMI_SWITCHES),
+    "vicreg": lambda: dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, **_JMI_SWITCHES),
+    "taylor_dv": lambda: dict(lambd=1.0, **_JMI_SWITCHES),
 }
+
+# variant -> the method field it turns off.
+ABLATIONS = {"no_predictor": "predictor", "no_stop_gradient": "stop_gradient", "no_regularizer": "regularizer"}
+TARGET_UPDATES = ("ema", "alternating")
 
 
 def available() -> list[str]:
   return sorted(_DEFAULTS)
+
+
+def ablation_methods(variant: str) -> list[str]:
+  """The methods an ablation variant applies to."""
+  return [m for m in available() if ABLATIONS[variant] in _DEFAULTS[m]()]
 
 
 def method_config(name: str) -> ml_collections.ConfigDict:

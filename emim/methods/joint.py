@@ -1,6 +1,8 @@
 """JMI methods (seed 002): one shared encoder, both branches get gradients, a statistical
 regulariser in place of the DV bound's log-partition. SimCLR, Barlow Twins, VICReg and
-the canonical Taylor-DV prototype."""
+the canonical Taylor-DV prototype. ``regularizer=False`` (seed 002's ablation) keeps the
+joint term alone: SimCLR without its negatives, Barlow Twins without its off-diagonal
+term, VICReg without variance and covariance, Taylor-DV without its marginal term."""
 
 from __future__ import annotations
 
@@ -20,19 +22,23 @@ def _jmi_method(name, pair_loss):
 
 @register("simclr")
 def build_simclr(cfg):
-  return _jmi_method("simclr", functools.partial(O.nt_xent, tau=cfg.tau))
+  return _jmi_method("simclr", functools.partial(O.nt_xent, tau=cfg.tau, negatives=cfg.get("regularizer", True)))
 
 
 @register("barlow_twins")
 def build_barlow_twins(cfg):
-  return _jmi_method("barlow_twins", functools.partial(O.barlow_twins, lambd=cfg.lambd))
+  lambd = cfg.lambd if cfg.get("regularizer", True) else 0.0
+  return _jmi_method("barlow_twins", functools.partial(O.barlow_twins, lambd=lambd))
 
 
 @register("vicreg")
 def build_vicreg(cfg):
-  return _jmi_method("vicreg", functools.partial(O.vicreg, sim_coeff=cfg.sim_coeff, std_coeff=cfg.std_coeff, cov_coeff=cfg.cov_coeff))
+  keep = 1.0 if cfg.get("regularizer", True) else 0.0
+  return _jmi_method("vicreg", functools.partial(O.vicreg, sim_coeff=cfg.sim_coeff, std_coeff=keep * cfg.std_coeff,
+                                                 cov_coeff=keep * cfg.cov_coeff))
 
 
 @register("taylor_dv")
 def build_taylor_dv(cfg):
-  return _jmi_method("taylor_dv", functools.partial(O.taylor_dv, lambd=cfg.lambd))
+  lambd = cfg.lambd if cfg.get("regularizer", True) else 0.0
+  return _jmi_method("taylor_dv", functools.partial(O.taylor_dv, lambd=lambd))

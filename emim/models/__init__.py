@@ -8,8 +8,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from emim.models.heads import MLP
-from emim.models.resnet import ARCHITECTURES, ResNet, make_backbone
+from emim.models import resnet
+from emim.models.heads import MLP, MLPBackbone
+from emim.models.resnet import ResNet
+
+# Backbones for images (emim/models/resnet.py) and "mlp", two hidden layers of
+# ``model.width`` for vectors (the Gaussian-mixture experiment).
+ARCHITECTURES = (*resnet.ARCHITECTURES, "mlp")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -17,12 +22,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 class Encoder(nn.Module):
   """backbone -> projector; returns (features, projection), both float32."""
 
-  backbone: ResNet
+  backbone: ResNet | MLPBackbone
   projector: MLP
 
   def __call__(self, images, train: bool = True):
     features = self.backbone(images, train=train)
     return features, self.projector(features, train=train)
+
+
+def make_backbone(name: str, width: int = 64, cifar_stem: bool = False, dtype: Any = jnp.float32,
+                  bn_groups: int = 1) -> ResNet | MLPBackbone:
+  if name == "mlp":
+    return MLPBackbone(width, depth=2, dtype=dtype, bn_groups=bn_groups)
+  if name not in resnet.ARCHITECTURES:
+    raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(ARCHITECTURES)}.")
+  return resnet.make_backbone(name, width, cifar_stem, dtype, bn_groups)
 
 
 def parse_dtype(name: str) -> Any:
@@ -45,4 +59,4 @@ def make_predictor(model_cfg: ml_collections.ConfigDict, bn_groups: int = 1) -> 
   return MLP(tuple(model_cfg.predictor_dims), dtype=parse_dtype(model_cfg.dtype), bn_groups=bn_groups)
 
 
-__all__ = ["ARCHITECTURES", "Encoder", "MLP", "ResNet", "make_backbone", "make_encoder", "make_predictor"]
+__all__ = ["ARCHITECTURES", "Encoder", "MLP", "MLPBackbone", "ResNet", "make_backbone", "make_encoder", "make_predictor"]

@@ -42,3 +42,27 @@ class MLP(nn.Module):
     if self.output_norm:
       x = norm(use_scale=False, use_bias=False, name="output_bn")(x)
     return x.astype(jnp.float32)
+
+
+class MLPBackbone(nn.Module):
+  """The trunk for vectors (the Gaussian-mixture experiment): ``depth`` hidden layers of
+  ``width``, Dense -> BatchNorm -> ReLU each; the last one's output are the features."""
+
+  width: int
+  depth: int = 2
+  dtype: Any = jnp.float32
+  bn_groups: int = 1
+
+  @property
+  def feature_dim(self) -> int:
+    return self.width
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    norm_cls = functools.partial(GroupedBatchNorm, groups=self.bn_groups) if self.bn_groups > 1 else nn.BatchNorm
+    x = x.astype(self.dtype)
+    for i in range(self.depth):
+      x = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name=f"dense{i}")(x)
+      x = norm_cls(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(x)
+      x = nn.relu(x)
+    return x.astype(jnp.float32)

@@ -17,18 +17,19 @@ def _off_diagonal(m: Array) -> Array:
   return m - jnp.diag(jnp.diagonal(m))
 
 
-def nt_xent(z1: Array, z2: Array, tau: float = 0.5) -> tuple[Array, dict[str, Array]]:
+def nt_xent(z1: Array, z2: Array, tau: float = 0.5, negatives: bool = True) -> tuple[Array, dict[str, Array]]:
   """SimCLR's NT-Xent: InfoNCE over the 2n views, each view's positive its partner.
 
   loss = mean over the 2n anchors of -log softmax_j(cos(a, j)/tau)[partner], self
-  excluded from the denominator.
+  excluded from the denominator. ``negatives=False`` drops the denominator (the
+  log-partition): -mean cos(a, partner)/tau, the joint term alone.
   """
   n = z1.shape[0]
   z = l2_normalize(jnp.concatenate([z1, z2], axis=0))
   logits = z @ z.T / tau
   logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)
   partner = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
-  logp = jax.nn.log_softmax(logits, axis=1)
+  logp = jax.nn.log_softmax(logits, axis=1) if negatives else logits
   loss = -jnp.mean(jnp.take_along_axis(logp, partner[:, None], axis=1))
   return loss, {"nt_xent": loss}
 

@@ -1,6 +1,7 @@
 """Self-distillation (SDMI) losses: an online branch (with a predictor) regressed onto a
 target branch under stop-gradient (seed 002; spec section 2). The ``stop_gradient`` is
-written here, where the paper puts it, so a target can never receive a gradient.
+written here, where the paper puts it, so a target can never receive a gradient unless
+a method asks for it (the SDMI prototype's alternating updates, the ablations).
 Each returns (loss, metrics); symmetrise over the two views in the method."""
 
 from __future__ import annotations
@@ -19,30 +20,36 @@ def cosine_similarity(a: Array, b: Array) -> Array:
   return jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
 
 
-def byol_loss(online_pred: Array, target_proj: Array) -> tuple[Array, dict[str, Array]]:
+def _maybe_sg(x: Array, stop_gradient: bool) -> Array:
+  return sg(x) if stop_gradient else x
+
+
+def byol_loss(online_pred: Array, target_proj: Array, stop_gradient: bool = True) -> tuple[Array, dict[str, Array]]:
   """BYOL's normalised regression: mean ||p/|p| - sg(t)/|t| ||^2 = mean 2 - 2 cos(p, sg(t))."""
-  cos = cosine_similarity(online_pred, sg(target_proj))
+  cos = cosine_similarity(online_pred, _maybe_sg(target_proj, stop_gradient))
   loss = jnp.mean(2.0 - 2.0 * cos)
   return loss, {"cos": jnp.mean(cos)}
 
 
-def moco_infonce(query: Array, key: Array, tau: float = 0.2) -> tuple[Array, dict[str, Array]]:
+def moco_infonce(query: Array, key: Array, tau: float = 0.2, stop_gradient: bool = True) -> tuple[Array, dict[str, Array]]:
   """MoCo v3: cross-entropy of q_i against the batch of target keys sg(k), positive k_i.
 
   Reported as the plain cross-entropy; MoCo v3 multiplies it by 2 tau, which only
   rescales the learning rate.
   """
-  logits = l2_normalize(query) @ l2_normalize(sg(key)).T / tau
+  logits = l2_normalize(query) @ l2_normalize(_maybe_sg(key, stop_gradient)).T / tau
   logp = jax.nn.log_softmax(logits, axis=1)
   loss = -jnp.mean(jnp.diagonal(logp))
   accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))
   return loss, {"moco_ce": loss, "moco_acc": accuracy}
 
 
-def sdmi_prototype_loss(online_pred: Array, target_proj: Array) -> tuple[Array, dict[str, Array]]:
+def sdmi_prototype_loss(online_pred: Array, target_proj: Array, stop_gradient: bool = True) -> tuple[Array, dict[str, Array]]:
   """The canonical SDMI prototype: only the joint term J with the cosine critic,
-  L = -cos(h(f(xa)), sg(g(xb)))."""
-  cos = cosine_similarity(online_pred, sg(target_proj))
+  L = -cos(h(f(xa)), sg(g(xb))). ``stop_gradient=False`` for the train step's
+  alternating updates, which differentiate one branch at a time themselves, and for the
+  no-stop-gradient ablation."""
+  cos = cosine_similarity(online_pred, _maybe_sg(target_proj, stop_gradient))
   return -jnp.mean(cos), {"cos": jnp.mean(cos)}
 
 
