@@ -23,7 +23,7 @@ setup(
         "etils[epath]",  # one path type for local and gs:// work directories
         "grain>=0.2.18",
         "numpy",
-        "scipy",  # digamma for the debiased Gaussian MI (jax needs scipy too)
+        "scipy",  # digamma for the debiased Gaussian MI, logsumexp for the mixture's exact MI
         "pillow",
         "safetensors",  # the PyTorch export
     ],
@@ -36,7 +36,12 @@ setup(
         # gs:// work directories: etils.epath reads and writes them through gcsfs (Orbax's
         # checkpoint arrays go through TensorStore, which speaks GCS itself).
         "gcs": ["gcsfs"],
+        # python -m emim.plots and the experiments' figures.
+        "plots": ["matplotlib"],
         # The GCS emulator lets the tests run a gs:// work directory without the network.
-        "test": ["pytest", "tensorboard", "gcsfs", "gcp-storage-emulator", "setuptools>=70.1"],  # (setuptools: the wheel test)
+        # setuptools: the wheel test; matplotlib and the Jupyter packages: the figures and the
+        # notebook, executed top to bottom.
+        "test": ["pytest", "tensorboard", "gcsfs", "gcp-storage-emulator", "setuptools>=70.1", "matplotlib",
+                 "jupytext", "nbclient", "nbformat", "ipykernel"],
     },
 )

@@ -155,10 +155,11 @@ def compile_train_step(parts: StepParts, data, state: TrainState, state_sharding
 # Step metrics that are not loss terms; the progress line shows the rest (the loss, the
 # method's own terms, e.g. ld_sum or bt_off_diag) and the online-probe accuracy.
 _NOT_TERMS = ("lr", "target_momentum", "grad_norm", "update_norm", "param_norm", "probe_loss", "embedding_std",
-              "rank_renyi2", step_metrics.REFUSED, step_metrics.LONGEST)
+              "rank_renyi2", "target_phase", step_metrics.REFUSED, step_metrics.LONGEST)
 
 
-def _is_loss_term(name: str) -> bool:
+def is_loss_term(name: str) -> bool:
+  """Whether a step metric is one of the objective's terms (what the progress line shows)."""
   return name not in _NOT_TERMS and not name.startswith(("beta_", "rescaled_eig"))
 
 
@@ -197,7 +198,7 @@ class ProgressLine:
     rate = (done - self._step) / max(now - self._time - self._paused, 1e-9)
     self._time, self._step, self._paused = now, done, 0.0
     eta = (self.last_step - done) / max(rate, 1e-9)
-    terms = " ".join(f"{k}={float(v):.4g}" for k, v in host_metrics.items() if _is_loss_term(k))
+    terms = " ".join(f"{k}={float(v):.4g}" for k, v in host_metrics.items() if is_loss_term(k))
     logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, self.total_steps,
                  done / self.steps_per_epoch, rate, rate * self.batch_size, _format_eta(eta), terms)
     return {"epoch": done / self.steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * self.batch_size}
