@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from emim.data import streaming
+from emim.data.sources import IMAGE_SUFFIXES
 
 
 def generate(folder: str, n: int, classes: int = 10, seed: int = 0) -> list[tuple[str, int]]:
@@ -47,9 +48,12 @@ def generate(folder: str, n: int, classes: int = 10, seed: int = 0) -> list[tupl
 
 
 def read_folder(folder: str, limit: int) -> list[tuple[str, int]]:
+  """Up to ``limit`` images of ``folder/<class>/`` (image files only), in a fixed random order."""
   classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
   records = [(os.path.join(folder, c, f), label) for label, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(folder, c)))]
+             for f in sorted(os.listdir(os.path.join(folder, c))) if f.lower().endswith(IMAGE_SUFFIXES)]
+  if not records:
+    raise SystemExit(f"--folder {folder}: no images in {folder}/<class>/ (give a split's folder, e.g. train/).")
   rng = np.random.default_rng(0)
   return [records[i] for i in rng.permutation(len(records))[:limit]]
 
@@ -105,6 +109,8 @@ def main():
                       help="an accelerator's measured ResNet-50 step, pairs a second (for the cores it needs)")
   parser.add_argument("--out", default="/tmp/emim_input_pipeline")
   args = parser.parse_args()
+  if min(args.workers) < 0 or args.batch <= 0 or args.repeats <= 0:
+    raise SystemExit("--workers must be >= 0 (0: in process), --batch and --repeats positive.")
   os.makedirs(args.out, exist_ok=True)
   if args.folder:
     records = read_folder(args.folder, args.images)
@@ -112,6 +118,9 @@ def main():
   else:
     where = os.path.join(args.out, "generated")
     records = generate(where, args.generate)
+  if len(records) < args.batch:
+    raise SystemExit(f"{len(records)} images for batches of {args.batch}: give at least --batch images "
+                     "(--generate or --images), or a smaller --batch.")
   sizes = [os.path.getsize(p) for p, _ in records[:256]]
   dims = [Image.open(p).size for p, _ in records[:256]]
   print(f"{len(records)} images from {where}: mean {np.mean(sizes) / 1e3:.0f} KB, mean size "

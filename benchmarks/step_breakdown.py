@@ -32,7 +32,7 @@ import optax
 
 from emim import objectives as O
 from emim import sharding, step_metrics, train
-from emim.config_base import load_config_file
+from emim.config_base import VECTOR_SOURCES, load_config_file
 from emim.data.pipeline import DeviceData
 from emim.data.sources import ImageDataset
 from emim.methods import Views
@@ -180,7 +180,12 @@ def main():
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--out", default="", help="directory for breakdown.md and breakdown.json")
   args = parser.parse_args()
+  if args.steps <= 0 or min(args.batch) <= 0:
+    raise SystemExit("--steps and --batch must be positive.")
   path, _, variant = args.config.partition(":")
+  if load_config_file(path, variant or None).data.source in VECTOR_SOURCES:
+    raise SystemExit(f"{args.config}: the breakdown times the image step's parts (augmentation, ResNet); the "
+                     "Gaussian mixture's vector step has none of them.")
   mesh = sharding.make_mesh()
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
   print(f"device: {device}, jax {jax.__version__}", flush=True)

@@ -254,7 +254,12 @@ def restore_subtree(directory: fs.PathLike, step: int | None, keys: tuple[str, .
     restored = manager.restore(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)}))[STATE_ITEM]
   except Exception as e:
-    raise CheckpointError(f"Cannot read {keys} from the checkpoint at {directory / str(step)} ({type(e).__name__}: {e}).") from e
+    others = [s for s in manager.all_steps() if s != step]
+    choose = (f" Evaluate another with --checkpoint_step (this run has {others[-5:]})." if others else
+              " It is the run's only checkpoint.")
+    detail = str(e) if len(str(e)) <= 300 else str(e)[:300] + " ..."
+    raise CheckpointError(f"Cannot read {keys} from the checkpoint at {directory / str(step)}: it is truncated or "
+                          f"corrupt.{choose} The error: {type(e).__name__}: {detail}") from e
   finally:
     manager.close()
   logging.info("Restored %s from %s at step %d.", keys, directory, step)

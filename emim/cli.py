@@ -43,13 +43,19 @@ def parse_flags(argv: list[str]) -> list[str]:
       text = f"{lines[0]} {lines[-1]}"
     _fail(f"{text}\n  (--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    bad = ", ".join(arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")) or "--config"
-    # ml_collections nests KeyError reprs inside AttributeError: unescape to one line.
-    text = str(e)
-    if len(text) > 1 and text[0] == text[-1] == "'":
-      text = text[1:-1]
-    text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-    _fail(f"cannot apply {bad}: {text}\n  (a run's config.json lists every field of its config)")
+    config_override_failed(argv, e)
+
+
+def config_override_failed(argv: list[str], error: Exception) -> None:
+  """Exit with one line for a --config.x=y that cannot apply (an unknown field, a value
+  of the wrong type), raised while parsing or while defining the flag."""
+  bad = ", ".join(arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")) or "--config"
+  # ml_collections nests KeyError reprs inside AttributeError: unescape to one line.
+  text = str(error)
+  if len(text) > 1 and text[0] == text[-1] == "'":
+    text = text[1:-1]
+  text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+  _fail(f"cannot apply {bad}: {text}\n  (a run's config.json lists every field of its config)")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -249,6 +249,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"--config.model.backbone={c.model.backbone!r} with --config.data.source={c.data.source!r}: "
                       "the Gaussian mixture's vectors need backbone 'mlp' (configs/gaussian_mixture.py), images a "
                       "ResNet.")
+  if c.data.get("class_subset", "") and c.data.source not in ("image_folder", "tfds"):
+    raise ConfigError(f"--config.data.class_subset={c.data.class_subset!r}: the {c.data.source} source generates its "
+                      "classes (set --config.data.num_classes instead); subsets are of image folders and TFDS datasets.")
   if vectors and c.data.stream:
     raise ConfigError("--config.data.stream=True: the Gaussian mixture is generated in memory; set it False.")
   if c.data.source == "image_folder" and not c.data.path:

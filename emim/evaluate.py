@@ -125,7 +125,14 @@ def record(directory: fs.Path, results: dict) -> None:
   if not workdir_lib.writes_files():
     return
   directory.mkdir(parents=True, exist_ok=True)
-  workdir_lib.update_json(directory / "evaluation.json", lambda table: table.__setitem__(key, results))
+  # Merged into the step's entry: a later --mode=knn keeps the same step's probe results.
+  def merge(table):
+    entry = table.setdefault(key, {})
+    timings = {**entry.get("timings", {}), **results.get("timings", {})}
+    entry.update(results)
+    entry["timings"] = timings
+
+  workdir_lib.update_json(directory / "evaluation.json", merge)
   writer = MetricWriter(directory, "metrics_eval.jsonl")
   prefix = "eval/random_init/" if results.get("random_init") else "eval/"
   writer.write(results["step"], {prefix + k: v for k, v in results.items() if isinstance(v, float)})
@@ -155,6 +162,8 @@ def define_config_flag(argv: list[str]) -> None:
   if file_given or not workdirs:
     config_flags.DEFINE_config_file("config", None, "Config file; default: the checkpoint's own config.", lock_config=True)
     return
+  if steps and not steps[-1].lstrip("-").isdigit():
+    cli.fail(f"--checkpoint_step={steps[-1]!r}: give a step number (-1, the default, for the latest).")
   try:
     step = int(steps[-1]) if steps and int(steps[-1]) >= 0 else None
     if step is None and "--random_init" not in argv:
@@ -167,7 +176,10 @@ def define_config_flag(argv: list[str]) -> None:
     cli.fail(message, status=1)
   _CONFIG_STEP = step
   config.lock()
-  config_flags.DEFINE_config_dict("config", config, "The checkpoint's own config; override any field.")
+  try:  # the overrides on the command line apply as the flag is defined
+    config_flags.DEFINE_config_dict("config", config, "The checkpoint's own config; override any field.")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    cli.config_override_failed(argv, e)
 
 
 def main(argv):

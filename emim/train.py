@@ -281,10 +281,22 @@ class StepProfiler:
   ``workdir/profile`` (staged locally and uploaded for a remote work directory); for
   xprof or TensorBoard's profile plugin."""
 
-  def __init__(self, steps, workdir: fs.Path):
+  def __init__(self, steps, workdir: fs.Path, start_step: int = 0, last_step: int | None = None):
+    """Steps outside (start_step, last_step], the steps this call trains, are said and
+    clipped: a trace asked for past the end would otherwise silently never start."""
     self.first, self.last = tuple(steps)
     self._workdir, self._tracing = workdir, False
-    self._dir = None
+    self._dir = self._traced_last = None
+    if self.last and last_step is not None:
+      if self.first > last_step or self.last <= start_step:
+        logging.warning("--config.train.profile_steps=%s: this run trains steps %d to %d; nothing is traced.",
+                        (self.first, self.last), start_step + 1, last_step)
+        self.first = self.last = 0
+      elif self.first <= start_step or self.last > last_step:
+        clipped = (max(self.first, start_step + 1), min(self.last, last_step))
+        logging.warning("--config.train.profile_steps=%s: this run trains steps %d to %d; tracing %s.",
+                        (self.first, self.last), start_step + 1, last_step, clipped)
+        self.first, self.last = clipped
 
   def step(self, done: int):
     """The context to run step ``done`` in: the trace starts before step ``first``."""
@@ -425,7 +437,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     interval = empty_interval
     t_train = time.perf_counter()
     progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
-    profiler = StepProfiler(config.train.profile_steps, workdir) if writes_files else StepProfiler((0, 0), workdir)
+    profiler = StepProfiler(config.train.profile_steps if writes_files else (0, 0), workdir, start_step, last_step)
     cleanup.callback(profiler.close)
     with StopRequest() as stop:
       for step in range(start_step, last_step):

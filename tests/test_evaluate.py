@@ -113,7 +113,12 @@ def test_the_program_overrides_fields_of_the_runs_own_config(trained_run, tmp_pa
   result = subprocess.run(
       [sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--config.eval.probe_epoks=1"],
       capture_output=True, text=True, timeout=300, cwd=REPO)
-  assert result.returncode != 0 and "probe_epoks" in result.stderr
+  assert result.returncode != 0 and "cannot apply --config.eval.probe_epoks" in result.stderr
+  assert "Traceback" not in result.stderr
+  result = subprocess.run([sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--checkpoint_step=abc"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 2 and "--checkpoint_step='abc': give a step number" in result.stderr
+  assert "Traceback" not in result.stderr
 
 
 def test_reads_the_latest_finished_checkpoint_while_one_is_being_written(trained_run):
@@ -252,3 +257,11 @@ def test_results_are_logged_first_and_a_read_only_workdir_is_refused_before_any_
   with caplog.at_level(logging.INFO), pytest.raises(OSError, match="disk full"):
     evaluate.evaluate(config, str(workdir), mode="knn", results_dir=str(tmp_path / "results"))
   assert f"Evaluation of step 192: knn_top1_k20={results['knn_top1_k20']:.4f}" in caplog.text
+
+
+def test_a_later_evaluation_of_the_same_step_keeps_the_earlier_results(tmp_path):
+  """--mode=knn after a full evaluation adds to the step's entry: the probe's stay."""
+  evaluate.record(tmp_path, {"step": 4, "linear_top1": 0.5, "knn_top1_k20": 0.4, "timings": {"linear_s": 9.0}})
+  evaluate.record(tmp_path, {"step": 4, "knn_top1_k20": 0.45, "timings": {"knn_s": 1.0}})
+  entry = json.loads((tmp_path / "evaluation.json").read_text())["4"]
+  assert entry == {"step": 4, "linear_top1": 0.5, "knn_top1_k20": 0.45, "timings": {"linear_s": 9.0, "knn_s": 1.0}}

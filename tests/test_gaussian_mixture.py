@@ -186,3 +186,22 @@ def test_mlp_backbone_exports_evaluates_and_loads(tmp_path):
     config.eval.probe_mode = "augmented"
   with pytest.raises(ConfigError, match="probe_mode=features"):
     evaluate.evaluate(config, str(tmp_path / "run"))
+
+
+def test_class_subsets_are_refused_where_the_source_generates_its_classes(tmp_path):
+  from emim.config_base import validate
+
+  for name in ("gaussian_mixture", "synthetic"):
+    config = tiny_config(name, **{"data.class_subset": "imagenet100"})
+    with pytest.raises(ConfigError, match="generates its classes"):
+      validate(config)
+  empty = tmp_path / "classes.txt"
+  empty.write_text("\n# a comment\n")
+  with pytest.raises(sources.DatasetError, match="the file names no classes"):
+    sources.class_subset(tiny_config("synthetic", **{"data.class_subset": str(empty)}).data)
+
+
+def test_a_trace_asked_for_outside_the_run_is_clipped_or_dropped(tmp_path):
+  assert (lambda p: (p.first, p.last))(train.StepProfiler((3, 20), tmp_path, 0, 4)) == (3, 4)
+  assert (lambda p: (p.first, p.last))(train.StepProfiler((10, 20), tmp_path, 0, 4)) == (0, 0)
+  assert (lambda p: (p.first, p.last))(train.StepProfiler((1, 3), tmp_path, 2, 4)) == (3, 3)

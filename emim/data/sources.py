@@ -118,6 +118,9 @@ def class_subset(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...] | None:
   path = pathlib.Path(name).expanduser()
   if path.is_file():
     names = {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    if not names:
+      raise DatasetError(f"--config.data.class_subset={name!r}: the file names no classes. Write one class name "
+                         "(its folder or TFDS label name) per line, or set --config.data.class_subset='' for all.")
     return tuple(sorted(names))
   raise DatasetError(f"--config.data.class_subset={name!r} is neither a known subset ({', '.join(class_lists.SUBSETS)}) "
                      "nor a file of class names, one per line.")

@@ -41,9 +41,16 @@ def image_folder_records(path: str, split: str, train_classes: tuple[str, ...] |
   ``subset`` (config.data.class_subset) when given."""
   root = pathlib.Path(path).expanduser()
   if not (root / split).is_dir():
+    if root.is_dir():
+      splits = sorted(p.name for p in root.iterdir() if p.is_dir())
+      raise DatasetError(
+          f"{root} has no split {split!r} (it holds {splits[:6]}): name the split's folder with "
+          "--config.data.train_split / --config.data.test_split, or point --config.data.path at the folder that "
+          "holds train/ and the test split.")
     raise DatasetError(
-        f"Streaming needs an image-folder directory: {root / split} does not exist. Unpack the archive "
-        "(streaming reads files at random), or use --config.data.stream=False for data that fits in memory.")
+        f"Streaming needs an image-folder directory: {root} does not exist or is not a directory. Check "
+        "--config.data.path; an archive must be unpacked (streaming reads files at random), or use "
+        "--config.data.stream=False for data that fits in memory.")
   files = directory_classes(root, split, subset)
   classes = tuple(train_classes) if train_classes is not None else tuple(files)
   index = label_index(files, classes, split, root)
