@@ -30,6 +30,7 @@ INSTALL = True  # pip install emim (not editable) from the checkout around this 
 REPO_URL = ""  # in Colab: the git URL of the emim repository to clone
 WORKDIR = "/tmp/emim_notebook"  # runs, exports and figures go here
 STEPS = 1500  # training steps of each Gaussian-mixture run
+METHODS = ("sdmi", "taylor_dv")  # the SDMI and JMI prototypes; any of configs/gaussian_mixture.py's variants
 RUN_CIFAR = False  # the accelerator cell at the end (Runtime > Change runtime type > GPU)
 CIFAR_EPOCHS = 20
 
@@ -92,7 +93,7 @@ def config_for(method):
 
 
 workdirs = {}
-for method in ("sdmi", "taylor_dv"):
+for method in METHODS:
   workdirs[method] = f"{WORKDIR}/{method}"
   train.run(config_for(method), workdirs[method])
 
@@ -104,21 +105,22 @@ from emim import backbone as backbone_lib
 from emim import evaluate, export
 from emim.data import sources
 
-config = config_for("sdmi")
-results = evaluate.evaluate(config, workdirs["sdmi"])
+first = METHODS[0]
+config = config_for(first)
+results = evaluate.evaluate(config, workdirs[first])
 print({k: round(v, 4) for k, v in results.items() if k.startswith(("knn", "linear_top"))})
 
-step, backbone = backbone_lib.restore_backbone(workdirs["sdmi"], config)
-export.export_backbone(backbone, f"{WORKDIR}/export_sdmi", {"step": step, "method": "sdmi"}, overwrite=True)
-model, features = emim.load_backbone(f"{WORKDIR}/export_sdmi")
+step, backbone = backbone_lib.restore_backbone(workdirs[first], config)
+export.export_backbone(backbone, f"{WORKDIR}/export_{first}", {"step": step, "method": first}, overwrite=True)
+model, features = emim.load_backbone(f"{WORKDIR}/export_{first}")
 test_vectors = sources.load(config.data, "test").vectors[:8]
 print("features of 8 test vectors:", features(test_vectors).shape)
 
 # %% [markdown]
 # ## Pictures
 #
-# The MI estimates of both runs on one axis per estimator (the exact MI dotted), kNN over
-# training, and the SDMI embeddings' two principal components coloured by cluster.
+# The MI estimates of the runs on one axis per estimator (the exact MI dotted), kNN over
+# training, and the first run's embeddings' two principal components coloured by cluster.
 
 # %%
 from emim import plots
@@ -126,7 +128,7 @@ from emim import plots
 runs = [plots.load_run(w) for w in workdirs.values()]
 figure_mi = plots.plot_mi(runs)
 figure_knn = plots.plot_knn(runs)
-figure_embeddings = plots.plot_embeddings(workdirs["sdmi"])
+figure_embeddings = plots.plot_embeddings(workdirs[first])
 
 # %% [markdown]
 # ## CIFAR-10 on an accelerator

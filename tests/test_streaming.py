@@ -100,8 +100,12 @@ def test_host_crops_cover_the_full_image_and_centre_view_is_square(folder):
 
 
 def test_streaming_needs_a_directory(tmp_path):
-  with pytest.raises(DatasetError, match="Unpack the archive"):
+  with pytest.raises(DatasetError, match="an archive must be unpacked"):
     streaming.image_folder_records(str(tmp_path / "archive.tar.gz"), "train")
+  (tmp_path / "imagenet" / "train").mkdir(parents=True)
+  (tmp_path / "imagenet" / "val").mkdir()
+  with pytest.raises(DatasetError, match=r"has no split 'validation' \(it holds \['train', 'val'\]\).*test_split"):
+    streaming.image_folder_records(str(tmp_path / "imagenet"), "validation")
 
 
 def test_labels_number_the_training_classes_by_name(tmp_path):
