@@ -439,11 +439,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
     profiler = StepProfiler(config.train.profile_steps if writes_files else (0, 0), workdir, start_step, last_step)
     cleanup.callback(profiler.close)
-    # XLA:CPU runs every simulated device's share of a program on one small thread pool:
-    # with several programs in flight, the participants of one collective can wait for
-    # threads the others hold, for ever (the 8-device CPU test suite hung so at the first
-    # steps of a run, in most full runs on 2 cores). One step in flight at a time there;
-    # an accelerator keeps its asynchronous dispatch.
+    # On a CPU with several (simulated) devices, one step in flight at a time: the 8-device
+    # test suite on 2 cores hung at the first steps of a run in 3 of 4 full runs, the main
+    # thread parked dispatching the next step, most likely a collective's participants
+    # waiting for pool threads that the steps queued behind it hold. An accelerator keeps
+    # its asynchronous dispatch.
     one_step_in_flight = jax.default_backend() == "cpu" and jax.local_device_count() > 1
     with StopRequest() as stop:
       for step in range(start_step, last_step):
