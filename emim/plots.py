@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -33,7 +34,7 @@ def _pyplot():
     import matplotlib
   except ImportError as e:
     raise ImportError("emim.plots draws with matplotlib: pip install 'emim[plots]' (or matplotlib).") from e
-  if not os.environ.get("MPLBACKEND") and "ipykernel" not in __import__("sys").modules:
+  if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
     matplotlib.use("Agg")  # files, no display; a notebook keeps its inline backend
   import matplotlib.pyplot as plt
 
