@@ -34,7 +34,7 @@ from emim import objectives as O
 from emim import sharding, step_metrics, train
 from emim.config_base import VECTOR_SOURCES, load_config_file
 from emim.data.pipeline import DeviceData
-from emim.data.sources import ImageDataset
+from emim.data.dataset import ImageDataset
 from emim.methods import Views
 from emim.target import ema_update
 from emim.train_step import _apply, _apply_views, gather_batch, init_state, make_views

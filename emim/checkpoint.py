@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from emim import fs
+from emim.errors import UserError
 
 STATE_ITEM = "state"
 CONFIG_ITEM = "config"
@@ -43,7 +44,7 @@ def quiet_orbax_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be restored; the message names the path and the fix."""
 
 
@@ -56,8 +57,13 @@ class Checkpointer:
     self.directory = fs.as_path(directory)
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"No checkpoints in {self.directory}: is this a training run's work directory?")
+    # Every ``every_steps`` steps and at a preemption; not Orbax's default "initial save"
+    # as well, which wrote a checkpoint at step 1 of every fresh run.
+    policies = ocp.checkpoint_managers
+    save_policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(max(1, every_steps)),
+                                          policies.PreemptionCheckpointingPolicy()])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=max(1, every_steps), enable_async_checkpointing=async_save,
+        max_to_keep=keep, save_decision_policy=save_policy, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from emim.errors import UserError
+
 
 def fail(message: str, status: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
@@ -59,15 +61,9 @@ def config_override_failed(argv: list[str], error: Exception) -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-  """The errors whose message names the fix (imported here, after flag parsing)."""
-  from emim.checkpoint import CheckpointError
-  from emim.config_base import ConfigError
-  from emim.data.sources import DatasetError
-  from emim.export import ExportError
-  from emim.workdir import WorkdirBusy
-
-  return (CheckpointError, ConfigError, DatasetError, ExportError, WorkdirBusy, FileNotFoundError, PermissionError,
-          NotADirectoryError, FloatingPointError)
+  """The errors whose message names the fix: every module's own (``emim.errors``) and the
+  operating system's about paths."""
+  return (UserError, FileNotFoundError, PermissionError, NotADirectoryError, FloatingPointError)
 
 
 # Where an exception from these packages comes from a remote filesystem: its client's

@@ -13,6 +13,7 @@ import pathlib
 
 import ml_collections
 
+from emim.errors import UserError
 from emim.methods import defaults as method_defaults
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -22,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VECTOR_SOURCES = ("gaussian_mixture",)  # data sources of vectors, not images (emim/data/mixture.py)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 
@@ -192,12 +193,32 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -
 
 
 def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """``get_config(arg)`` of a config file, as ``--config=path:arg`` loads it (for
-  notebooks and tests)."""
-  path = pathlib.Path(path)
+  """The config of a config file, as ``--config=...`` loads it (for notebooks, tests and
+  benchmarks): ``load_config_file("configs/cifar10.py:byol,runlocal")``, the command
+  line's form, or the path and the variants apart, ``load_config_file(path, "byol")``.
+
+  Raises:
+    ConfigError: the file does not exist or has no ``get_config``, or the variants were
+      given twice.
+  """
+  text = str(path)
+  # "path.py:variants": split at the colon after the file name (a Windows drive's colon
+  # comes before it).
+  stem, sep, variants = text.rpartition(":")
+  if sep and stem.endswith(".py") and not pathlib.Path(text).is_file():
+    if arg is not None:
+      raise ConfigError(f"load_config_file({text!r}, {arg!r}): the variants are given twice; give them after the colon "
+                        "or as the second argument.")
+    path, arg = stem, variants or None
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise ConfigError(f"The config file {path} does not exist (the configs are configs/*.py, e.g. "
+                      "configs/cifar10.py:byol).")
   spec = importlib.util.spec_from_file_location(f"emim_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"The config file {path} defines no get_config(arg): it is not an emim config.")
   return module.get_config(arg)
 
 

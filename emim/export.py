@@ -38,6 +38,7 @@ from emim.backbone import (Backbone, backbone_from_model_config, checkpoint_dir,
                            restore_backbone)
 from emim.models import ResNet
 from emim.checkpoint import quiet_orbax_logs
+from emim.errors import UserError
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
 EXPORT_FILES = (BACKBONE_FILE, MODEL_FILE, TORCH_FILE)
@@ -82,7 +83,7 @@ def torchvision_state_dict(backbone: Backbone) -> dict[str, np.ndarray]:
   return out
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
   """An export that cannot be written or read; the message names the path and the fix."""
 
 
@@ -208,8 +209,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step; -1 for the latest.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing export in --output.")
   flags.mark_flags_as_required(["workdir", "output"])
-  # main of the imported module, not of __main__: its ExportError is the class the
-  # command line reports as a message (this file's copy as __main__ would be another).
-  from emim import export as _export
-
-  cli.run(_export.main)
+  cli.run(main)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 import uuid
 
 from etils import epath
@@ -86,6 +88,31 @@ def check_writable(directory: PathLike, what: str, fix: str) -> None:
     probe.unlink()
   except OSError as e:
     raise PermissionError(f"Cannot write {what} to {directory} ({type(e).__name__}: {e}). {fix}") from e
+
+
+def pid_alive(pid: int) -> bool:
+  """Whether a process of this host has this pid."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def staging_dir(kind: str) -> str:
+  """A new local folder in which this process stages files for a remote work directory
+  (``emim-<kind>-<pid>-XXXX`` in the temporary directory). Its owner removes it when
+  done; the folders of processes that died without doing so (kill -9, a lost VM's disk
+  kept) are removed here, by the next run that stages files on this host."""
+  prefix = f"emim-{kind}-"
+  root = pathlib.Path(tempfile.gettempdir())
+  for stale in root.glob(f"{prefix}*"):
+    pid = stale.name[len(prefix):].split("-", 1)[0]
+    if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+      shutil.rmtree(stale, ignore_errors=True)
+  return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root)
 
 
 def local_cache_dir(workdir: PathLike) -> str:

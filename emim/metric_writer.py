@@ -13,7 +13,10 @@ so a multi-host run's files hold each line once.
 
 A remote work directory (``gs://``) cannot be appended to: the files are staged in a
 local folder and uploaded whole, at most every ``sync_every_s`` seconds and on
-``flush``/``close``.
+``flush``/``close``. So that an upload stays small however long the run, the staged
+TensorBoard event file is closed once it holds ``tb_file_bytes`` and a new one begun
+(TensorBoard reads every event file of the folder, in order): each upload sends the
+JSON lines and the current event file, never the run's whole event history again.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -51,10 +53,12 @@ class MetricWriter:
     resume_step: the step a resumed run starts from: lines of later steps (written by
       the attempt that went past its last checkpoint before it died) and torn lines are
       dropped, so that every step's line appears once.
+    tb_file_bytes: for a remote ``workdir``, the size at which the staged event file is
+      uploaded a last time and a new one begun.
   """
 
   def __init__(self, workdir: fs.PathLike, filename: str = "metrics.jsonl", *, active: bool | None = None,
-               sync_every_s: float = 30.0, resume_step: int | None = None):
+               sync_every_s: float = 30.0, resume_step: int | None = None, tb_file_bytes: int = 1 << 20):
     if active is None:
       import jax  # deferred: the writer itself needs no JAX
 
@@ -63,6 +67,7 @@ class MetricWriter:
     self.path = fs.as_path(workdir) / filename
     self._remote = fs.is_remote(workdir)
     self._sync_every_s, self._last_sync = sync_every_s, time.monotonic()
+    self._tb_file_bytes = tb_file_bytes
     self._file = self._tb = self._staging = None
     if not active:
       return
@@ -70,7 +75,7 @@ class MetricWriter:
     local_dir = os.fspath(self.path.parent)
     if self._remote:
       # Stage locally: the JSON lines continue the remote file, the event file is new.
-      self._staging = tempfile.mkdtemp(prefix="emim-metrics-")
+      self._staging = fs.staging_dir("metrics")
       local_dir = self._staging
       if self.path.exists():
         with self.path.open("rb") as src, open(os.path.join(local_dir, filename), "wb") as dst:
@@ -80,7 +85,8 @@ class MetricWriter:
     self._file = open(self._local_path, "a", encoding="utf-8")
     if EventFileWriter is not None:
       self._tb_dir = os.path.join(local_dir, TENSORBOARD_DIR)
-      self._tb = EventFileWriter(self._tb_dir, filename_suffix=f".{os.path.splitext(filename)[0]}")
+      self._tb_suffix = f".{os.path.splitext(filename)[0]}"
+      self._tb = EventFileWriter(self._tb_dir, filename_suffix=self._tb_suffix)
     else:
       logging.info("tensorboard not installed: metrics go to %s only.", self.path)
 
@@ -163,12 +169,12 @@ class MetricWriter:
     if not self.active or self._file is None:
       return
     self._file.close()
+    self._file = None  # (closed: _upload begins no new event file)
     if self._tb is not None:
       self._tb.close()
     if self._remote:
       self._upload()
       shutil.rmtree(self._staging, ignore_errors=True)
-    self._file = None
 
   # --- emim's shorthand ------------------------------------------------------------------
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -176,15 +182,32 @@ class MetricWriter:
 
   def _upload(self) -> None:
     """Each staged file, whole, to the remote work directory (an object store write is
-    atomic: a reader sees the previous upload or this one)."""
+    atomic: a reader sees the previous upload or this one); an event file that has
+    reached ``tb_file_bytes`` is then closed, uploaded a last time and removed from the
+    staging folder, and a new one begun."""
     with open(self._local_path, "rb") as f:
       fs.atomic_write_bytes(self.path, f.read())
-    if self._tb is not None and os.path.isdir(self._tb_dir):
-      remote_tb = self.path.parent / TENSORBOARD_DIR
-      remote_tb.mkdir(parents=True, exist_ok=True)
+    if self._tb is None or not os.path.isdir(self._tb_dir):
+      return
+    staged = self._upload_event_files()
+    if self._file is not None and staged >= self._tb_file_bytes:  # (not while closing)
+      self._tb.close()
+      self._upload_event_files()
       for name in os.listdir(self._tb_dir):
-        with open(os.path.join(self._tb_dir, name), "rb") as f:
-          fs.atomic_write_bytes(remote_tb / name, f.read())
+        os.remove(os.path.join(self._tb_dir, name))
+      self._tb = EventFileWriter(self._tb_dir, filename_suffix=self._tb_suffix)
+
+  def _upload_event_files(self) -> int:
+    """Upload the staged event files; returns their size in bytes."""
+    remote_tb = self.path.parent / TENSORBOARD_DIR
+    remote_tb.mkdir(parents=True, exist_ok=True)
+    size = 0
+    for name in os.listdir(self._tb_dir):
+      with open(os.path.join(self._tb_dir, name), "rb") as f:
+        data = f.read()
+      size += len(data)
+      fs.atomic_write_bytes(remote_tb / name, data)
+    return size
 
 
 def read_metrics(path: fs.PathLike) -> list[dict]:

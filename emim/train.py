@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 
@@ -302,7 +301,7 @@ class StepProfiler:
     """The context to run step ``done`` in: the trace starts before step ``first``."""
     if self.last and done == self.first:
       remote = fs.is_remote(self._workdir)
-      self._dir = tempfile.mkdtemp(prefix="emim-profile-") if remote else os.fspath(self._workdir / "profile")
+      self._dir = fs.staging_dir("profile") if remote else os.fspath(self._workdir / "profile")
       jax.profiler.start_trace(self._dir)
       self._tracing = True
     if self._tracing:

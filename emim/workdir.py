@@ -26,6 +26,7 @@ import time
 import uuid
 
 from emim import fs
+from emim.errors import UserError
 
 CONFIG_FILE, CONFIG_HISTORY_DIR = "config.json", "config_history"
 CLASSES_FILE, TIMINGS_FILE, LOCK_FILE = "classes.json", "timings.json", "lock.json"
@@ -45,14 +46,17 @@ def write_json(path: fs.PathLike, value) -> None:
 def update_json(path: fs.PathLike, update) -> dict:
   """Read a JSON object, ``update(table)`` it in place, write it back whole; returns it.
   Locally two programs doing this at once (two evaluations) take turns under an ``flock``
-  of a sibling ``.lock`` file, so both results land. A file that is not JSON is moved
-  aside (named in a warning), never written over."""
+  of the folder that holds it, so both results land and no lock file is left behind. A
+  file that is not JSON is moved aside (named in a warning), never written over."""
   path = fs.as_path(path)
   with contextlib.ExitStack() as stack:
     if not fs.is_remote(path):
-      fd = os.open(os.fspath(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+      fd = os.open(os.fspath(path.parent), os.O_RDONLY)
       stack.callback(os.close, fd)
       fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+      # The sibling lock file of earlier versions, left in work directories.
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.fspath(path) + ".lock")
     table = {}
     if path.exists():
       try:
@@ -94,7 +98,7 @@ def record_config(workdir: fs.Path, config_json: str) -> None:
 # ----------------------------------------------------------------------------------
 # One job per work directory.
 # ----------------------------------------------------------------------------------
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(UserError, RuntimeError):
   """Another live job trains in this work directory."""
 
 

@@ -5,8 +5,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
+from emim.data import image_folder as image_folder_lib
 from emim.data import sources
 
 
@@ -60,7 +62,7 @@ def test_cache_makes_the_second_load_skip_decoding(tmp_path, monkeypatch):
   def no_decoding(*args, **kwargs):
     raise AssertionError("decoded again despite the cache")
 
-  monkeypatch.setattr(sources, "_decode", no_decoding)
+  monkeypatch.setattr(image_folder_lib, "decode_image", no_decoding)
   second = sources.image_folder(str(root), "train", None, cache_dir=str(tmp_path / "cache"))
   np.testing.assert_array_equal(first.images, second.images)
 
@@ -197,6 +199,32 @@ def test_any_change_to_the_images_decodes_again_and_cache_names_stay_short(tmp_p
   Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(root / "train" / "dog" / "0.png")  # replaced
   third = sources.image_folder(str(root), "train", None, cache_dir=str(cache))
   assert len(third) == 6 and third.images[3].min() == 255
+  assert len(list(cache.iterdir())) == 1  # each decode replaced the one it superseded
+
+
+def test_the_cache_command_lists_and_clears_a_cache_and_refuses_a_work_directory(tmp_path):
+  """python -m emim.cache: the sizes of a decode cache; --clear removes it; a folder that
+  is a run's work directory is refused (nothing already saved is lost)."""
+  import subprocess
+  import sys
+
+  cache = tmp_path / ".emim_cache"
+  write_folder(write_folder(tmp_path / "folder"), "test")
+  for split in ("train", "test"):
+    sources.image_folder(str(tmp_path / "folder"), split, None, cache_dir=str(cache))
+  size = sum(p.stat().st_size for p in cache.iterdir())
+  run = lambda *args: subprocess.run([sys.executable, "-m", "emim.cache", *args], capture_output=True, text=True,
+                                     cwd=REPO)
+  listed = run(f"--workdir={tmp_path / 'run'}")  # the cache its runs share, beside it
+  assert listed.returncode == 0, listed.stderr
+  assert listed.stdout.startswith(f"{cache}: 2 file(s), {size / 2**20:.1f} MiB") and "folder-train-" in listed.stdout
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "metrics.jsonl").write_text("")
+  refused = run(f"--dir={tmp_path / 'run'}", "--clear")
+  assert refused.returncode == 1 and "not a cache folder" in refused.stderr
+  assert (tmp_path / "run" / "metrics.jsonl").exists()
+  cleared = run(f"--dir={cache}", "--clear")
+  assert cleared.returncode == 0 and not cache.exists(), cleared.stderr
 
 
 def test_truncated_archive_and_mixed_sizes_name_the_file_and_the_fix(tmp_path):

@@ -265,3 +265,30 @@ def test_a_later_evaluation_of_the_same_step_keeps_the_earlier_results(tmp_path)
   evaluate.record(tmp_path, {"step": 4, "knn_top1_k20": 0.45, "timings": {"knn_s": 1.0}})
   entry = json.loads((tmp_path / "evaluation.json").read_text())["4"]
   assert entry == {"step": 4, "linear_top1": 0.5, "knn_top1_k20": 0.45, "timings": {"linear_s": 9.0, "knn_s": 1.0}}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.json", "metrics_eval.jsonl", "tensorboard"]
+
+
+def test_evaluations_writing_at_once_each_land_and_leave_no_lock_file(tmp_path):
+  """update_json's read-modify-write is serialised (an flock of the folder): writers at
+  once lose no update, and no lock file stays in the work directory."""
+  import threading
+  import time
+
+  from emim import workdir as workdir_lib
+
+  (tmp_path / "evaluation.json.lock").write_text("")  # left by an earlier version
+
+  def writer(name):
+    for i in range(10):
+      def add(table, key=f"{name}-{i}"):
+        time.sleep(0.002)  # between the read and the write: where an unserialised update is lost
+        table[key] = i
+      workdir_lib.update_json(tmp_path / "evaluation.json", add)
+
+  threads = [threading.Thread(target=writer, args=(n,)) for n in "abcd"]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(json.loads((tmp_path / "evaluation.json").read_text())) == 40
+  assert [p.name for p in tmp_path.iterdir()] == ["evaluation.json"]

@@ -71,3 +71,46 @@ def test_a_resumed_run_rewrites_the_steps_after_its_checkpoint_and_a_torn_line_s
   writer.write(4, {"a": 2.0})
   writer.close()
   assert other.read_text().splitlines()[-1] == '{"step": 4, "a": 2.0}'
+
+
+def test_a_remote_run_uploads_a_bounded_event_file_and_leaves_no_staging_behind(fake_gcs, tmp_path, monkeypatch):
+  """On gs:// the staged event file is closed and a new one begun once it holds
+  tb_file_bytes, so that no upload resends the whole history; TensorBoard reads every step
+  back from the files. The staging folder goes at close, and one left by a process that
+  died (kill -9) goes when the next writer stages."""
+  import os
+  import subprocess
+  import sys
+  import tempfile
+
+  from etils import epath
+
+  from emim import fs
+
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  stale = pathlib.Path(tempfile.gettempdir()) / f"emim-metrics-{int(dead.stdout)}-left"
+  stale.mkdir(exist_ok=True)
+  uploads = []
+  real_write = fs.atomic_write_bytes
+  monkeypatch.setattr(fs, "atomic_write_bytes", lambda path, data: (uploads.append((str(path), len(data))),
+                                                                     real_write(path, data)))
+  run = f"{fake_gcs}/metric_writer_run"
+  writer = MetricWriter(run, active=True, sync_every_s=0.0, tb_file_bytes=4000)
+  assert not stale.exists()
+  staging = writer._staging
+  for step in range(1, 201):
+    writer.write(step, {"loss": 1.0 / step, "mi": float(step)})
+  writer.close()
+  assert not os.path.exists(staging)
+  events = [size for path, size in uploads if "/tensorboard/" in path]
+  assert len({path for path, _ in uploads if "/tensorboard/" in path}) >= 3  # rotated
+  assert max(events) < 4000 + 200  # at most one line's events past the threshold
+  local = tmp_path / "tensorboard"
+  local.mkdir()
+  for remote_file in (epath.Path(run) / "tensorboard").iterdir():
+    (local / remote_file.name).write_bytes(remote_file.read_bytes())
+  accumulator_module = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  acc = accumulator_module.EventAccumulator(str(local))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("mi")] == list(range(1, 201))
+  assert [r["step"] for r in read_metrics(epath.Path(run) / "metrics.jsonl")] == list(range(1, 201))

@@ -49,6 +49,31 @@ def test_batches_depend_only_on_the_step(folder):
   assert all(draws[0][r] != draws[1][r] for r in range(64))  # an example's crop differs between epochs
 
 
+class CountingDecode(grain.transforms.Map):
+  """record -> record, counting the records decoded."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def map(self, record):
+    self.calls += 1
+    return {"record": np.int32(record)}
+
+
+def test_the_stream_decodes_a_bounded_number_of_batches_ahead():
+  """The stream holds at most read_ahead's few batches ahead of its consumer, however
+  fast the host decodes: Grain's default would decode up to 500 batches ahead (150 GB of
+  ImageNet's two-view crops at 1024 a batch)."""
+  import time
+
+  decode = CountingDecode()
+  stream = streaming.make_stream(range(64), decode, 4, seed=0)
+  next(stream)
+  time.sleep(0.5)  # a fast host, a slow consumer
+  in_flight = streaming.read_ahead(0).prefetch_buffer_size
+  assert 4 <= decode.calls <= 4 * (in_flight + 1), decode.calls
+
+
 def test_the_global_batches_do_not_depend_on_the_number_of_processes(monkeypatch):
   """Each process takes its rows of every global batch; the rows of two processes
   together are the one-process batch, crops included (a run can move to more hosts)."""

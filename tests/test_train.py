@@ -16,6 +16,7 @@ from conftest import REPO, load_config, tiny_synthetic
 from emim import backbone as backbone_lib
 from emim import checkpoint as ckpt_lib
 from emim import evaluators, methods, sharding, train
+from emim import objectives as O
 from emim.checkpoint import CheckpointError, Checkpointer
 from emim.config_base import ConfigError
 from emim.data import sources
@@ -58,7 +59,8 @@ def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
                           10, tuple(config.eval.knn_k), config.eval.knn_temperature)
   assert knn[-1]["knn/knn_top1_k20"] == pytest.approx(expected["knn_top1_k20"], abs=1.5 / len(te))
   # Files: the config (also inside each checkpoint), the classes, the timings.
-  assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
+  # Every checkpoint.every_steps (2) steps and at the end; no extra one at step 1.
+  assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 4]
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["method"]["name"] == "emmi" and saved["train"]["log_every"] == 2
   assert ckpt_lib.restore_config(tmp_path / "checkpoints", 4) == (4, saved)
@@ -88,7 +90,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   # Training on from an earlier step where later checkpoints exist is refused, with the
   # fork that does it instead; the fork reproduces the run exactly.
   source_steps = Checkpointer(tmp_path / "straight" / "checkpoints").all_steps()
-  assert source_steps[-2:] == [2, 4]  # (Orbax also saves a fresh run's first step)
+  assert source_steps == [2, 4]
   with config.unlocked():
     config.checkpoint.restore_step = 2
   with pytest.raises(CheckpointError, match="mix two runs.*init_from"):
@@ -97,7 +99,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     config.checkpoint.init_from = str(tmp_path / "straight")
     config.train.log_every = 1
   forked = train.run(config, str(tmp_path / "fork"))
-  assert int(forked.state.step) == 4 and Checkpointer(tmp_path / "fork" / "checkpoints").all_steps() == [3, 4]
+  assert int(forked.state.step) == 4 and Checkpointer(tmp_path / "fork" / "checkpoints").all_steps() == [4]
   assert Checkpointer(tmp_path / "straight" / "checkpoints").all_steps() == source_steps  # the source is untouched
   assert_same_params(straight, forked)
   # The logged metrics are the interval's means (schedules: the last step's value): the
@@ -120,24 +122,24 @@ def test_refused_updates_stop_the_run_only_in_a_row_and_its_checkpoint_resumes(t
   interval; max_nonfinite_in_a_row refusals in a row stop the run. The checkpoints hold
   the last finite parameters, and a resume with a workable learning rate trains on."""
   broken = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": float("nan"), "train.num_steps": 8,
-                             "train.max_nonfinite_in_a_row": 4, "checkpoint.every_steps": 2})
+                             "train.max_nonfinite_in_a_row": 4, "checkpoint.every_steps": 1})
   with pytest.raises(FloatingPointError, match=r"4 updates in a row were refused, up to step 4.*those of step 0"):
     train.run(broken, str(tmp_path))
   rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
   assert [(r["step"], r["refused_updates"], r["refused_in_a_row_max"]) for r in rows] == [(2, 2.0, 2.0), (4, 2.0, 4.0)]
   assert np.isnan(rows[0]["loss"])  # no finite step to average
-  assert Checkpointer(tmp_path / "checkpoints").all_steps() == [1, 2]  # (Orbax saves a fresh run's first step)
+  assert Checkpointer(tmp_path / "checkpoints").all_steps() == [1, 2, 3]  # the 4th stopped the run
   _, fresh = ckpt_lib.restore_subtree(tmp_path / "checkpoints", 1, ("params",))
-  _, saved = ckpt_lib.restore_subtree(tmp_path / "checkpoints", 2, ("params", "refused_in_a_row"))
+  _, saved = ckpt_lib.restore_subtree(tmp_path / "checkpoints", 3, ("params", "refused_in_a_row"))
   for a, b in zip(jax.tree.leaves(fresh["params"]), jax.tree.leaves(saved["params"])):
     np.testing.assert_array_equal(a, b)  # refused updates left the parameters as they were
-  assert int(saved["refused_in_a_row"]) == 2
+  assert int(saved["refused_in_a_row"]) == 3
 
   fixed = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": 0.05, "train.num_steps": 8, "checkpoint.every_steps": 2})
   resumed = train.run(fixed, str(tmp_path))
   assert int(resumed.state.step) == 8 and int(resumed.state.refused_in_a_row) == 0
   rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
-  # Step 4's line of the stopped attempt (after its last checkpoint, 2) gave way to the resumed run's.
+  # Step 4's line of the stopped attempt (after its last checkpoint, 3) gave way to the resumed run's.
   assert [(r["step"], r["refused_updates"]) for r in rows] == [(2, 2.0), (4, 0.0), (6, 0.0), (8, 0.0)]
   assert np.isfinite(resumed.final_metrics["loss"])
   moved = jax.tree.leaves(jax.device_get(resumed.state.params))[0]
@@ -206,6 +208,26 @@ def test_unknown_method_variant_and_key_are_errors():
     methods.method_config("nope")
 
 
+def test_load_config_file_takes_the_command_lines_path_and_variants(tmp_path):
+  """``load_config_file("configs/cifar10.py:byol,runlocal")``, as --config= spells it, is
+  the config of the path and variants given apart; a missing file, a file without
+  get_config and variants given twice are one-line ConfigErrors."""
+  from emim.config_base import load_config_file
+
+  path = REPO / "configs" / "cifar10.py"
+  joined = load_config_file(f"{path}:byol,runlocal")
+  assert joined.method.name == "byol" and joined.train.batch_size == 32
+  assert joined.to_json() == load_config_file(path, "byol,runlocal").to_json()
+  assert load_config_file(f"{path}:").method.name == "emmi"
+  with pytest.raises(ConfigError, match=r"config file .*nope\.py does not exist"):
+    load_config_file(f"{tmp_path}/nope.py:byol")
+  (tmp_path / "empty.py").write_text("x = 1\n")
+  with pytest.raises(ConfigError, match="defines no get_config"):
+    load_config_file(tmp_path / "empty.py")
+  with pytest.raises(ConfigError, match="given twice"):
+    load_config_file(f"{path}:byol", "runlocal")
+
+
 def test_loading_configs_imports_no_jax_and_programs_leave_it_unstarted():
   """Configs import no JAX at all; importing the programs imports it but must not start
   its backends: jax.distributed.initialize() (multi-host) and XLA_FLAGS (deterministic
@@ -272,6 +294,35 @@ def test_emmi_l2_normalize_makes_the_loss_blind_to_each_embeddings_scale():
   cfg.normalize = "unit"
   with pytest.raises(ValueError, match="normalize 'unit'.*'none', 'l2'"):
     methods.make_method(cfg)
+
+
+def test_emmi_eigenvalue_momentum_moves_the_tracked_lambda_max_once_per_step_with_a_target():
+  """method.eig_momentum = m means lam <- m lam + (1 - m) lambda_max(batch) once per step,
+  with a momentum target (two view-swapped halves) as without one: checked against
+  lambda_max from eigvalsh of each half's statistics (power iteration run to convergence)."""
+  rng = np.random.default_rng(0)
+  z1, z2, t1, t2 = (jnp.asarray(rng.normal(size=(64, 6)) * [4, 2, 1, 1, 1, 1], jnp.float32) for _ in range(4))
+  m, previous = 0.9, 1000.0
+  cfg = methods.method_config("emmi")
+  cfg.eig_momentum, cfg.power_iters, cfg.normalize = m, 300, "none"
+
+  def lambda_max(a, b):  # of each symmetric-form statistic of the pair (a, b)
+    factors = O.covariance_factors(a, b, "symmetric")
+    return {k: float(np.linalg.eigvalsh(np.asarray(x.T @ x, np.float64))[-1]) + cfg.eps for k, x in factors.items()}
+
+  for target in (True, False):
+    cfg.target = target
+    method = methods.make_method(cfg)
+    state = jax.tree.map(lambda x: x, method.init_objective_state(6))
+    for term in state.values():
+      term["lam"] = jnp.float32(previous)
+    views = methods.Views(proj=(z1, z2), target=(t1, t2) if target else None)
+    _, new_state, _ = method.loss(views, state)
+    halves = [lambda_max(z1, t2), lambda_max(z2, t1)] if target else [lambda_max(z1, z2)]
+    for term in ("marginal", "sum", "diff"):
+      batch = np.mean([h[term] for h in halves])
+      np.testing.assert_allclose(float(new_state[term]["lam"]), m * previous + (1 - m) * batch, rtol=1e-4,
+                                 err_msg=f"target={target}, {term}")
 
 
 def test_cifar_recipe_gives_emmi_fewer_dimensions_than_samples_and_leaves_other_methods():

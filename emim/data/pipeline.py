@@ -22,7 +22,7 @@ import numpy as np
 
 from emim import sharding
 from emim.data import sources, streaming
-from emim.data.sources import ImageDataset
+from emim.data.dataset import DatasetError, ImageDataset
 from emim.train_step import device_data_step, train_step
 
 
@@ -78,7 +78,7 @@ class DeviceData:
 
   def test_subset(self, n: int, seed: int = 0) -> ImageDataset:
     if self._load_test is None:
-      raise sources.DatasetError("This training data was given without its test split.")
+      raise DatasetError("This training data was given without its test split.")
     return _subset(self._load_test(), n, seed)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import pathlib
 from typing import Any, Iterator
 
@@ -30,7 +31,10 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from emim.data.sources import DatasetError, class_subset, directory_classes, label_index, tfds_stream_records
+from emim.data.dataset import DatasetError
+from emim.data.image_folder import directory_classes
+from emim.data.labels import class_subset, label_index
+from emim.data.tfds_source import tfds_stream_records
 
 
 def image_folder_records(path: str, split: str, train_classes: tuple[str, ...] | None = None,
@@ -211,11 +215,28 @@ def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, s
   ds = ds.random_map(decode, seed=seed) if isinstance(decode, grain.transforms.RandomMap) else ds.map(decode)
   ds = _ProcessRows(ds, global_batch_size, processes, index)
   ds = ds.batch(global_batch_size // processes, drop_remainder=True)
-  it = ds[start_step:].to_iter_dataset()
+  return iter(_read_batches(ds[start_step:], workers))
+
+
+def read_ahead(workers: int) -> grain.ReadOptions:
+  """How many batches are decoded at once, and so held ahead of the consumer: each batch
+  is one task (its images decoded in turn), so the batches in flight are the parallelism.
+  In this process, one per core up to 16; in each of ``workers`` processes, one (the
+  processes are the parallelism). Grain's default, 16 threads and 500 batches ahead,
+  would hold up to 500 batches (150 GB of ImageNet's 1024 two-view crops) wherever the
+  host decodes faster than the accelerator trains, and in every worker."""
+  threads = 1 if workers > 0 else max(1, min(16, os.cpu_count() or 1))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+
+
+def _read_batches(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
+  """The batches of ``ds`` read ahead in this process or in ``workers`` processes, with
+  a bounded number of them in flight (``read_ahead``)."""
+  it = ds.to_iter_dataset(read_ahead(workers))
   if workers > 0:
     _absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return iter(it)
+  return it
 
 
 def _absl_flags_parsed() -> None:
@@ -245,11 +266,7 @@ class StreamSplit:
   def ordered_batches(self, batch_size: int, workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Every example once, in order (the last batch may be short)."""
     ds = grain.MapDataset.source(self.records).map(self.decode).batch(batch_size, drop_remainder=False)
-    it = ds.to_iter_dataset()
-    if workers > 0:
-      _absl_flags_parsed()
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(it)
+    return iter(_read_batches(ds, workers))
 
   def shuffled_batches(self, batch_size: int, seed: int, workers: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches of random resized crops of the full images (``train_decode``), reshuffled

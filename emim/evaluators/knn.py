@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from emim.backbone import backbone_from_model_config, extract_features, model_config_of
-from emim.data.sources import DatasetError
+from emim.data.dataset import DatasetError
 from emim.evaluators import Context, register
 from emim.objectives import l2_normalize
 

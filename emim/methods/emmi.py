@@ -31,13 +31,17 @@ def build(cfg: ml_collections.ConfigDict) -> Method:
     proj = norm(views.proj)
     if views.target is None:  # one shared encoder: both views carry gradients
       return O.emmi_loss(proj[0], proj[1], state, loss_cfg)
-    # With a target, z2 carries no gradient; symmetrise by swapping the views.
+    # With a target, z2 carries no gradient; symmetrise by swapping the views. Both
+    # halves start from this step's objective state and their updates are averaged, so
+    # that the tracked eigenvalues' EMA (and the smoothed covariances) move once per step,
+    # by method.eig_momentum, as without a target: threaded through both halves it would
+    # move twice, acting as eig_momentum squared.
     sg = jax.lax.stop_gradient
     target = norm(views.target)
-    l1, state, m1 = O.emmi_loss(proj[0], sg(target[1]), state, loss_cfg)
-    l2, state, m2 = O.emmi_loss(proj[1], sg(target[0]), state, loss_cfg)
+    l1, s1, m1 = O.emmi_loss(proj[0], sg(target[1]), state, loss_cfg)
+    l2, s2, m2 = O.emmi_loss(proj[1], sg(target[0]), state, loss_cfg)
     metrics = jax.tree.map(lambda a, b: 0.5 * (a + b), m1, m2)
-    return 0.5 * (l1 + l2), state, metrics
+    return 0.5 * (l1 + l2), O.average_emmi_states(s1, s2), metrics
 
   return Method(
       name="emmi", paradigm="emmi", uses_target=cfg.target, uses_predictor=False, loss_fn=loss_fn,

@@ -13,6 +13,7 @@ from emim.objectives.estimators import (
 )
 from emim.objectives.gaussian import (
     EmmiConfig,
+    average_emmi_states,
     centred,
     covariance,
     covariance_factors,
@@ -41,6 +42,7 @@ from emim.objectives.sdmi import byol_loss, cosine_similarity, moco_infonce, sdm
 __all__ = [
     "EmmiConfig",
     "LogdetConfig",
+    "average_emmi_states",
     "barlow_twins",
     "byol_loss",
     "centred",

@@ -201,6 +201,25 @@ def init_emmi_state(dim: int, cfg: EmmiConfig) -> dict[str, dict[str, Array]]:
   return state
 
 
+def average_emmi_states(a: dict[str, dict[str, Array]], b: dict[str, dict[str, Array]]) -> dict[str, dict[str, Array]]:
+  """The state of one step from two updates of the same state (EMMI's two view-swapped
+  halves with a target): the mean of each EMA and running covariance, which is the EMA
+  updated once with the mean of the two batches' values (m prev + (1 - m) (x_a + x_b) / 2);
+  the mean eigenvector estimate, renormalised (both halves' power iterations start from
+  the same vector, so their estimates point the same way); ``seen`` if either saw a batch.
+  """
+
+  def average(name, x, y):
+    if name == "seen":
+      return x | y
+    if name == "v":
+      v = x + y
+      return v / (jnp.linalg.norm(v) + 1e-30)
+    return 0.5 * (x + y)
+
+  return {term: {k: average(k, a[term][k], b[term][k]) for k in a[term]} for term in a}
+
+
 def _term_logdet(x: Array, term: dict[str, Array], cfg: EmmiConfig):
   """One log-determinant term, with smoothing when configured; returns its new state."""
   eig = {k: term[k] for k in ("v", "lam")} if "v" in term else None
