@@ -19,6 +19,7 @@ only from an accelerator.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
 import os
@@ -51,8 +52,9 @@ def mean_seconds(fn, args, steps: int, warmup: int = 3) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def full_step_seconds(config, dataset: ImageDataset, mesh, steps: int) -> float:
-  """The training loop's own program: a step threading the state, donated."""
+def compiled_full_step(config, dataset: ImageDataset, mesh):
+  """The training loop's own program (``train.compile_train_step``), compiled, with a
+  fresh state and its data: (step, state, data, empty interval)."""
   data = DeviceData(dataset, mesh, config.train.batch_size)
   n = len(dataset)
   parts = train.build_parts(config, config.data.num_classes, n // config.train.batch_size, 10_000)
@@ -61,6 +63,13 @@ def full_step_seconds(config, dataset: ImageDataset, mesh, steps: int) -> float:
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   state = jax.jit(functools.partial(init_state, parts), out_shardings=state_sharding)(jax.random.PRNGKey(0))
   step, empty = train.compile_train_step(parts, data, state, state_sharding, mesh)
+  return step, state, data, empty
+
+
+def full_step_seconds(config, dataset: ImageDataset, mesh, steps: int, compiled=None) -> float:
+  """The training loop's own program: a step threading the state, donated (``compiled``:
+  from ``compiled_full_step``, made here when not given)."""
+  step, state, data, empty = compiled or compiled_full_step(config, dataset, mesh)
   for _ in range(3):
     state, _ = step(state, data.next_input(), empty)
   jax.block_until_ready(state)
@@ -173,11 +182,42 @@ def _with(config, **model):
   return config
 
 
+def random_dataset(config, n: int) -> ImageDataset:
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  return ImageDataset(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
+                      rng.integers(0, config.data.num_classes, n).astype(np.int32),
+                      tuple(str(i) for i in range(config.data.num_classes)))
+
+
+def whole_steps(path: str, variant: str, batches: list[int], mesh, steps: int) -> dict[int, dict[str, float]]:
+  """Seconds a step of the loop's program, with a forward per view and with the views
+  fused, at each batch size: every program compiled at once in threads (compiling
+  releases the GIL; on a many-core host the compiles overlap), then each timed alone."""
+  jobs = {}
+  for batch in batches:
+    config = load_config_file(path, variant or None)
+    with config.unlocked():
+      config.train.batch_size = batch
+    dataset = random_dataset(config, max(4 * batch, 1024))
+    jobs[(batch, "whole step (the loop's program)")] = (config, dataset)
+    jobs[(batch, "whole step, views fused")] = (_with(config, fused_views=True), dataset)
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    compiled = {key: pool.submit(compiled_full_step, config, dataset, mesh) for key, (config, dataset) in jobs.items()}
+    compiled = {key: future.result() for key, future in compiled.items()}
+  rows = {batch: {} for batch in batches}
+  for (batch, name), (config, dataset) in jobs.items():
+    rows[batch][name] = full_step_seconds(config, dataset, mesh, steps, compiled[(batch, name)])
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="configs/cifar10.py", help="config file[:variant]")
   parser.add_argument("--batch", type=int, nargs="+", default=[256])
   parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--parts", choices=("all", "whole"), default="all",
+                      help="whole: only the loop's program, per view and fused (compiled at once; for a short lease)")
   parser.add_argument("--out", default="", help="directory for breakdown.md and breakdown.json")
   args = parser.parse_args()
   if args.steps <= 0 or min(args.batch) <= 0:
@@ -189,25 +229,27 @@ def main():
   mesh = sharding.make_mesh()
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
   print(f"device: {device}, jax {jax.__version__}", flush=True)
-  report, lines = {"device": device, "config": args.config, "rows": {}}, []
+  report, lines = {"device": device, "config": args.config, "rows": {}, "pairs_per_s": {}}, []
+  whole_rows = whole_steps(path, variant, args.batch, mesh, args.steps) if args.parts == "whole" else {}
   for batch in args.batch:
     config = load_config_file(path, variant or None)
     with config.unlocked():
       config.train.batch_size = batch
-    n = max(4 * batch, 1024)
-    rng = np.random.default_rng(0)
-    size = config.data.image_size
-    dataset = ImageDataset(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
-                           rng.integers(0, config.data.num_classes, n).astype(np.int32),
-                           tuple(str(i) for i in range(config.data.num_classes)))
-    rows = component_seconds(config, dataset, mesh, args.steps)
-    whole = full_step_seconds(config, dataset, mesh, args.steps)
-    rows["whole step (the loop's program)"] = whole
-    rows["whole step, views fused"] = full_step_seconds(_with(config, fused_views=True), dataset, mesh, args.steps)
+    if args.parts == "whole":
+      rows = whole_rows[batch]
+    else:
+      dataset = random_dataset(config, max(4 * batch, 1024))
+      rows = component_seconds(config, dataset, mesh, args.steps)
+      rows["whole step (the loop's program)"] = full_step_seconds(config, dataset, mesh, args.steps)
+      rows["whole step, views fused"] = full_step_seconds(_with(config, fused_views=True), dataset, mesh, args.steps)
+    whole = rows["whole step (the loop's program)"]
     report["rows"][batch] = {k: v * 1e3 for k, v in rows.items()}
+    report["pairs_per_s"][batch] = {"per_view": batch / whole, "fused": batch / rows["whole step, views fused"]}
     lines += [f"\n{config.method.name}, {config.model.backbone} {config.model.dtype}, batch {batch} on {device}\n",
               "| component | ms | share of the whole step |", "|---|---|---|"]
     lines += [f"| {name} | {s * 1e3:.3f} | {s / whole:.2f} |" for name, s in rows.items()]
+    lines.append(f"\npairs/s of one process: {batch / whole:.0f} with a forward per view, "
+                 f"{batch / rows['whole step, views fused']:.0f} with the views fused")
   text = "\n".join(lines)
   print(text, flush=True)
   if args.out:

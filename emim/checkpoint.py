@@ -22,7 +22,6 @@ import logging
 import grain  # its iterator handler registers with Orbax on import
 import jax
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 
 from emim import fs
 from emim.errors import UserError
@@ -32,16 +31,28 @@ CONFIG_ITEM = "config"
 DATA_ITEM = "data"
 
 
+# Orbax's warnings about options emim sets on purpose: a read-only manager (evaluation,
+# export, a fork's source) "setting save_interval_steps=0", "setting create=False".
+_CHOSEN_OPTION_WARNINGS = ("read_only=True, setting", "Given directory is read only")
+
+
 class _OrbaxInfoFilter(logging.Filter):
-  """Drops the INFO chatter of Orbax's every save and restore (warnings pass)."""
+  """Drops the INFO chatter of Orbax's every save and restore, and its warnings about
+  the options emim chose (other warnings pass)."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= logging.WARNING and not any(w in record.getMessage() for w in _CHOSEN_OPTION_WARNINGS)
 
 
 def quiet_orbax_logs() -> None:
-  """Keep the programs' logs readable: progress lines, not Orbax's I/O statistics."""
-  absl_logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
+  """Keep the programs' logs readable: progress lines, not Orbax's I/O statistics. On
+  the "absl" logger itself, so that every handler (absl's, or the root logger's that
+  prints "WARNING:absl:") sees the filtered records; once, however often called."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in logger.filters):
+    logger.addFilter(_OrbaxInfoFilter())
 
 
 class CheckpointError(UserError, RuntimeError):

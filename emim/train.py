@@ -135,7 +135,9 @@ def compile_train_step(parts: StepParts, data, state: TrainState, state_sharding
   batch) followed by folding its metrics into the logging interval's (``step_metrics``),
   so that neither costs a host round trip. Returns (fn, the empty interval)."""
   replicated = sharding.replicated(mesh)
-  step = data.step_fn(parts)
+  # Jitted on its own so that it is traced once: for the metrics' shapes here, and again
+  # (from jit's cache) inside the program below, where it is inlined.
+  step = jax.jit(data.step_fn(parts))
 
   def step_and_accumulate(state, inputs, interval):
     state, metrics = step(state, inputs)

@@ -202,9 +202,12 @@ class WorkdirLock:
       except BlockingIOError:
         os.close(fd)
         raise self._busy(self._read() or {}) from None
-      if os.fstat(fd).st_ino == os.stat(os.fspath(self.path)).st_ino:
-        break
-      os.close(fd)  # lock.json was replaced while we locked the old one: lock the new one
+      try:
+        if os.fstat(fd).st_ino == os.stat(os.fspath(self.path)).st_ino:
+          break
+      except FileNotFoundError:
+        pass
+      os.close(fd)  # lock.json was removed or replaced while we locked the old one: lock the new one
     data = json.dumps(self._record(started)).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
@@ -247,7 +250,10 @@ class WorkdirLock:
       return
     self._held = False
     if self._fd is not None:
-      os.ftruncate(self._fd, 0)  # the file stays (deleting it would let two jobs lock two files)
+      # Removed while still locked: a job that opened it meanwhile and locks it next finds
+      # the path gone (or another file there) and starts again (_acquire_local).
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.fspath(self.path))
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None

@@ -332,6 +332,8 @@ def test_cifar_recipe_gives_emmi_fewer_dimensions_than_samples_and_leaves_other_
   emmi = load_config("cifar10", None)
   assert emmi.method.name == "emmi" and emmi.method.normalize == "l2"
   assert emmi.model.projector_dims[-1] < emmi.train.batch_size
+  synthetic = load_config("synthetic", None)  # the README's first command: EMMI as recommended
+  assert synthetic.method.normalize == "l2" and synthetic.model.projector_dims[-1] < synthetic.train.batch_size
   byol = load_config("cifar10", "byol")
   assert tuple(byol.model.projector_dims) == (2048, 2048, 512) and "normalize" not in byol.method
   tiny = load_config("cifar100", "runlocal")
@@ -472,6 +474,12 @@ def test_corrupt_checkpoint_is_reported_left_in_place_and_the_advice_works(tmp_p
   with pytest.raises(CheckpointError, match=r"left as it is\. To continue from step 2, fork it: .*restore_step=2; "
                                             r"or move .*3 aside"):
     train.run(config, str(tmp_path))
+  # The command line says it in one line: no traceback, no warning of Orbax's about the
+  # options emim chose, nothing after it (an event loop closed at exit, say).
+  command = subprocess.run([sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal",
+                            f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=REPO)
+  said = [line for line in command.stderr.splitlines() if line.strip() and not line.startswith("I")]
+  assert command.returncode == 1 and len(said) == 1 and said[0].startswith("error: Cannot restore the checkpoint"), said
   assert (tmp_path / "checkpoints" / "3").is_dir()  # nothing already saved was deleted
   os.rename(tmp_path / "checkpoints" / "3", tmp_path / "checkpoints" / "3.corrupt")  # the advice, followed
   assert int(train.run(config, str(tmp_path)).state.step) == 4
