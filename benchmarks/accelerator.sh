@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The accelerator figures of BENCHMARKS.md, in a few full commands on a borrowed GPU
 # (after benchmarks/prepare_accelerator.sh here). Each stage fits in one 10-minute call
-# and writes its logs to $OUT:
+# and writes its logs to $OUT. A 15-minute lease: evidence first, evidence2 at once if
+# 4 minutes are left (BENCHMARKS.md, "How to re-run"):
+#   bash benchmarks/accelerator.sh evidence  # 9 minutes, 7 files: the CIFAR-10 step's breakdown at
+#                                          # batch 256/512, then EMMI, Barlow Twins and BYOL side by
+#                                          # side for as many equal epochs as fit, kNN and linear probe,
+#                                          # beside the untrained network (benchmarks/evidence.py)
+#   bash benchmarks/accelerator.sh evidence2 # 9 minutes: CIFAR-100 EMMI and Barlow Twins at equal
+#                                          # epochs (with .accel/cifar100: CIFAR100=folder or archive),
+#                                          # then the ResNet-50 stage below, shortened
 #   bash benchmarks/accelerator.sh bench   # objective cost; train step vs torch_reference.py
 #   bash benchmarks/accelerator.sh cifar   # a short configs/cifar10.py run, then emim.evaluate
 #                                          # (and torch_cifar_ssl.py for the same epochs, when
@@ -24,7 +32,7 @@
 # CPU smoke test of the script itself: SMOKE=1 bash benchmarks/accelerator.sh cifar
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: accelerator.sh bench|cifar|resume|sweep|breakdown|resnet50|long}
+stage=${1:?usage: accelerator.sh evidence|evidence2|bench|cifar|resume|sweep|breakdown|resnet50|long}
 OUT=${OUT:-/tmp/emim_accelerator}
 mkdir -p "$OUT"
 if ! python3 -c "import grain, ml_collections, clu" 2> /dev/null; then  # the carried wheels
@@ -38,7 +46,31 @@ WORKDIR=${WORKDIR:-/tmp/emim_cifar10}
   python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
+smoke=(); [ "${SMOKE:-0}" = 1 ] && smoke=(--smoke)
 case "$stage" in
+  evidence)
+    # Its own limits inside (BUDGET_S, default 510 s): whatever happens, it writes what it has.
+    python3 benchmarks/evidence.py --data="$CIFAR" --out="$OUT" --budget_s="${BUDGET_S:-510}" "${smoke[@]}" 2>&1 \
+      | grep -v "^W" | tee "$OUT/evidence.log"
+    ;;
+  evidence2)
+    # CIFAR-100 needs its data: neither this machine nor the device can download it.
+    CIFAR100=${CIFAR100:-$(ls -d .accel/cifar100* 2> /dev/null | head -1)}
+    if [ -n "$CIFAR100" ] || [ "${SMOKE:-0}" = 1 ]; then
+      # an image folder or archive of it, laid out as CIFAR-10's: train/<class>/*.png, test/...
+      c100=(--config=configs/cifar100.py --data="$CIFAR100" --set=--config.data.source=image_folder
+            --methods emmi barlow_twins)
+      [ "${SMOKE:-0}" = 1 ] && c100=(--methods emmi barlow_twins)
+      python3 benchmarks/evidence.py "${c100[@]}" --out="$OUT/cifar100" --budget_s="${BUDGET100_S:-300}" \
+        --workroot=/tmp/emim_evidence100 "${smoke[@]}" 2>&1 | grep -v "^W" | tee "$OUT/evidence100.log"
+    else
+      echo "evidence2: no CIFAR-100 here (.accel/cifar100* or CIFAR100=...): skipping it; the ResNet-50 stage follows." \
+        | tee "$OUT/evidence100.log"
+    fi
+    # The ResNet-50 step at 224, EMMI and BYOL beside torch.compile's, at batch 256 only and
+    # without the host pipeline: what is left of the 9 minutes.
+    RESNET_BATCHES=256 PIPELINE=0 bash "$0" resnet50
+    ;;
   bench)
     objective=(--dims 512 2048 4096); step=(--config=configs/cifar10.py --batch 256 512)
     if [ "${SMOKE:-0}" = 1 ]; then
@@ -115,7 +147,8 @@ case "$stage" in
     done
     ;;
   resnet50)
-    sizes=(--batch 128 256); pipe=(--generate=2048 --workers 16)
+    read -r -a batches <<< "${RESNET_BATCHES:-128 256}"
+    sizes=(--batch "${batches[@]}"); pipe=(--generate=2048 --workers 16)
     configs=(configs/imagenet1k.py configs/imagenet1k.py:byol)
     if [ "${SMOKE:-0}" = 1 ]; then
       sizes=(--batch 32 --steps 3); pipe=(--generate=128 --workers 2 --repeats 1)
@@ -126,9 +159,10 @@ case "$stage" in
         | tee -a "$OUT/resnet50_train_step.txt"
     done
     if [ -f .accel/torch_reference.py ] && python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
-      python3 .accel/torch_reference.py --arch resnet50 --image 224 --method byol --batch 128 256 --compile both 2>&1 \
-        | tee "$OUT/resnet50_torch_reference.txt"
+      python3 .accel/torch_reference.py --arch resnet50 --image 224 --method byol --batch "${batches[@]}" --compile both \
+        2>&1 | tee "$OUT/resnet50_torch_reference.txt"
     fi
+    [ "${PIPELINE:-1}" = 0 ] && { ls -la "$OUT"; exit 0; }
     # the fastest emim step just timed sets the demand the pipeline is measured against
     demand=${STEP_PAIRS_PER_S:-$(awk '/^emim\[/ {for (i = 1; i < NF; i++) if ($(i + 1) ~ /^pairs\/s/) \
       if ($i + 0 > best) best = $i + 0} END {print best + 0}' "$OUT/resnet50_train_step.txt")}

@@ -98,13 +98,18 @@ def decode_once(args, env: dict) -> subprocess.Popen | None:
   directories), in the background: the runs then load it instead of each decoding."""
   if not args.data:
     return None
-  code = ("import sys; from emim.config_base import load_config_file; from emim.data import sources; "
-          "c = load_config_file(sys.argv[1]); c.unlock(); c.data.path = sys.argv[2]; "
-          "train = sources.load(c.data, 'train', sys.argv[3]); "
-          "sources.load(c.data, 'test', sys.argv[3], train_classes=train.class_names)")
+  code = ("import ast, sys; from emim.config_base import load_config_file; from emim.data import sources\n"
+          "c = load_config_file(sys.argv[1]); c.unlock()\n"
+          "for arg in sys.argv[3:]:\n"
+          "  key, value = arg[len('--config.'):].split('=', 1); *path, leaf = key.split('.'); node = c\n"
+          "  for p in path: node = node[p]\n"
+          "  try: node[leaf] = ast.literal_eval(value)\n"
+          "  except (ValueError, SyntaxError): node[leaf] = value\n"
+          "train = sources.load(c.data, 'train', sys.argv[2])\n"
+          "sources.load(c.data, 'test', sys.argv[2], train_classes=train.class_names)\n")
   cache = str(pathlib.Path(args.workroot) / ".emim_cache")
-  return subprocess.Popen([sys.executable, "-c", code, args.config, str(pathlib.Path(args.data).resolve()), cache],
-                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return subprocess.Popen([sys.executable, "-c", code, args.config, cache, *args.common], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def plan(args, clock: Clock, report: dict) -> dict:
@@ -193,10 +198,10 @@ def summarize(method: str, out: pathlib.Path, steps_per_epoch: int, train_rc: in
 
 def table(results: dict, setup: dict, report: dict) -> str:
   fmt = lambda v: "" if v is None else (f"{v:g}" if isinstance(v, (int, float)) else str(v))
-  lines = [f"CIFAR-10, ResNet-18, batch {setup['batch']}, {setup['epochs']} epochs each (the schedule of a "
-           f"{setup['epochs']}-epoch run), side by side on {report.get('device', 'this device')}"
-           f"{', views fused' if setup['fused_views'] else ''}; kNN on all 10,000 test images, the linear probe on "
-           "centre features.\n",
+  lines = [f"{setup['config']}, batch {setup['batch']}, {setup['epochs']} epochs each (the schedule of a "
+           f"{setup['epochs']}-epoch run), side by side on {report.get('device', 'the device')}"
+           f"{', views fused' if setup['fused_views'] else ''}; kNN (k = 20, 200) on every test image, the linear "
+           f"probe on centre features ({setup['probe_epochs']} epochs). Top-1 accuracies in %.\n",
            "| method | epochs | kNN k=20 | kNN k=200 | linear top-1 | pairs/s (side by side) | train wall s | "
            "eval wall s |", "|---|---|---|---|---|---|---|---|"]
   baseline = None
@@ -229,6 +234,7 @@ def main():
   p.add_argument("--breakdown_limit_s", type=float, default=100.0)
   p.add_argument("--fallback_pairs_per_s", type=float, default=17962.0,
                  help="the rate without a breakdown (the H100's bf16 batch-256 figure, BENCHMARKS.md)")
+  p.add_argument("--set", action="append", default=[], help="another override for every program (--set=--config.a=b)")
   p.add_argument("--smoke", action="store_true", help="CPU check: the synthetic config's runlocal, a few steps")
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp/emim_evidence"))
   p.add_argument("--workroot", default="/tmp/emim_evidence_runs")
@@ -236,8 +242,8 @@ def main():
   if args.smoke:
     args.config, args.data, args.batch, args.train_examples = "configs/synthetic.py", "", 32, 512
     args.probe_epochs, args.breakdown_steps, args.max_epochs = 2, 3, 2
-    args.fallback_pairs_per_s = 200.0
-  args.common = [f"--config.data.path={pathlib.Path(args.data).resolve()}"] if args.data else []
+    args.fallback_pairs_per_s, args.breakdown_limit_s = 200.0, 300.0
+  args.common = ([f"--config.data.path={pathlib.Path(args.data).resolve()}"] if args.data else []) + args.set
   clock = Clock(args.budget_s)
   pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
   pathlib.Path(args.workroot).mkdir(parents=True, exist_ok=True)
@@ -249,7 +255,8 @@ def main():
   report = breakdown(argparse.Namespace(**{**vars(args), "config": config_arg}), clock, env)
   if decoding is not None:
     decoding.wait(timeout=max(1.0, clock.left() - 300))
-  setup = {**plan(args, clock, report), "batch": args.batch}
+  setup = {**plan(args, clock, report), "batch": args.batch, "probe_epochs": args.probe_epochs,
+           "config": f"{args.config} (CPU smoke: runlocal)" if args.smoke else args.config}
   log(clock, f"plan: {json.dumps(setup)}")
   run_env = dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / (len(args.methods) + 1):.3f}")
   results: dict = {}

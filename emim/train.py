@@ -11,6 +11,7 @@ uninterrupted one give the same parameters.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -334,6 +335,42 @@ class StepProfiler:
                  "plugin).", self.first, self.last, target)
 
 
+class DispatchWindow:
+  """At most ``limit`` steps in flight: before the next is dispatched, wait for the step
+  ``limit`` steps back (``None``: no limit, asynchronous dispatch as JAX does it).
+
+  Needed on a CPU backend with several devices. XLA's CPU client runs a program of
+  several devices by handing each device's launch to a pool of max(cores, devices)
+  threads, and a launch waits there, holding its thread, while its device already has
+  32 computations in flight; the computations in flight need pool threads to run. With
+  some 40 steps dispatched ahead, the pool's threads all hold waiting launches or
+  participants of a collective whose other participants can no longer get a thread:
+  a deadlock (benchmarks/xla_cpu_inflight_deadlock.py reproduces it in a second, with
+  every thread's stack; the 8-device test suite on 2 cores hung on it in 3 of 4 runs).
+  The loop dispatches up to a progress line ahead, so a CPU run with several devices
+  keeps at most 8 steps in flight; an accelerator's client has no such limit."""
+
+  CPU_LIMIT = 8
+
+  def __init__(self, limit: int | None):
+    self.limit = limit
+    self._pending = collections.deque()
+
+  @classmethod
+  def for_backend(cls) -> "DispatchWindow":
+    several_cpus = jax.default_backend() == "cpu" and jax.local_device_count() > 1
+    return cls(cls.CPU_LIMIT if several_cpus else None)
+
+  def dispatched(self, outputs) -> None:
+    """Record a dispatched step by its outputs (not donated to the next step); wait for
+    the oldest when more than ``limit`` are in flight."""
+    if self.limit is None:
+      return
+    self._pending.append(outputs)
+    if len(self._pending) > self.limit:
+      jax.block_until_ready(self._pending.popleft())
+
+
 def _log_parameter_overview(state: TrainState) -> None:
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(shapes, include_stats=False))
@@ -440,19 +477,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
     profiler = StepProfiler(config.train.profile_steps if writes_files else (0, 0), workdir, start_step, last_step)
     cleanup.callback(profiler.close)
-    # On a CPU with several (simulated) devices, one step in flight at a time: the 8-device
-    # test suite on 2 cores hung at the first steps of a run in 3 of 4 full runs, the main
-    # thread parked dispatching the next step, most likely a collective's participants
-    # waiting for pool threads that the steps queued behind it hold. An accelerator keeps
-    # its asynchronous dispatch.
-    one_step_in_flight = jax.default_backend() == "cpu" and jax.local_device_count() > 1
+    in_flight = DispatchWindow.for_backend()
     with StopRequest() as stop:
       for step in range(start_step, last_step):
         done = step + 1
         with profiler.step(done):
           state, interval = step_fn(state, data.next_input(), interval)
-        if one_step_in_flight:
-          jax.block_until_ready(state)
+        in_flight.dispatched(interval)
         profiler.after(done, state)
         if done % log_every == 0 or done == last_step:
           host = step_metrics.compute(interval)

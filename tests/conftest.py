@@ -8,11 +8,14 @@ import os
 
 # 8 simulated devices on a 2-core machine: a device thread can wait long for the others
 # at a collective (BatchNorm and covariance statistics over the sharded batch); raise
-# XLA:CPU's rendezvous timeouts so a slow moment is not turned into an abort.
+# XLA:CPU's rendezvous timeouts (40 s) so a slow moment is not turned into an abort, but
+# not so far that a real deadlock hangs CI: 5 minutes, then XLA aborts with the
+# collective's name. (The suite's hang was XLA's CPU client deadlocking some 40
+# multi-device programs dispatched ahead; train.DispatchWindow keeps 8 in flight.)
 os.environ.setdefault(
     "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=1800 "
-    "--xla_cpu_collective_call_terminate_timeout_seconds=1800")
+    "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=300 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=300")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA:CPU compiling tiny train steps that then run a few
 # steps: skip XLA's expensive optimisation passes. Results may differ from an optimised

@@ -248,6 +248,22 @@ assert jax.device_count() == 3, jax.device_count()
   assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_a_multi_device_cpu_run_keeps_few_steps_in_flight_and_so_never_deadlocks():
+  """XLA's CPU client deadlocks some 40 multi-device programs dispatched ahead (every pool
+  thread holds a launch waiting for an in-flight slot, or a collective's participant
+  waiting for one that cannot get a thread): the suite's hang. The training loop's
+  DispatchWindow keeps 8 in flight there; 100 all-reduce steps dispatched through it
+  finish (in a child process with 10-second collective timeouts: a deadlock aborts it)."""
+  import importlib.util
+
+  assert train.DispatchWindow.for_backend().limit == 8  # these tests' 8 CPU devices
+  spec = importlib.util.spec_from_file_location("deadlock", REPO / "benchmarks" / "xla_cpu_inflight_deadlock.py")
+  deadlock = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(deadlock)
+  finished, last = deadlock.run(steps=100, window=train.DispatchWindow.CPU_LIMIT, timeout_s=10)
+  assert finished, last
+
+
 def test_command_line_errors_are_one_message_naming_the_fix(tmp_path):
   def main(*args):
     return subprocess.run([sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal", *args,
