@@ -222,10 +222,20 @@ def _target_update(parts, state, x1, x2):
 
 def _joint_update(parts, state, x1, x2):
   """Both branches at once, no stop-gradient between them (seed 002's ablation of the
-  alternation: direct joint ascent)."""
-  (loss, aux), (grads, target_grads) = jax.value_and_grad(
-      lambda p, tp: _branches_loss(parts, state, x1, x2, p, tp, stop_target=False), argnums=(0, 1),
-      has_aux=True)(state.params, state.target["params"])
+  alternation: direct joint ascent). Where the method gives the target an objective of its
+  own (``Method.target_loss_fn``), each branch takes its objective's gradient at the same
+  point, the alternation's two steps made simultaneous."""
+  if parts.method.target_loss_fn is None:
+    (loss, aux), (grads, target_grads) = jax.value_and_grad(
+        lambda p, tp: _branches_loss(parts, state, x1, x2, p, tp, stop_target=False), argnums=(0, 1),
+        has_aux=True)(state.params, state.target["params"])
+  else:
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: _branches_loss(parts, state, x1, x2, p, state.target["params"]), has_aux=True)(state.params)
+    (_, target_aux), target_grads = jax.value_and_grad(
+        lambda tp: _branches_loss(parts, state, x1, x2, state.params, tp, stop_target=False, target_step=True),
+        has_aux=True)(state.target["params"])
+    aux = (aux[0], target_aux[1], *aux[2:])  # the target's batch statistics from its own forward
   params, opt_state, updates = _update(parts.tx, grads, state.opt_state, state.params)
   target_params, target_opt_state, target_updates = _update(parts.target_tx, target_grads, state.target_opt_state,
                                                             state.target["params"])
