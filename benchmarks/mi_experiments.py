@@ -42,20 +42,19 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import os
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
   """One run of an experiment: its name (and work directory), the config variant and
   config overrides of its own (KEY=VALUE, as --set)."""
 
