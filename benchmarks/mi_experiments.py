@@ -1,4 +1,5 @@
-"""Seed 002's three experiments, one command each: a table (markdown and JSON) and figures.
+"""Seed 002's three experiments and the SDMI prototype's study, one command each: a table
+(markdown and JSON) and figures.
 
     python benchmarks/mi_experiments.py tracking   --out=/tmp/mi_tracking    # ~1 min a method, 2-core CPU
     python benchmarks/mi_experiments.py ablation   --out=/tmp/mi_ablation

@@ -56,4 +56,5 @@ def get_config(arg=None):
   except ConfigError as e:
     if not str(e).startswith("Unknown config variant"):
       raise
-    raise ConfigError(f"{e} (configs/gaussian_mixture.py also takes the view model {', '.join(VIEW_MODELS)}.)") from None
+    raise ConfigError(f"{e} (configs/gaussian_mixture.py also takes the view model "
+                      f"{', '.join(VIEW_MODELS)}.)") from None

@@ -12,8 +12,8 @@ predictor, h(f(x_a)), against the target branch g(x_b); for EMMI with a momentum
 the online projection against the target's. Logged as ``eval/branch_mi_*``, each
 symmetrised over the views, 1/2 [I(a(x1); b(x2)) + I(a(x2); b(x1))], as the losses are:
 the online pair says what the encoder keeps, the branch pair what the method maximises.
-Beside them the effective rank of each side of the pair (``eval/branch_effective_rank_online``
-of a(x1), ``_target`` of b(x1)).
+Beside them the effective rank of each side of the pair
+(``eval/branch_effective_rank_online`` of a(x1), ``_target`` of b(x1)).
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ def make_mi_tracker(parts: StepParts, tau: float = 0.1, objective_eps: float = 1
 class MiTracker:
   """The MI estimates of the online encoder (and of the method's branch pair) on a fixed
   batch of training examples, every ``every_steps`` steps (by default with every progress
-  line) and before the first; beside them ``eval/true_mi``, the exact MI of two views of the data, where it is known
-  (the Gaussian mixture: every estimate of the embeddings' MI lies below it)."""
+  line) and before the first; beside them ``eval/true_mi``, the exact MI of two views of
+  the data, where it is known (the Gaussian mixture: every estimate of the embeddings'
+  MI lies below it)."""
 
   name, at_start = "mi", True
 

@@ -3,6 +3,27 @@ branch under stop-gradient. BYOL (EMA target), SimSiam (shared weights), MoCo v3
 InfoNCE against the target) and the canonical SDMI prototype (-cos, its target trained
 by alternating gradient steps, or an EMA).
 
+The prototype's two steps, from the DV bound (spec section 2) with the critic
+T = cos / tau on za = h(f_theta(x_a)) and zb = g_xi(x_b):
+
+    L(theta, xi) = J - M,   J = E_p T(za, zb),   M = log E_{p(za) p(zb)} exp T(za, zb).
+
+Block-coordinate ascent alternates an E-step, theta (online encoder f and predictor h)
+ascending L with xi fixed, and an M-step, xi (target g) ascending L with theta fixed;
+L then never falls, which is the monotone ascent seed 002's proposition promises. The
+prototype as the paper writes it ascends J alone in both steps (-cos). In the E-step the
+predictor stands in for M: with g fixed and spread, the J-optimal h(f(x_a)) is the
+direction of E[g(x_b) | x_a], which cannot make g collapse. The M-step has no such
+stand-in: the J-optimal g(x_b) is the direction of E[h(f(x_a)) | x_b], and J is as high
+for a g that points every input along h(f)'s common direction; J's maximum, h(f) and g
+one constant vector, is L = 0. Alternating steps of J alone walk there (on the Gaussian
+mixture h(f) and g end at effective rank ~2 and their pair's InfoNCE at ~0.1 nats, while
+f, behind the predictor, keeps rank 4.7). ``marginal_term`` says which steps ascend the
+whole bound (``O.sdmi_dv_loss``: M as the batch's log mean over unmatched pairs of
+exp T): "target_step", the default, gives the M-step the marginal term it has no
+surrogate for, and the pair's MI rises near-monotonically; "none" is the paper's
+prototype as written (BENCHMARKS.md, "The SDMI prototype examined").
+
 Seed 002's ablations are switches of the method config: ``predictor=False`` regresses the
 online projection itself; ``stop_gradient=False`` lets the loss's gradient into the
 target branch (SimSiam's shared weights; the SDMI prototype's target, both branches then
@@ -85,7 +106,7 @@ def build_sdmi(cfg):
                         "target receives no gradient either way. Use --config.method.target_update=alternating "
                         "(the default) with the no_stop_gradient variant.")
     update = "joint"
-  marginal = cfg.get("marginal_term", "none")
+  marginal = cfg.get("marginal_term", "none")  # (absent from configs saved before it: the prototype as written)
   if marginal not in MARGINAL_TERMS:
     raise ConfigError(f"--config.method.marginal_term={marginal!r}: choose one of {MARGINAL_TERMS}.")
   scale = cfg.get("target_lr_scale", 1.0)
@@ -97,7 +118,8 @@ def build_sdmi(cfg):
                       "takes none. Use it with --config.method.target_update=alternating.")
   tau = cfg.get("critic_tau", 0.1)
   if not tau > 0:
-    raise ConfigError(f"--config.method.critic_tau={tau!r}: the critic cos / tau needs a positive temperature, e.g. 0.1.")
+    raise ConfigError(f"--config.method.critic_tau={tau!r}: the critic cos / tau needs a positive temperature, "
+                      "e.g. 0.1.")
   dv_loss = functools.partial(O.sdmi_dv_loss, tau=tau)
   # With the marginal term in a step, both steps report M, whichever they ascend.
   online_loss = {"none": O.sdmi_prototype_loss, "target_step": functools.partial(_cos_reporting_marginal, tau=tau),
