@@ -312,7 +312,12 @@ def main(argv=None) -> list[dict]:
   settings = [as_setting(v) for v in variants]
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  rows = run_experiment(args.experiment, args.config, out, settings, args.set, args.runlocal)
+  from emim.config_base import ConfigError
+
+  try:
+    rows = run_experiment(args.experiment, args.config, out, settings, args.set, args.runlocal)
+  except ConfigError as e:  # a wrong variant or override: one line, not a traceback
+    raise SystemExit(f"error: {e}") from None
   header = (f"{args.experiment}: {args.config}{' (runlocal)' if args.runlocal else ''}, "
             f"{' '.join('--set ' + s for s in args.set) or 'its own schedule'}\n\n")
   (out / f"{args.experiment}.md").write_text(header + markdown(args.experiment, rows))
