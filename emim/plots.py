@@ -76,9 +76,17 @@ def _style(i: int, runs: list[Run]) -> dict:
   return {"color": colours(i % colours.N), "ls": "--" if "no_" in runs[i].name else "-"}
 
 
+def branch_key(key: str) -> str:
+  """The key of an online-pair estimate's branch-pair twin: eval/mi_x -> eval/branch_mi_x."""
+  return key.replace("eval/", "eval/branch_", 1)
+
+
 def plot_mi(runs: list[Run]):
-  """The MI estimates over steps, one panel per estimator, every run on it (the
-  data's exact MI dotted, where known)."""
+  """The MI estimates over steps, one panel per estimator, every run on it: the online
+  encoder's two views in the run's style, and where the method's critic scores another
+  pair (``eval/branch_mi_*``: SDMI's h(f(x_a)) against g(x_b), EMMI's online against
+  target) that pair dash-dotted in the run's colour; the data's exact MI dotted, where
+  known."""
   plt = _pyplot()
   present = [k for k in ESTIMATORS if any(k in r.keys() for r in runs)]
   fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4.2 * max(len(present), 1), 3.4), squeeze=False)
@@ -86,6 +94,10 @@ def plot_mi(runs: list[Run]):
     for i, run in enumerate(runs):
       steps, values = run.series(key)
       ax.plot(steps, values, label=run.name, **_style(i, runs))
+      branch_steps, branch_values = run.series(branch_key(key))
+      if len(branch_values):
+        ax.plot(branch_steps, branch_values, label=f"{run.name}: critic's pair", color=_style(i, runs)["color"],
+                ls="-.", lw=1.0)
       true_steps, true_mi = run.series("eval/true_mi")
       if len(true_mi):
         ax.axhline(true_mi[-1], color="k", ls=":", lw=1.5, label="exact MI of the views" if i == 0 else None)
@@ -93,6 +105,31 @@ def plot_mi(runs: list[Run]):
     ax.set_xlabel("step")
     ax.set_ylabel("nats")
   axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def plot_pairs(runs: list[Run], key: str = "eval/mi_infonce"):
+  """One estimate of each run over steps, in two panels: the pair the method's critic
+  scores (``eval/branch_mi_*``; the online pair for methods whose critic scores that) and
+  the online encoder's two views; the data's exact MI dotted where known (of the first
+  run's data)."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), sharey=True)
+  for i, run in enumerate(runs):
+    branch = run.series(branch_key(key))
+    axes[0].plot(*(branch if len(branch[1]) else run.series(key)), label=run.name, **_style(i, runs))
+    axes[1].plot(*run.series(key), label=run.name, **_style(i, runs))
+  name = ESTIMATORS.get(key, key)
+  axes[0].set_title(f"{name}: the critic's pair", fontsize=10)
+  axes[1].set_title(f"{name}: the online encoder's two views", fontsize=10)
+  _, true_mi = runs[0].series("eval/true_mi") if runs else (None, [])
+  for ax in axes:
+    ax.set_xlabel("step")
+    if len(true_mi):
+      ax.axhline(true_mi[-1], color="k", ls=":", lw=1.2, label="exact MI of the views")
+  axes[0].set_ylabel("nats")
+  axes[1].legend(fontsize=7, loc="best")
   fig.tight_layout()
   return fig
 

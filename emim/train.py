@@ -120,7 +120,10 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
   online_lr = target_lr = lr_fn
   if method.target_update == "alternating":
     online_lr, target_lr = (optim.branch_schedule(lr_fn, method.alternate_every, phase) for phase in (0, 1))
-  target_tx = optim.make_optimizer(config.optim, target_lr) if method.uses_target and not ema else None
+  target_tx = None
+  if method.uses_target and not ema:
+    scale = config.method.get("target_lr_scale", 1.0)  # (absent from configs saved before it existed)
+    target_tx = optim.make_optimizer(config.optim, lambda count: scale * target_lr(count))
   return StepParts(
       method=method, encoder=encoder, predictor=predictor, views_encoder=views_encoder,
       views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, online_lr),

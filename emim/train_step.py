@@ -160,9 +160,11 @@ def _apply_views(module, views_module, params, stats, x1, x2):
   return (jax.tree.map(lambda y: y[:, 0], paired), jax.tree.map(lambda y: y[:, 1], paired)), stats
 
 
-def _branches_loss(parts: StepParts, state: TrainState, x1, x2, params, target_params, stop_target: bool = True):
+def _branches_loss(parts: StepParts, state: TrainState, x1, x2, params, target_params, stop_target: bool = True,
+                   target_step: bool = False):
   """The method's loss of the online branch (``params``: encoder and predictor) against
-  the target branch (``target_params``, with the state's target batch statistics), and
+  the target branch (``target_params``, with the state's target batch statistics; with
+  ``target_step``, the loss of the target's own step, ``Method.target_loss``), and
   (new online batch statistics, new target batch statistics, objective state, metrics,
   stop-gradient features and projection of view 1)."""
   ((f1, z1), (_, z2)), enc_stats = _apply_views(
@@ -180,7 +182,8 @@ def _branches_loss(parts: StepParts, state: TrainState, x1, x2, params, target_p
     target = (t1[1], t2[1])
     if stop_target:
       target = jax.lax.stop_gradient(target)
-  loss, objective_state, metrics = parts.method.loss(Views((z1, z2), pred, target), state.objective_state)
+  loss_fn = parts.method.target_loss if target_step else parts.method.loss
+  loss, objective_state, metrics = loss_fn(Views((z1, z2), pred, target), state.objective_state)
   return loss, (new_stats, target_stats, objective_state, metrics, jax.lax.stop_gradient(f1), jax.lax.stop_gradient(z1))
 
 
@@ -205,10 +208,11 @@ def _online_update(parts, state, x1, x2):
 
 
 def _target_update(parts, state, x1, x2):
-  """The SDMI prototype's M-step: the target branch ascends the same objective, the online
-  branch fixed (its parameters, optimiser state and batch statistics unchanged)."""
+  """The SDMI prototype's M-step: the target branch ascends the method's target objective
+  (the same as the online branch's unless the method says otherwise), the online branch
+  fixed (its parameters, optimiser state and batch statistics unchanged)."""
   (loss, aux), grads = jax.value_and_grad(
-      lambda tp: _branches_loss(parts, state, x1, x2, state.params, tp, stop_target=False),
+      lambda tp: _branches_loss(parts, state, x1, x2, state.params, tp, stop_target=False, target_step=True),
       has_aux=True)(state.target["params"])
   target_params, target_opt_state, updates = _update(parts.target_tx, grads, state.target_opt_state,
                                                      state.target["params"])
@@ -218,10 +222,20 @@ def _target_update(parts, state, x1, x2):
 
 def _joint_update(parts, state, x1, x2):
   """Both branches at once, no stop-gradient between them (seed 002's ablation of the
-  alternation: direct joint ascent)."""
-  (loss, aux), (grads, target_grads) = jax.value_and_grad(
-      lambda p, tp: _branches_loss(parts, state, x1, x2, p, tp, stop_target=False), argnums=(0, 1),
-      has_aux=True)(state.params, state.target["params"])
+  alternation: direct joint ascent). Where the method gives the target an objective of its
+  own (``Method.target_loss_fn``), each branch takes its objective's gradient at the same
+  point, the alternation's two steps made simultaneous."""
+  if parts.method.target_loss_fn is None:
+    (loss, aux), (grads, target_grads) = jax.value_and_grad(
+        lambda p, tp: _branches_loss(parts, state, x1, x2, p, tp, stop_target=False), argnums=(0, 1),
+        has_aux=True)(state.params, state.target["params"])
+  else:
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: _branches_loss(parts, state, x1, x2, p, state.target["params"]), has_aux=True)(state.params)
+    (_, target_aux), target_grads = jax.value_and_grad(
+        lambda tp: _branches_loss(parts, state, x1, x2, state.params, tp, stop_target=False, target_step=True),
+        has_aux=True)(state.target["params"])
+    aux = (aux[0], target_aux[1], *aux[2:])  # the target's batch statistics from its own forward
   params, opt_state, updates = _update(parts.tx, grads, state.opt_state, state.params)
   target_params, target_opt_state, target_updates = _update(parts.target_tx, target_grads, state.target_opt_state,
                                                             state.target["params"])

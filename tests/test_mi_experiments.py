@@ -60,6 +60,13 @@ def test_tracking_table_is_what_the_runs_recorded(tracking):
     evaluation = json.loads((out / "runs" / row["run"] / "evaluation.json").read_text())
     assert row["knn_top1_k20"] == evaluation["30"]["knn_top1_k20"]
     assert row["knn_random_init"] == evaluation["random_init"]["knn_top1_k20"]
+    # The critic's pair (SDMI's h(f(x_a)) against g(x_b)) where it is another pair; JMI: none.
+    branch = [r.get("eval/branch_mi_infonce") for r in metrics]
+    if row["method"] == "sdmi":
+      assert row["branch_mi_infonce_first"] == branch[0] and row["branch_mi_infonce_last"] == branch[-1]
+      assert row["branch_mi_infonce_spearman"] == pytest.approx(spearmanr(steps, branch).statistic)
+    else:
+      assert branch == [None] * 4 and "branch_mi_infonce_last" not in row
   table = (out / "tracking.md").read_text().splitlines()
   assert table[2].startswith("| run | InfoNCE start |") and len(table) == 6
   assert f"| {rows[1]['mi_infonce_first']:.3g} |" in table[5]
@@ -86,6 +93,41 @@ def test_figures_are_written_and_readable(tracking):
   assert styles["sdmi"] == "-" and styles["taylor_dv-no_regularizer"] == "--"
   dotted = [line for line in fig.axes[1].get_lines() if line.get_linestyle() == ":"]
   assert math.isclose(dotted[0].get_ydata()[0], runs[0].series("eval/true_mi")[1][0])
+  # The critic's pair dash-dotted in the run's colour, for the SDMI run only.
+  lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+  assert lines["sdmi: critic's pair"].get_linestyle() == "-." and lines["sdmi: critic's pair"].get_color() == lines[
+      "sdmi"].get_color()
+  np.testing.assert_array_equal(lines["sdmi: critic's pair"].get_ydata(), runs[0].series("eval/branch_mi_infonce")[1])
+  assert "taylor_dv-no_regularizer: critic's pair" not in lines
+
+
+def test_sdmi_study_row_and_figure(tracking, tmp_path):
+  out, _ = tracking
+  mi = _experiments()
+  run = plots.load_run(out / "runs" / "sdmi")
+  steps, branch = run.series("eval/branch_mi_infonce")
+  row = mi.summarise_study(out / "runs" / "sdmi")
+  assert (row["branch_start"], row["branch_max"], row["branch_end"]) == (branch[0], branch.max(), branch[-1])
+  assert row["branch_rho"] == pytest.approx(spearmanr(steps, branch).statistic)
+  assert row["online_end"] == run.series("eval/mi_infonce")[1][-1]
+  assert row["branch_effective_rank_target"] == run.series("eval/branch_effective_rank_target")[1][-1]
+  table = mi.markdown("sdmi_study", [{"run": "sdmi", **row}]).splitlines()
+  assert table[0].startswith("| setting | critic's pair start | max | end | rho | online pair start |")
+  assert f"| {row['branch_max']:.3g} |" in table[2]
+  # The figure: the critic's pair on the left (the online pair for a JMI run), the online pair on the right.
+  runs = [run, plots.load_run(out / "runs" / "taylor_dv-no_regularizer")]
+  fig = plots.plot_pairs(runs)
+  left = {line.get_label(): line.get_ydata() for line in fig.axes[0].get_lines()}
+  np.testing.assert_array_equal(left["sdmi"], branch)
+  np.testing.assert_array_equal(left["taylor_dv-no_regularizer"], runs[1].series("eval/mi_infonce")[1])
+  right = {line.get_label(): line.get_ydata() for line in fig.axes[1].get_lines()}
+  np.testing.assert_array_equal(right["sdmi"], run.series("eval/mi_infonce")[1])
+  import matplotlib.image
+
+  path = mi.write_study_figure([str(out / "runs" / r) for r in ("sdmi", "taylor_dv-no_regularizer")],
+                               tmp_path / "study.png")
+  image = matplotlib.image.imread(path)
+  assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.01
 
 
 def test_emmi_spectrum_is_rescaled_into_the_taylor_region(tmp_path):

@@ -331,6 +331,24 @@ def test_sdmi_losses_hand_checked_and_stop_gradient():
   assert float(m["moco_acc"]) == 1.0
 
 
+def test_sdmi_dv_loss_is_the_dv_bound_hand_checked():
+  # p = t = I (n = 2, cos = 1 matched, 0 unmatched), tau = 0.5: J = 2, M = log mean(e^0) = 0.
+  loss, m = O.sdmi_dv_loss(jnp.eye(2), 3.0 * jnp.eye(2), tau=0.5)
+  np.testing.assert_allclose(loss, -2.0, rtol=1e-6)
+  np.testing.assert_allclose(m["marginal"], 0.0, atol=1e-6)
+  # Any batch: the value of the tracked DV estimate, negated; M = log mean_{i != j} exp T_ij.
+  p, t = (jax.random.normal(k, (16, 8)) for k in jax.random.split(jax.random.PRNGKey(3)))
+  loss, m = O.sdmi_dv_loss(p, t, tau=0.2)
+  np.testing.assert_allclose(loss, -O.dv(p, t, tau=0.2), rtol=1e-5)
+  cos = np.asarray(O.l2_normalize(p) @ O.l2_normalize(t).T, np.float64)
+  off = cos[~np.eye(16, dtype=bool)] / 0.2
+  np.testing.assert_allclose(m["marginal"], np.log(np.mean(np.exp(off))), rtol=1e-5)
+  np.testing.assert_allclose(m["cos"], np.mean(np.diagonal(cos)), rtol=1e-5)
+  # Unlike the prototype's -cos it reaches the target (the alternating M-step trains it), unless stopped.
+  assert float(jnp.abs(jax.grad(lambda t: O.sdmi_dv_loss(p, t)[0])(t)).max()) > 1e-3
+  np.testing.assert_array_equal(jax.grad(lambda t: O.sdmi_dv_loss(p, t, stop_gradient=True)[0])(t), 0.0)
+
+
 def test_diagnostics():
   z1, _ = correlated_views(2000, 8, 0.5)
   np.testing.assert_allclose(O.effective_rank(z1), 8.0, rtol=0.02)

@@ -5,6 +5,15 @@ mode and no gradient, so the curve shows how the encoder's MI between two views 
 DV, InfoNCE and JSD with the cosine critic, and the Gaussian (second-order) MI, debiased,
 in the batch's leading principal directions (``principal_gaussian_mi``), with the
 effective rank and embedding std.
+
+Beside the online encoder's two views, the pair the method's critic scores where that is
+another pair (``Method.critic_pair``): for the SDMI family the online branch with its
+predictor, h(f(x_a)), against the target branch g(x_b); for EMMI with a momentum target
+the online projection against the target's. Logged as ``eval/branch_mi_*``, each
+symmetrised over the views, 1/2 [I(a(x1); b(x2)) + I(a(x2); b(x1))], as the losses are:
+the online pair says what the encoder keeps, the branch pair what the method maximises.
+Beside them the effective rank of each side of the pair
+(``eval/branch_effective_rank_online`` of a(x1), ``_target`` of b(x1)).
 """
 
 from __future__ import annotations
@@ -30,12 +39,35 @@ def online_embeddings(parts: StepParts, state: TrainState, inputs: jax.Array):
   return parts.encoder.apply(variables, inputs, train=False)
 
 
+def branch_embedding(parts: StepParts, state: TrainState, which: str, x: jax.Array, z: jax.Array) -> jax.Array:
+  """One side of the method's critic pair in inference mode, for the view ``x`` whose
+  online projection is ``z``: "proj" (z itself), "pred" (the predictor on z) or "target"
+  (the target encoder's projection of x)."""
+  if which == "proj":
+    return z
+  if which == "pred":
+    variables = {"params": state.params["predictor"], "batch_stats": state.batch_stats["predictor"]}
+    return parts.predictor.apply(variables, z, train=False)
+  if which == "target":
+    return parts.encoder.apply(state.target, x, train=False)[1]
+  raise ValueError(f"Unknown branch {which!r}; Method.critic_pair names 'proj', 'pred' or 'target'.")
+
+
 def make_mi_tracker(parts: StepParts, tau: float = 0.1, objective_eps: float = 1e-4):
   """A jitted fn(state, inputs) -> metrics on two fixed views of ``inputs`` (a batch:
   {"images": ...} or {"vectors": ...}).
 
-  ``objective_eps`` is the objective's ridge, for the rescaled spectrum.
+  Args:
+    parts: the train step's static pieces (the method decides the branch pair).
+    tau: the cosine critic's temperature.
+    objective_eps: the objective's ridge, for the rescaled spectrum.
+
+  Returns:
+    fn(state, inputs) -> {"eval/mi_dv": ..., ...}: the online pair's estimates and
+    diagnostics, and ``eval/branch_mi_*`` where ``parts.method.critic_pair`` names another
+    pair.
   """
+  pair = parts.method.critic_pair
 
   @jax.jit
   def track(state: TrainState, inputs: dict):
@@ -43,6 +75,14 @@ def make_mi_tracker(parts: StepParts, tau: float = 0.1, objective_eps: float = 1
     _, z1 = online_embeddings(parts, state, x1)
     _, z2 = online_embeddings(parts, state, x2)
     estimates = O.mi_estimates(z1, z2, tau=tau)
+    if pair is not None:
+      a1, a2 = (branch_embedding(parts, state, pair[0], x, z) for x, z in ((x1, z1), (x2, z2)))
+      b1, b2 = (branch_embedding(parts, state, pair[1], x, z) for x, z in ((x1, z1), (x2, z2)))
+      forward, backward = O.mi_estimates(a1, b2, tau=tau), O.mi_estimates(a2, b1, tau=tau)
+      estimates.update({f"branch_{k}": 0.5 * (forward[k] + backward[k]) for k in forward})
+      # Each side's spread: a branch pair can lose its MI by one side collapsing.
+      estimates["branch_effective_rank_online"] = O.effective_rank(a1)
+      estimates["branch_effective_rank_target"] = O.effective_rank(b1)
     # Once, while tracing: which subspace the logged Gaussian MI is of.
     logging.info("MI estimates on %d fixed examples; the Gaussian MI of the %d leading principal directions (of %d).",
                  z1.shape[0], O.default_principal_dims(*z1.shape), z1.shape[1])
@@ -60,10 +100,11 @@ def make_mi_tracker(parts: StepParts, tau: float = 0.1, objective_eps: float = 1
 
 
 class MiTracker:
-  """The MI estimates of the online encoder on a fixed batch of training examples, every
-  ``every_steps`` steps (by default with every progress line) and before the first;
-  beside them ``eval/true_mi``, the exact MI of two views of the data, where it is known
-  (the Gaussian mixture: every estimate of the embeddings' MI lies below it)."""
+  """The MI estimates of the online encoder (and of the method's branch pair) on a fixed
+  batch of training examples, every ``every_steps`` steps (by default with every progress
+  line) and before the first; beside them ``eval/true_mi``, the exact MI of two views of
+  the data, where it is known (the Gaussian mixture: every estimate of the embeddings'
+  MI lies below it)."""
 
   name, at_start = "mi", True
 

@@ -44,6 +44,9 @@ class Method:
       encoder), "alternating" (its own gradient steps on the same objective, alternating
       with the online branch's every ``alternate_every`` steps: the canonical SDMI
       prototype's block-coordinate ascent) or "joint" (both branches every step).
+    target_loss_fn: the objective of the target's own gradient steps (the SDMI
+      prototype's M-step) where it differs from ``loss_fn``; None: the same. Its metrics
+      must have the same keys as ``loss_fn``'s (one lax.cond runs either step).
   """
 
   name: str
@@ -54,9 +57,32 @@ class Method:
   init_objective_state: Callable[[int], Any] = lambda dim: {}
   target_update: str = "ema"
   alternate_every: int = 1
+  target_loss_fn: Callable[[Views, Any], tuple[Array, Any, Metrics]] | None = None
 
   def loss(self, views: Views, objective_state: Any) -> tuple[Array, Any, Metrics]:
     return self.loss_fn(views, objective_state)
+
+  def target_loss(self, views: Views, objective_state: Any) -> tuple[Array, Any, Metrics]:
+    """The loss the target's gradient step descends (``target_loss_fn``, else ``loss_fn``)."""
+    return (self.target_loss_fn or self.loss_fn)(views, objective_state)
+
+  @property
+  def critic_pair(self) -> tuple[str, str] | None:
+    """The two embeddings the method's critic scores, (anchor, target), when they are not
+    the online encoder's two projections: each one of "proj" (the online projection),
+    "pred" (the predictor on it) or "target" (the target encoder's projection), the anchor
+    of one view against the target of the other. SDMI: the online branch (with its
+    predictor) against the target branch, the shared encoder's projection when there is
+    no target (SimSiam). EMMI with a target: the online projection against the target's.
+    None where the online pair already is the method's pair (JMI; EMMI or an SDMI method
+    without target and predictor): the MI tracker then logs it once."""
+    if self.paradigm == "sdmi":
+      pair = ("pred" if self.uses_predictor else "proj", "target" if self.uses_target else "proj")
+    elif self.paradigm == "emmi" and self.uses_target:
+      pair = ("proj", "target")
+    else:
+      return None
+    return None if pair == ("proj", "proj") else pair
 
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {}

@@ -54,7 +54,14 @@ _DEFAULTS = {
     # alternate_every steps of the online branch f (and predictor h), then as many of the
     # target branch g, each with its own optimiser state. target_update="ema" is the
     # stand-in BYOL uses (target_momentum); stop_gradient=False ascends both at once.
-    "sdmi": lambda: _with_target(target_update="alternating", alternate_every=1, stop_gradient=True, **_SDMI_SWITCHES),
+    # target_lr_scale: the target's learning rate over the online one's (trained targets).
+    # marginal_term: which steps ascend the whole DV bound J - M with the critic
+    # cos / critic_tau instead of J alone: "target_step" (the M-step: without M its
+    # ascent of J lets g collapse onto h(f), and the pair's MI with it), "none" (the
+    # paper's prototype as written), "both_steps" (self_distillation.py; BENCHMARKS.md,
+    # "The SDMI prototype examined").
+    "sdmi": lambda: _with_target(target_update="alternating", alternate_every=1, stop_gradient=True,
+                                 target_lr_scale=1.0, marginal_term="target_step", critic_tau=0.1, **_SDMI_SWITCHES),
     # JMI (joint.py).
     "simclr": lambda: dict(tau=0.5, **_JMI_SWITCHES),
     "barlow_twins": lambda: dict(lambd=5e-3, **_JMI_SWITCHES),

@@ -37,7 +37,14 @@ from emim.objectives.logdet import (
     taylor_log,
     taylor_logdet,
 )
-from emim.objectives.sdmi import byol_loss, cosine_similarity, moco_infonce, sdmi_prototype_loss, simsiam_loss
+from emim.objectives.sdmi import (
+    byol_loss,
+    cosine_similarity,
+    moco_infonce,
+    sdmi_dv_loss,
+    sdmi_prototype_loss,
+    simsiam_loss,
+)
 
 __all__ = [
     "EmmiConfig",
@@ -74,6 +81,7 @@ __all__ = [
     "renyi2_rank",
     "rescaled_spectrum",
     "sample_logdet_bias",
+    "sdmi_dv_loss",
     "sdmi_prototype_loss",
     "simsiam_loss",
     "standardize",

@@ -53,6 +53,21 @@ def sdmi_prototype_loss(online_pred: Array, target_proj: Array, stop_gradient: b
   return -jnp.mean(cos), {"cos": jnp.mean(cos)}
 
 
+def sdmi_dv_loss(online_pred: Array, target_proj: Array, tau: float = 0.1,
+                 stop_gradient: bool = False) -> tuple[Array, dict[str, Array]]:
+  """The whole DV bound with the cosine critic T = cos / tau, negated: -(J - M),
+  J = mean_i T_ii and M = log mean_{i != j} exp T_ij over the batch's unmatched pairs (the
+  same value as ``estimators.dv``, here with its gradient). The SDMI prototype's
+  alternating steps use it without stop-gradient (each step differentiates its own
+  branch). The metrics are the prototype's (the mean cosine) and the marginal term M."""
+  target_proj = _maybe_sg(target_proj, stop_gradient)
+  cos = cosine_similarity(online_pred, target_proj)
+  t = l2_normalize(online_pred) @ l2_normalize(target_proj).T / tau
+  n = t.shape[0]
+  marginal = jax.nn.logsumexp(jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, t)) - jnp.log(n * (n - 1.0))
+  return -(jnp.mean(cos) / tau - marginal), {"cos": jnp.mean(cos), "marginal": marginal}
+
+
 # SimSiam's D(p, sg(z)) = -cos(p, sg(z)) is the same loss; what differs is the method
 # around it: shared weights on both branches instead of a separate target.
 simsiam_loss = sdmi_prototype_loss
