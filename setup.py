@@ -41,7 +41,8 @@ setup(
         # The GCS emulator lets the tests run a gs:// work directory without the network.
         # setuptools: the wheel test; matplotlib and the Jupyter packages: the figures and the
         # notebook, executed top to bottom.
-        "test": ["pytest", "tensorboard", "gcsfs", "gcp-storage-emulator", "setuptools>=70.1", "matplotlib",
-                 "jupytext", "nbclient", "nbformat", "ipykernel"],
+        # pytest-xdist: the suite runs in two processes (pytest.ini).
+        "test": ["pytest", "pytest-xdist", "tensorboard", "gcsfs", "gcp-storage-emulator", "setuptools>=70.1",
+                 "matplotlib", "jupytext", "nbclient", "nbformat", "ipykernel"],
     },
 )

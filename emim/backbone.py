@@ -4,6 +4,7 @@ convention, restored from a training run's checkpoint without building the train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -12,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from emim import checkpoint as ckpt_lib
-from emim import fs, sharding
+from emim import compiled, fs, sharding
 from emim.config_base import ConfigError
 from emim.data import augment
 from emim.data.sources import input_shape
@@ -63,9 +64,16 @@ class Backbone:
     """Features (N, feature_dim) of raw images; pure, for jit."""
     return self.model.apply(variables, self.preprocess(images), train=False)
 
+  def jitted_apply(self):
+    """``apply`` jitted, the variables an argument (not constants of the program): one
+    function per model config in this process, so that every backbone of that model
+    (each checkpoint of a run, each evaluation) reuses its compiled programs."""
+    return compiled.once("backbone_apply", compiled.key_of(self.model_config),
+                         lambda: jax.jit(lambda variables, images: self.apply(variables, images)))
+
   def features_fn(self):
     """A jitted fn(images) -> features with the variables bound."""
-    return jax.jit(lambda images: self.apply(self.variables, images))
+    return functools.partial(self.jitted_apply(), self.variables)
 
 
 def model_config_of(config: ml_collections.ConfigDict) -> dict:

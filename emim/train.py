@@ -30,7 +30,7 @@ import optax
 from clu import parameter_overview
 
 from emim import checkpoint as ckpt_lib
-from emim import config_base, fs, methods, models, optim, sharding, step_metrics
+from emim import compiled, config_base, fs, methods, models, optim, sharding, step_metrics
 from emim import workdir as workdir_lib
 from emim.data import sources
 from emim.data.pipeline import make_train_data
@@ -424,25 +424,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     parts = build_parts(config, data.num_classes, steps_per_epoch, total_steps)
     rng = jax.random.PRNGKey(config.seed)
     init_fn = functools.partial(init_state, parts)
-    abstract = jax.eval_shape(init_fn, rng)
+    # What the programs below are a function of, besides their inputs' shapes: a second
+    # run of this config in this process reuses them (emim.compiled).
+    program_key = compiled.key_of(config.to_json_best_effort(sort_keys=True), data.num_classes, steps_per_epoch,
+                                  total_steps, [d.id for d in mesh.devices.flat], str(mesh))
+    abstract = compiled.once("abstract_state", program_key, lambda: jax.eval_shape(init_fn, rng))
     state_sharding = jax.tree.map(lambda _: replicated, abstract)
     checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
     state = restore_or_init(config, checkpointer, ckpt_lib.abstract_like(abstract, state_sharding), data)
     if state is None:
-      state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+      state = compiled.once("init_state", program_key,
+                            lambda: jax.jit(init_fn, out_shardings=state_sharding).lower(rng).compile())(rng)
     start_step = int(state.step)
     if writes_files:
       _log_parameter_overview(state)
 
     # --- Evaluators, built before compiling: a missing test split is reported at once --
     t0 = time.perf_counter()
-    evaluators = make_evaluators(config, EvalContext(parts, data, mesh, state))
+    evaluators = make_evaluators(config, EvalContext(parts, data, mesh, state, program_key))
     timings["eval_setup_s"] = time.perf_counter() - t0
 
     # --- The step, compiled once ahead of time ----------------------------------------
     t0 = time.perf_counter()
-    step_fn, empty_interval = compile_train_step(parts, data, state, state_sharding, mesh)
+    step_key = compiled.key_of(program_key, type(data).__name__, compiled.signature(data.example_input()),
+                               str(data.input_sharding))
+    step_fn, empty_interval = compiled.once(
+        "train_step", step_key, lambda: compile_train_step(parts, data, state, state_sharding, mesh))
     timings["compile_s"] = time.perf_counter() - t0
     # The step and the evaluators are compiled: hosts start stepping together, whatever
     # each one's compile time was.

@@ -7,6 +7,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from conftest import tiny_synthetic
 from etils import epath
 
@@ -16,6 +17,7 @@ from emim.backbone import load_run_config, restore_backbone
 from emim.metric_writer import read_metrics
 
 
+@pytest.mark.slow
 def test_gs_workdir_trains_resumes_evaluates_and_exports_there(fake_gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # where a "gs:/bucket/run" folder would appear if a path were local
   run = f"{fake_gcs}/runs/synthetic"

@@ -34,6 +34,7 @@ def trained_run(tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.slow
 def test_synthetic_default_raises_the_mi_estimates(trained_run):
   """The embedded default, shortened: the MI tracked on a fixed batch goes clearly up, and
   the embedding spreads over more directions. (Its Gaussian estimate, of the 16 leading
@@ -52,6 +53,7 @@ def test_synthetic_default_raises_the_mi_estimates(trained_run):
   assert len(surrogate) == 2 and surrogate[1] > surrogate[0] + 0.5, surrogate
 
 
+@pytest.mark.slow
 def test_trained_backbone_beats_chance_and_a_random_one(trained_run):
   config, workdir = trained_run
   results = evaluate.evaluate(config, str(workdir))
@@ -72,6 +74,7 @@ def test_trained_backbone_beats_chance_and_a_random_one(trained_run):
     evaluate.evaluate(config, str(workdir), step=192, random_init=True)
 
 
+@pytest.mark.slow
 def test_re_running_on_the_same_checkpoint_gives_the_same_numbers(trained_run):
   config, workdir = trained_run
   with config.unlocked():
@@ -82,6 +85,7 @@ def test_re_running_on_the_same_checkpoint_gives_the_same_numbers(trained_run):
     assert first[key] == second[key], key
 
 
+@pytest.mark.slow
 def test_restores_a_given_step_and_reports_missing_ones(trained_run):
   config, workdir = trained_run
   step, backbone = restore_backbone(workdir, config, 100)
@@ -97,6 +101,7 @@ def test_restores_a_given_step_and_reports_missing_ones(trained_run):
     restore_backbone(workdir / "nothing_here", config)
 
 
+@pytest.mark.slow
 def test_a_config_of_another_model_is_refused_before_restoring(trained_run):
   config, workdir = trained_run
   other = config.copy_and_resolve_references()
@@ -106,6 +111,7 @@ def test_a_config_of_another_model_is_refused_before_restoring(trained_run):
     restore_backbone(workdir, other)
 
 
+@pytest.mark.slow
 def test_the_program_overrides_fields_of_the_runs_own_config(trained_run, tmp_path):
   """Without --config the checkpoint's own config is the config, and --config.x=... edits it."""
   _, workdir = trained_run
@@ -129,6 +135,7 @@ def test_the_program_overrides_fields_of_the_runs_own_config(trained_run, tmp_pa
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_reads_the_latest_finished_checkpoint_while_one_is_being_written(trained_run):
   """Training saves asynchronously into '<step>.orbax-checkpoint-tmp-*' and renames it when
   done; an evaluation started meanwhile reads the newest finished step."""
@@ -155,6 +162,7 @@ def test_knn_on_hand_made_features():
   assert acc == {"knn_top1_k4": 1.0}
 
 
+@pytest.mark.slow
 def test_export_round_trip_jax(trained_run, tmp_path):
   config, workdir = trained_run
   step, backbone = restore_backbone(workdir, config)
@@ -166,6 +174,7 @@ def test_export_round_trip_jax(trained_run, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary left beside it
 
 
+@pytest.mark.slow
 def test_export_refuses_a_non_empty_directory_and_replaces_it_only_when_asked(trained_run, tmp_path):
   config, workdir = trained_run
   _, old = restore_backbone(workdir, config, 100)
@@ -187,6 +196,7 @@ def test_export_refuses_a_non_empty_directory_and_replaces_it_only_when_asked(tr
     emim.load_backbone(out)
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_an_export_only_never_a_run_or_a_project(trained_run, tmp_path):
   config, workdir = trained_run
   _, backbone = restore_backbone(workdir, config)
@@ -205,6 +215,7 @@ def test_overwrite_replaces_an_export_only_never_a_run_or_a_project(trained_run,
   assert json.loads((link / export.MODEL_FILE).read_text())["step"] == 7
 
 
+@pytest.mark.slow
 def test_evaluate_reports_a_missing_run_and_takes_tuple_overrides(trained_run, tmp_path):
   _, workdir = trained_run
   missing = subprocess.run([sys.executable, "-m", "emim.evaluate", f"--workdir={tmp_path / 'nothere'}",
@@ -222,6 +233,7 @@ def test_evaluate_reports_a_missing_run_and_takes_tuple_overrides(trained_run, t
   assert zero.returncode == 1 and "error: --config.eval.probe_epochs=0: it must be a positive integer" in zero.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_read_the_config_their_checkpoint_was_trained_with(trained_run, tmp_path):
   """A later start of the run (or an edited config.json) does not change what an earlier
   checkpoint holds: the programs rebuild the model from the checkpoint's own config."""
@@ -244,6 +256,7 @@ def test_evaluate_and_export_read_the_config_their_checkpoint_was_trained_with(t
   assert "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_results_are_logged_first_and_a_read_only_workdir_is_refused_before_any_work(trained_run, tmp_path, caplog,
                                                                                    monkeypatch):
   config, workdir = trained_run

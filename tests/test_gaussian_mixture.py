@@ -107,6 +107,7 @@ def test_sdmi_no_stop_gradient_moves_both_branches_in_one_step():
                             **{"method.target_update": "ema"}).method)
 
 
+@pytest.mark.slow
 def test_sdmi_resumes_exactly_and_its_tracked_mi_rises(tmp_path):
   overrides = {"train.num_steps": 120, "train.log_every": 20, "checkpoint.every_steps": 60,
                "train.batch_size": 128, "eval.mi_batch_size": 256, "optim.warmup_epochs": 0}

@@ -39,6 +39,7 @@ def imagenet_folder(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_imagenet100_runlocal_from_an_image_folder_trains_resumes_evaluates_and_exports(imagenet_folder, tmp_path):
   config = load_config("imagenet100", "runlocal")
   with config.unlocked():
@@ -67,6 +68,7 @@ def test_imagenet100_runlocal_from_an_image_folder_trains_resumes_evaluates_and_
   assert features(images[None]).shape == (1, model.feature_dim) == (1, 8 * 2 * 4)
 
 
+@pytest.mark.slow
 def test_imagenet1k_runlocal_streams_tfds_imagenet2012_evaluates_and_exports(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   config = load_config("imagenet1k", "runlocal")

@@ -46,6 +46,7 @@ def tracking(tmp_path_factory):
   return out, rows
 
 
+@pytest.mark.slow
 def test_tracking_table_is_what_the_runs_recorded(tracking):
   out, rows = tracking
   assert [r["run"] for r in rows] == ["sdmi", "taylor_dv-no_regularizer"]
@@ -72,6 +73,7 @@ def test_tracking_table_is_what_the_runs_recorded(tracking):
   assert f"| {rows[1]['mi_infonce_first']:.3g} |" in table[5]
 
 
+@pytest.mark.slow
 def test_figures_are_written_and_readable(tracking):
   out, _ = tracking
   import matplotlib.image
@@ -130,6 +132,7 @@ def test_sdmi_study_row_and_figure(tracking, tmp_path):
   assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.01
 
 
+@pytest.mark.slow
 def test_emmi_spectrum_is_rescaled_into_the_taylor_region(tmp_path):
   from conftest import tiny_config
 
@@ -142,6 +145,8 @@ def test_emmi_spectrum_is_rescaled_into_the_taylor_region(tmp_path):
   raw, rescaled = fig.axes[0].get_lines(), fig.axes[1].get_lines()
   assert [l.get_label() for l in raw] == ["marginal", "sum", "diff"]
   z1, z2, _, _ = plots.run_embeddings(tmp_path / "emmi", "train", 128, views=True)
+  assert config.method.normalize == "l2"  # EMMI's default: the statistics are of unit vectors
+  z1, z2 = (z / np.linalg.norm(z, axis=1, keepdims=True) for z in (np.asarray(z1, np.float64), np.asarray(z2, np.float64)))
   x = np.asarray(O.covariance_factors(z1, z2, "symmetric")["marginal"], np.float64)
   lam = np.sort(np.linalg.eigvalsh(x.T @ x))[::-1] + config.method.eps
   np.testing.assert_allclose(raw[0].get_ydata(), lam, rtol=1e-6)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO, free_port
 
 from emim.metric_writer import read_metrics
@@ -39,6 +40,7 @@ def launch(workdir, folder, processes=2, stop_at_step=None):
   return logs
 
 
+@pytest.mark.slow
 def test_two_processes_train_stream_resume_write_once_and_equal_one_process(tmp_path, folder):
   launch(tmp_path / "two", folder, stop_at_step=2)
   step2 = tmp_path / "two" / "checkpoints" / "2"
@@ -66,6 +68,7 @@ def test_two_processes_train_stream_resume_write_once_and_equal_one_process(tmp_
       np.testing.assert_allclose(two[step][name], one[step][name], rtol=2e-4, err_msg=f"{name} at step {step}")
 
 
+@pytest.mark.slow
 def test_a_busy_work_directory_stops_every_process_of_a_job_at_once(tmp_path, folder):
   """Process 0 finds the lock held; the other process learns it at once, not at a
   collective it would wait on."""

@@ -17,6 +17,7 @@ def test_the_notebook_and_its_text_twin_hold_the_same_cells():
       "notebooks/emim_colab.ipynb and emim_colab.py differ: run jupytext --sync notebooks/emim_colab.ipynb")
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_top_to_bottom(tmp_path):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

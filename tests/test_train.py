@@ -75,7 +75,14 @@ def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
   assert len(leaf.sharding.device_set) == 8
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+  from emim import compiled
+
+  compiled.clear()  # (programs of earlier tests of this config)
+  compiles = []
+  real_compile = train.compile_train_step
+  monkeypatch.setattr(train, "compile_train_step", lambda *args: compiles.append(args) or real_compile(*args))
   config = tiny_synthetic()
   straight = train.run(config, str(tmp_path / "straight"))
   first = train.run(config, str(tmp_path / "interrupted"), stop_at_step=2)
@@ -83,6 +90,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   resumed = train.run(config, str(tmp_path / "interrupted"))
   assert int(resumed.state.step) == 4
   assert_same_params(straight, resumed)
+  assert len(compiles) == 1  # the same config in one process: its programs compiled once (emim.compiled)
   np.testing.assert_array_equal(
       jax.device_get(straight.state.objective_state["marginal"]["v"]),
       jax.device_get(resumed.state.objective_state["marginal"]["v"]))
@@ -99,6 +107,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     config.checkpoint.init_from = str(tmp_path / "straight")
     config.train.log_every = 1
   forked = train.run(config, str(tmp_path / "fork"))
+  assert len(compiles) == 2  # another config (log_every, restore_step): compiled anew
   assert int(forked.state.step) == 4 and Checkpointer(tmp_path / "fork" / "checkpoints").all_steps() == [4]
   assert Checkpointer(tmp_path / "straight" / "checkpoints").all_steps() == source_steps  # the source is untouched
   assert_same_params(straight, forked)
@@ -117,6 +126,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     train.run(config, str(tmp_path / "empty"))  # a restore_step with nothing to restore
 
 
+@pytest.mark.slow
 def test_refused_updates_stop_the_run_only_in_a_row_and_its_checkpoint_resumes(tmp_path):
   """A non-finite update is refused (the state stays as it was) and counted per logging
   interval; max_nonfinite_in_a_row refusals in a row stop the run. The checkpoints hold
@@ -183,6 +193,7 @@ def test_resuming_with_another_model_names_the_fields_not_a_corrupt_checkpoint(t
   assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 2  # nothing moved or lost
 
 
+@pytest.mark.slow
 def test_a_dataset_without_a_test_split_is_reported_before_compiling(tmp_path, folder):
   import shutil
 
@@ -377,6 +388,7 @@ class _AbstractData:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.input_sharding), self._example)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10", "imagenet1k"])
 def test_the_real_configs_train_step_compiles_ahead_of_time(name):
   """The configs users run (ResNet-18 on CIFAR-10 from device-resident data; ResNet-50 at
@@ -424,6 +436,7 @@ def test_evaluators_come_from_the_registry_and_run_at_their_own_cadence(tmp_path
 
 # One method per structure (EMA target + predictor, shared weights + predictor, EMA
 # target without predictor, joint); emmi runs in every other test.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "barlow_twins"])
 def test_methods_train_a_step(tmp_path, name):
   overrides = {"train.num_steps": 2, "checkpoint.async_save": False}
@@ -441,6 +454,7 @@ def test_methods_train_a_step(tmp_path, name):
   assert {leaf.dtype for leaf in jax.tree.leaves(result.state.params)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
   config = load_config("cifar10", "runlocal")
   with config.unlocked():
@@ -454,6 +468,7 @@ def test_cifar10_image_folder_trains_a_few_steps(tmp_path, cifar_archive):
   assert json.loads((tmp_path / "run" / "classes.json").read_text())["train"][:2] == ["airplane", "automobile"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
   """A preempted job (SIGTERM) saves a checkpoint at the step it reached, wherever the
   save interval stands, and exits with 128 + SIGTERM; the run resumes from that step.
@@ -480,6 +495,7 @@ def test_sigterm_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
   assert int(resumed.state.step) == stopped + 1
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_left_in_place_and_the_advice_works(tmp_path):
   config = tiny_synthetic()
   train.run(config, str(tmp_path), stop_at_step=2)

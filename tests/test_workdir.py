@@ -94,6 +94,7 @@ def test_the_config_of_every_start_is_recorded_and_earlier_ones_kept(tmp_path):
   assert len(history) == 1 and json.loads(history[0].read_text()) == {"lr": 1}
 
 
+@pytest.mark.slow
 def test_an_attempt_that_never_trained_leaves_no_config_and_the_real_one_is_exported(tmp_path, monkeypatch):
   """The issue's case: a first attempt with another model width is interrupted while
   compiling; the corrected run trains; config.json, the export's model.json and the

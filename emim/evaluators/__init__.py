@@ -33,6 +33,9 @@ class Context:
   data: Any
   mesh: Any
   state: Any
+  # What the run's programs are a function of (emim.compiled): an evaluator's programs
+  # are reused by a later run of the same config in this process. None: not reused.
+  program_key: str | None = None
 
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, Context], Evaluator | None]] = {}

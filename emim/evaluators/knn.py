@@ -62,7 +62,7 @@ class PeriodicKnn:
     self._num_classes = train_data.num_classes
     self._cfg = eval_cfg
     self._mesh = mesh
-    self._apply = jax.jit(backbone.apply)
+    self._apply = backbone.jitted_apply()
 
   def accuracy(self, variables) -> dict[str, float]:
     """kNN accuracy of the backbone with ``variables`` on the fixed subsets."""

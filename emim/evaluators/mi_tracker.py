@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from emim import compiled, sharding
 from emim import objectives as O
-from emim import sharding
 from emim.data.sources import known_views_mi
 from emim.evaluators import Context, register
 from emim.train_step import StepParts, TrainState, make_views
@@ -109,11 +109,16 @@ class MiTracker:
   name, at_start = "mi", True
 
   def __init__(self, parts: StepParts, state: TrainState, inputs: dict, every_steps: int, objective_eps: float,
-               true_mi: float | None = None):
+               true_mi: float | None = None, program_key: str | None = None):
     self.every_steps = every_steps
     self._inputs = inputs
     self._true_mi = true_mi
-    self._track = make_mi_tracker(parts, objective_eps=objective_eps).lower(state, inputs).compile()
+    build = lambda: make_mi_tracker(parts, objective_eps=objective_eps).lower(state, inputs).compile()
+    if program_key is None:
+      self._track = build()
+    else:
+      key = compiled.key_of(program_key, compiled.signature(inputs), objective_eps)
+      self._track = compiled.once("mi_tracker", key, build)
 
   def run(self, state: TrainState) -> dict[str, float]:
     # Wait for every device's copy, not only the one device_get reads: the estimates are
@@ -134,4 +139,4 @@ def build(config: ml_collections.ConfigDict, context: Context) -> MiTracker | No
   subset = data.train_subset(min(data.num_examples, config.eval.mi_batch_size), seed=1)
   inputs = {subset.input_key: sharding.put_global(subset.inputs, sharding.replicated(context.mesh))}
   return MiTracker(context.parts, context.state, inputs, every_steps, config.method.get("eps", 1e-4),
-                   known_views_mi(config))
+                   known_views_mi(config), context.program_key)
