@@ -4,7 +4,6 @@ convention, restored from a training run's checkpoint without building the train
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
 import jax
@@ -72,8 +71,19 @@ class Backbone:
                          lambda: jax.jit(lambda variables, images: self.apply(variables, images)))
 
   def features_fn(self):
-    """A jitted fn(images) -> features with the variables bound."""
-    return functools.partial(self.jitted_apply(), self.variables)
+    """A jitted fn(images) -> features with the variables bound: copied once to every
+    device of a mesh the images are sharded over (replicated), else used as they are."""
+    apply, placed = self.jitted_apply(), {}
+
+    def features(images):
+      where = getattr(images, "sharding", None)
+      if not isinstance(where, jax.sharding.NamedSharding):
+        return apply(self.variables, images)
+      if where.mesh not in placed:
+        placed[where.mesh] = jax.device_put(self.variables, sharding.replicated(where.mesh))
+      return apply(placed[where.mesh], images)
+
+    return features
 
 
 def model_config_of(config: ml_collections.ConfigDict) -> dict:

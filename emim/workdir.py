@@ -236,8 +236,9 @@ class WorkdirLock:
                         "this one stops at its next progress line.", self.path, holder)
           return
         write_json(self.path, self._record(started))
-      except OSError as e:  # a transient storage error: the next beat tries again
-        logging.warning("Cannot renew the lock %s (%s); trying again in %.0fs.", self.path, e, self.heartbeat_s)
+      except Exception as e:  # a transient storage error (gcsfs raises more than OSError): the next beat tries again
+        logging.warning("Cannot renew the lock %s (%s: %s); trying again in %.0fs.", self.path, type(e).__name__, e,
+                        self.heartbeat_s)
 
   def check(self) -> None:
     """Raise if another job has taken this job's lock (see ``lost``)."""
