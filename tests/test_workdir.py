@@ -100,6 +100,9 @@ def test_an_attempt_that_never_trained_leaves_no_config_and_the_real_one_is_expo
   """The issue's case: a first attempt with another model width is interrupted while
   compiling; the corrected run trains; config.json, the export's model.json and the
   evaluation's model are the corrected run's."""
+  from emim import compiled
+
+  compiled.clear()  # the attempt must reach compile_train_step, not a program compiled earlier
   wide = tiny_synthetic(**{"model.width": 16})
 
   def interrupted(*args, **kwargs):
