@@ -68,12 +68,17 @@ def child_env(timeout_s: int) -> dict:
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=path)
 
 
-def run(steps: int, window: int, timeout_s: int) -> tuple[bool, str]:
-  """(finished, the last line it printed)."""
+def run(steps: int, window: int, timeout_s: int) -> tuple[str, str]:
+  """("finished" | "deadlocked" | "failed", the line that says so)."""
   proc = subprocess.run([sys.executable, "-c", CHILD, str(steps), str(window)], capture_output=True, text=True,
                         env=child_env(timeout_s), timeout=timeout_s * 3 + 120)
-  lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "done:" in line or "arrived" in line]
-  return proc.returncode == 0, (lines[-1] if lines else f"exit {proc.returncode}")[:300]
+  lines = (proc.stdout + proc.stderr).splitlines()
+  if proc.returncode == 0:
+    return "finished", next((line for line in lines if "done:" in line), "")
+  stuck = [line for line in lines if "arrived" in line]
+  if stuck:  # XLA's rendezvous gave up waiting for a collective's participants
+    return "deadlocked", stuck[-1][:300]
+  return "failed", f"exit {proc.returncode}: {(lines or [''])[-1][:300]}"
 
 
 def stacks(steps: int, wait_s: float) -> str:
@@ -110,10 +115,10 @@ def main():
   if args.stacks:
     print(stacks(args.steps, wait_s=20.0))
     return
-  finished, last = run(args.steps, args.window, args.timeout_s)
-  print(f"{args.steps} steps, {'at most ' + str(args.window) if args.window else 'unbounded'} in flight: "
-        f"{'finished' if finished else 'deadlocked'} ({last})")
-  sys.exit(0 if finished else 1)
+  outcome, line = run(args.steps, args.window, args.timeout_s)
+  print(f"{args.steps} steps, {'at most ' + str(args.window) + ' more' if args.window else 'unbounded'} in flight: "
+        f"{outcome} ({line})")
+  sys.exit(0 if outcome == "finished" else 1)
 
 
 if __name__ == "__main__":

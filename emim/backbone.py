@@ -67,8 +67,11 @@ class Backbone:
     """``apply`` jitted, the variables an argument (not constants of the program): one
     function per model config in this process, so that every backbone of that model
     (each checkpoint of a run, each evaluation) reuses its compiled programs."""
+    # The function holds a variable-free copy of this backbone: a cached program must not
+    # keep the first backbone's parameters alive.
+    model_only = dataclasses.replace(self, variables={})
     return compiled.once("backbone_apply", compiled.key_of(self.model_config),
-                         lambda: jax.jit(lambda variables, images: self.apply(variables, images)))
+                         lambda: jax.jit(lambda variables, images: model_only.apply(variables, images)))
 
   def features_fn(self):
     """A jitted fn(images) -> features with the variables bound: copied once to every

@@ -5,19 +5,23 @@
     python -m emim.cache --dir=/data/.emim_cache --clear
 
 Three kinds of files, none of which a run needs kept (a missing one is made again):
-decoded image folders (``*.npz``: beside a local work directory in ``.emim_cache/``, in
-``~/.cache/emim/datasets`` for a remote one, or in ``config.data.cache_dir``), the record
-indices of TFDS class subsets (``~/.cache/emim/tfds_subsets``) and compiled programs
-(``~/.cache/emim/jax-tests``, the tests' XLA compilation cache). A decode of an image
-folder replaces the decodes of the same folder that it supersedes; decodes of folders
-no longer used stay until cleared here.
+decoded image folders (``NAME-SPLIT-...npz``: beside a local work directory in
+``.emim_cache/``, in ``~/.cache/emim/datasets`` for a remote one, or in
+``config.data.cache_dir``), the record indices of TFDS class subsets
+(``~/.cache/emim/tfds_subsets``) and compiled programs (``~/.cache/emim/jax-tests``, the
+tests' XLA compilation cache). A decode of an image folder replaces the decodes of the
+same folder that it supersedes; decodes of folders no longer used stay until cleared here.
+
+``--clear`` removes only files of those kinds, by their names: anything else in the folder
+(a dataset, a run, a home directory given by mistake) is left as it is, and said.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
-import shutil
+import re
 import time
 
 from absl import app, flags
@@ -26,42 +30,66 @@ from emim import cli, fs
 
 USER_CACHE = pathlib.Path("~/.cache/emim").expanduser()
 
+# What emim writes, by file name: decodes of image folders (and their temporary files),
+# TFDS subset indices; and everything in the tests' compilation-cache folder.
+_DECODE = re.compile(r".+-.+-[0-9a-f]{16}(\.\d+\.tmp)?\.npz$")
+_SUBSET_INDEX = re.compile(r".+-[0-9a-f]{16}(\.\d+\.tmp)?\.npy$")
+_COMPILATION_CACHE_DIR = "jax-tests"
 
-def cache_files(directory: str | os.PathLike) -> list[pathlib.Path]:
-  """Every file under ``directory`` (none if it does not exist), largest first."""
+
+def is_emim_cache_file(path: pathlib.Path, root: pathlib.Path) -> bool:
+  """Whether ``path`` (under ``root``) is a file emim wrote as a cache."""
+  parts = path.relative_to(root).parts
+  if _COMPILATION_CACHE_DIR in parts[:-1] or root.name == _COMPILATION_CACHE_DIR:
+    return True
+  return bool(_DECODE.match(path.name) or _SUBSET_INDEX.match(path.name))
+
+
+def _files(root: pathlib.Path) -> list[pathlib.Path]:
+  return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()] if root.is_dir() else []
+
+
+def describe(directory: str | os.PathLike, limit: int = 10) -> str:
+  """A listing of a cache folder: its total and each subfolder's, then its largest cache
+  files with their sizes and dates; files that are not emim's are counted apart."""
   root = pathlib.Path(directory).expanduser()
-  files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
-  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
-
-
-def describe(directory: str | os.PathLike, limit: int = 20) -> str:
-  """A listing of a cache folder: its total, then its largest files with their sizes and
-  dates."""
-  files = cache_files(directory)
-  total = sum(p.stat().st_size for p in files)
-  lines = [f"{directory}: {len(files)} file(s), {total / 2**20:.1f} MiB"]
-  for p in files[:limit]:
+  if not root.is_dir():
+    return f"{root}: no such folder (nothing cached there)"
+  files = _files(root)
+  ours = [p for p in files if is_emim_cache_file(p, root)]
+  size = lambda ps: sum(p.stat().st_size for p in ps) / 2**20
+  lines = [f"{root}: {len(ours)} cache file(s), {size(ours):.1f} MiB"]
+  by_folder = collections.defaultdict(list)
+  for p in ours:
+    by_folder[p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "."].append(p)
+  if len(by_folder) > 1:
+    lines += [f"  {name + '/':24s} {len(ps):6d} file(s) {size(ps):9.1f} MiB" for name, ps in sorted(by_folder.items())]
+  for p in sorted(ours, key=lambda p: p.stat().st_size, reverse=True)[:limit]:
     stat = p.stat()
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
-    lines.append(f"  {stat.st_size / 2**20:9.1f} MiB  {when}  {p.relative_to(pathlib.Path(directory).expanduser())}")
-  if len(files) > limit:
-    lines.append(f"  ... and {len(files) - limit} more")
+    lines.append(f"  {stat.st_size / 2**20:9.1f} MiB  {when}  {p.relative_to(root)}")
+  if len(files) > len(ours):
+    lines.append(f"  ({len(files) - len(ours)} other file(s) there are not emim's caches: --clear leaves them)")
   return "\n".join(lines)
 
 
-def clear(directory: str | os.PathLike) -> int:
-  """Remove everything in a cache folder; returns the bytes freed. Refuses a folder that
-  holds anything but caches (a work directory, a project), so a wrong --dir loses nothing."""
+def clear(directory: str | os.PathLike) -> tuple[int, int]:
+  """Remove emim's cache files in a folder (and the folders they leave empty); returns
+  (bytes freed, files of other kinds left alone)."""
   root = pathlib.Path(directory).expanduser()
-  if not root.is_dir():
-    return 0
-  foreign = [p.name for p in root.iterdir() if p.name in ("checkpoints", "metrics.jsonl", "config.json", "setup.py", ".git")]
-  if foreign:
-    raise FileNotFoundError(f"{root} holds {foreign}: it is not a cache folder. Give the cache itself, e.g. "
-                            f"--dir={root / '.emim_cache'} or --workdir={root / 'RUN'}.")
-  freed = sum(p.stat().st_size for p in cache_files(root))
-  shutil.rmtree(root)
-  return freed
+  freed, kept = 0, 0
+  for p in _files(root):
+    if is_emim_cache_file(p, root):
+      freed += p.stat().st_size
+      p.unlink(missing_ok=True)
+    else:
+      kept += 1
+  for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True) if root.is_dir() else []:
+    if not any(folder.iterdir()):
+      folder.rmdir()
+  if root.is_dir() and not any(root.iterdir()):
+    root.rmdir()
+  return freed, kept
 
 
 def cache_dirs(workdir: str | None, directory: str | None) -> list[str]:
@@ -78,16 +106,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   for directory in cache_dirs(FLAGS.workdir, FLAGS.dir):
-    if FLAGS.clear:
-      print(f"Removed {directory}: {clear(directory) / 2**20:.1f} MiB freed.")
-    else:
+    if not FLAGS.clear:
       print(describe(directory))
+    elif not pathlib.Path(directory).expanduser().is_dir():
+      print(f"{directory}: no such folder; nothing removed.")
+    else:
+      freed, kept = clear(directory)
+      other = f"; {kept} file(s) that are not emim's caches left as they are" if kept else ""
+      print(f"Cleared {directory}: {freed / 2**20:.1f} MiB freed{other}.")
 
 
 FLAGS = flags.FLAGS
 
 if __name__ == "__main__":
   flags.DEFINE_string("dir", None, "A cache folder (a decode cache, ~/.cache/emim, ...).")
-  flags.DEFINE_string("workdir", None, "A run's work directory: the decode cache its runs share.")
-  flags.DEFINE_bool("clear", False, "Remove the folder's cached files.")
+  flags.DEFINE_string("workdir", None, "A run's work directory: the decode cache its runs share (beside it).")
+  flags.DEFINE_bool("clear", False, "Remove the folder's cache files (only emim's, by their names).")
   cli.run(main)

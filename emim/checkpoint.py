@@ -119,7 +119,8 @@ class Checkpointer:
             f"--config.checkpoint.init_from={self.directory.parent} --config.checkpoint.restore_step={earlier[-1]}; "
             f"or move {path} aside (e.g. to {path}.corrupt) and run the same command." if earlier else
             " No earlier checkpoint exists: start in a new --workdir.")
-    detail = str(error) if len(str(error)) <= 300 else str(error)[:300] + " ..."
+    text = " ".join(str(error).split())  # (TensorStore's errors span lines: the message is one)
+    detail = text if len(text) <= 300 else text[:300] + " ..."
     return (f"Cannot restore the checkpoint at {path}; it is left as it is.{fork} (A config that changed the model "
             f"or method since the checkpoint was written also fails here: run with the config in its config.json.) "
             f"The error: {type(error).__name__}: {detail}")
@@ -274,7 +275,8 @@ def restore_subtree(directory: fs.PathLike, step: int | None, keys: tuple[str, .
     others = [s for s in manager.all_steps() if s != step]
     choose = (f" Evaluate another with --checkpoint_step (this run has {others[-5:]})." if others else
               " It is the run's only checkpoint.")
-    detail = str(e) if len(str(e)) <= 300 else str(e)[:300] + " ..."
+    text = " ".join(str(e).split())
+    detail = text if len(text) <= 300 else text[:300] + " ..."
     raise CheckpointError(f"Cannot read {keys} from the checkpoint at {directory / str(step)}: it is truncated or "
                           f"corrupt.{choose} The error: {type(e).__name__}: {detail}") from e
   finally:

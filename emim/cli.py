@@ -36,6 +36,9 @@ def parse_flags(argv: list[str]) -> list[str]:
       if not os.path.isfile(path):
         _fail(f"the config file {path} does not exist (the configs are configs/*.py, e.g. "
               "--config=configs/cifar10.py:byol).")
+      with open(path, encoding="utf-8", errors="replace") as f:
+        if "def get_config" not in f.read():
+          _fail(f"{path} defines no get_config(arg): it is not an emim config (the configs are configs/*.py).")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a malformed value, a missing required flag, a config that raised
@@ -74,7 +77,7 @@ _REMOTE_CLIENTS = ("aiohttp", "gcsfs", "google.auth", "google.api_core", "s3fs",
 def explain(error: BaseException) -> str | None:
   """One line for an error a user can fix; None for anything else (a bug: a traceback)."""
   if isinstance(error, user_errors()):
-    return str(error)
+    return " ".join(str(error).split())  # one line, whatever the error it quotes spans
   chain, e = [], error
   while e is not None and len(chain) < 10:
     chain.append(e)

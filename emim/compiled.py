@@ -35,11 +35,22 @@ def signature(tree) -> list:
   return [str(treedef)] + [(tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
 
 
+def _trace_settings() -> str:
+  """JAX's settings that change what a trace produces (x64, default precision, the PRNG
+  implementation, threefry partitioning, ...): JAX's own key for its tracing caches."""
+  try:
+    from jax._src import config as jax_config
+
+    return str(jax_config.trace_context())
+  except (ImportError, AttributeError):  # (a JAX without it: the settings emim knows of)
+    return str((jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision, jax.config.jax_default_prng_impl,
+                jax.config.jax_threefry_partitionable))
+
+
 def key_of(*parts) -> str:
   """A fingerprint of ``parts`` (JSON-able, or anything with a faithful ``str``) and of
   JAX's settings that change what a trace produces."""
-  settings = (jax.__version__, jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision),
-              jax.default_backend())
+  settings = (jax.__version__, jax.default_backend(), _trace_settings())
   text = json.dumps([settings, *parts], sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()
 

@@ -209,9 +209,14 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
                         "or as the second argument.")
     path, arg = stem, variants or None
   path = pathlib.Path(path).expanduser()
+  if path.is_dir():
+    raise ConfigError(f"{path} is a folder: give a config file in it, e.g. configs/cifar10.py.")
   if not path.is_file():
     raise ConfigError(f"The config file {path} does not exist (the configs are configs/*.py, e.g. "
                       "configs/cifar10.py:byol).")
+  if path.suffix != ".py":
+    raise ConfigError(f"{path} is not a Python config file: a config is a .py file with get_config(arg), "
+                      "e.g. configs/cifar10.py.")
   spec = importlib.util.spec_from_file_location(f"emim_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

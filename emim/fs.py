@@ -15,6 +15,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 import uuid
 
 from etils import epath
@@ -91,14 +92,19 @@ def check_writable(directory: PathLike, what: str, fix: str) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-  """Whether a process of this host has this pid."""
+  """Whether a live process of this host has this pid (a zombie, killed and not yet
+  reaped by its parent, is not)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:  # alive, another user's
+  except PermissionError:  # someone else's process: it exists
     return True
-  return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+  except OSError:
+    return True
 
 
 def staging_dir(kind: str) -> str:
@@ -110,7 +116,12 @@ def staging_dir(kind: str) -> str:
   root = pathlib.Path(tempfile.gettempdir())
   for stale in root.glob(f"{prefix}*"):
     pid = stale.name[len(prefix):].split("-", 1)[0]
-    if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+    if pid.isdigit():
+      dead = int(pid) != os.getpid() and not pid_alive(int(pid))
+    else:  # named before the pid was in the name: untouched for a day, a dead process's
+      touched = max([stale.stat().st_mtime] + [p.stat().st_mtime for p in stale.rglob("*")])
+      dead = time.time() - touched > 86400
+    if dead:
       shutil.rmtree(stale, ignore_errors=True)
   return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root)
 

@@ -339,8 +339,9 @@ class StepProfiler:
 
 
 class DispatchWindow:
-  """At most ``limit`` steps in flight: before the next is dispatched, wait for the step
-  ``limit`` steps back (``None``: no limit, asynchronous dispatch as JAX does it).
+  """At most ``limit`` steps in flight besides the one being dispatched: after each
+  dispatch, wait for the step ``limit`` steps back (``None``: no limit, asynchronous
+  dispatch as JAX does it).
 
   Needed on a CPU backend with several devices. XLA's CPU client runs a program of
   several devices by handing each device's launch to a pool of max(cores, devices)

@@ -103,19 +103,8 @@ class WorkdirBusy(UserError, RuntimeError):
 
 
 def _pid_alive(pid: int) -> bool:
-  if pid == os.getpid():  # a record of this pid is not this process's (a pid reused: a container's 1)
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # someone else's process: it exists
-    return True
-  try:  # a zombie (killed, not yet reaped by its parent) holds nothing
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-  except OSError:
-    return True
+  # A record of this pid is not this process's (a pid reused: a container's 1).
+  return pid != os.getpid() and fs.pid_alive(pid)
 
 
 class WorkdirLock:
@@ -251,10 +240,12 @@ class WorkdirLock:
       return
     self._held = False
     if self._fd is not None:
-      # Removed while still locked: a job that opened it meanwhile and locks it next finds
-      # the path gone (or another file there) and starts again (_acquire_local).
+      # Removed while still locked (if the path is still this lock's file, not one that
+      # replaced it): a job that opened it meanwhile and locks it next finds the path gone
+      # or another file there, and starts again (_acquire_local).
       with contextlib.suppress(FileNotFoundError):
-        os.remove(os.fspath(self.path))
+        if os.stat(os.fspath(self.path)).st_ino == os.fstat(self._fd).st_ino:
+          os.remove(os.fspath(self.path))
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None

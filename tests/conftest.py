@@ -145,3 +145,18 @@ def fake_gcs():
       os.environ.pop(key, None)
     else:
       os.environ[key] = value
+
+
+
+def pytest_configure(config):
+  """Two worker processes by default (pytest-xdist, in the test extra), each a whole test
+  file at a time so that a file's module fixtures are built once; `-n 0` runs in this
+  process, and without pytest-xdist the suite runs in one process as before. (Set here,
+  before xdist's own pytest_configure starts the workers, rather than in pytest.ini's
+  addopts, which would break a pytest without xdist.)"""
+  if (config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput")
+      and config.getoption("numprocesses", None) is None and not config.getoption("collectonly", False)):
+    config.option.numprocesses = 2
+    config.option.tx = ["popen"] * 2
+    if config.getoption("dist", "no") == "no":
+      config.option.dist = "loadfile"

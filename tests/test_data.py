@@ -202,9 +202,9 @@ def test_any_change_to_the_images_decodes_again_and_cache_names_stay_short(tmp_p
   assert len(list(cache.iterdir())) == 1  # each decode replaced the one it superseded
 
 
-def test_the_cache_command_lists_and_clears_a_cache_and_refuses_a_work_directory(tmp_path):
-  """python -m emim.cache: the sizes of a decode cache; --clear removes it; a folder that
-  is a run's work directory is refused (nothing already saved is lost)."""
+def test_the_cache_command_lists_and_clears_only_emims_cache_files(tmp_path):
+  """python -m emim.cache: the sizes of a decode cache; --clear removes emim's cache files
+  and nothing else (a run's files, a dataset, a home directory given by mistake)."""
   import subprocess
   import sys
 
@@ -217,14 +217,16 @@ def test_the_cache_command_lists_and_clears_a_cache_and_refuses_a_work_directory
                                      cwd=REPO)
   listed = run(f"--workdir={tmp_path / 'run'}")  # the cache its runs share, beside it
   assert listed.returncode == 0, listed.stderr
-  assert listed.stdout.startswith(f"{cache}: 2 file(s), {size / 2**20:.1f} MiB") and "folder-train-" in listed.stdout
+  assert listed.stdout.startswith(f"{cache}: 2 cache file(s), {size / 2**20:.1f} MiB") and "folder-train-" in listed.stdout
+  (cache / "notes.txt").write_text("mine")  # not emim's
   (tmp_path / "run").mkdir()
-  (tmp_path / "run" / "metrics.jsonl").write_text("")
-  refused = run(f"--dir={tmp_path / 'run'}", "--clear")
-  assert refused.returncode == 1 and "not a cache folder" in refused.stderr
-  assert (tmp_path / "run" / "metrics.jsonl").exists()
-  cleared = run(f"--dir={cache}", "--clear")
-  assert cleared.returncode == 0 and not cache.exists(), cleared.stderr
+  (tmp_path / "run" / "metrics.jsonl").write_text("{}")
+  mistaken = run(f"--dir={tmp_path}", "--clear")  # the folder above: a dataset, a run, the cache
+  assert mistaken.returncode == 0 and "file(s) that are not emim's caches left as they are" in mistaken.stdout
+  assert (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "folder" / "train" / "cat" / "0.png").exists()
+  assert sorted(p.name for p in cache.iterdir()) == ["notes.txt"]  # the decodes gone, the rest kept
+  assert "no such folder" in run(f"--dir={tmp_path / 'nowhere'}", "--clear").stdout
+
 
 
 def test_truncated_archive_and_mixed_sizes_name_the_file_and_the_fix(tmp_path):

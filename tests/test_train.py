@@ -237,6 +237,11 @@ def test_load_config_file_takes_the_command_lines_path_and_variants(tmp_path):
     load_config_file(tmp_path / "empty.py")
   with pytest.raises(ConfigError, match="given twice"):
     load_config_file(f"{path}:byol", "runlocal")
+  with pytest.raises(ConfigError, match="is a folder"):
+    load_config_file(REPO / "configs")
+  (tmp_path / "settings.cfg").write_text("def get_config(arg=None): pass\n")
+  with pytest.raises(ConfigError, match="not a Python config file"):
+    load_config_file(tmp_path / "settings.cfg")
 
 
 def test_loading_configs_imports_no_jax_and_programs_leave_it_unstarted():
@@ -271,8 +276,8 @@ def test_a_multi_device_cpu_run_keeps_few_steps_in_flight_and_so_never_deadlocks
   spec = importlib.util.spec_from_file_location("deadlock", REPO / "benchmarks" / "xla_cpu_inflight_deadlock.py")
   deadlock = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(deadlock)
-  finished, last = deadlock.run(steps=100, window=train.DispatchWindow.CPU_LIMIT, timeout_s=10)
-  assert finished, last
+  outcome, line = deadlock.run(steps=100, window=train.DispatchWindow.CPU_LIMIT, timeout_s=10)
+  assert outcome == "finished", line
 
 
 def test_command_line_errors_are_one_message_naming_the_fix(tmp_path):

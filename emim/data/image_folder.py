@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import pathlib
 import tarfile
+import time
 import zlib
 
 import numpy as np
@@ -162,15 +163,20 @@ def _is_cache_of(name: str, prefix: str) -> bool:
   return name.startswith(prefix + "-") and name.endswith(".npz") and len(key) == 16 and key.isalnum()
 
 
-def _prune_superseded(cache: pathlib.Path, prefix: str) -> None:
-  """Remove the decodes of the same folder's split that ``cache`` supersedes (its images
-  have changed since), and the temporary files of writers that died."""
+def _prune_superseded(cache: pathlib.Path, prefix: str, started: float) -> None:
+  """Remove the decodes of the same folder's split that ``cache`` supersedes, those
+  written before this decode ``started`` (a decode of newer images that finished while
+  this slower one ran is not superseded by it), and the temporary files of writers that
+  died."""
   for other in cache.parent.glob(f"{prefix}-*"):
-    if other != cache and _is_cache_of(other.name, prefix):
-      other.unlink(missing_ok=True)
-      logging.info("Removed %s: a decode of an earlier version of the same images.", other)
-    elif other.name.endswith(".tmp.npz") and not fs.pid_alive(_writer_pid(other.name)):
-      other.unlink(missing_ok=True)
+    try:
+      if other != cache and _is_cache_of(other.name, prefix) and other.stat().st_mtime < started:
+        other.unlink(missing_ok=True)
+        logging.info("Removed %s: a decode of an earlier version of the same images.", other)
+      elif other.name.endswith(".tmp.npz") and not fs.pid_alive(_writer_pid(other.name)):
+        other.unlink(missing_ok=True)
+    except FileNotFoundError:  # removed meanwhile by another run sharing the cache
+      pass
 
 
 def _writer_pid(tmp_name: str) -> int:
@@ -218,9 +224,10 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
       except Exception as e:  # a torn or corrupt cache file: decode again
         logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
   if dataset is None:
+    started = time.time()
     dataset = _decode_split(src, split, image_size, workers, subset)
     if cache is not None and _write_cache(cache, dataset):
-      _prune_superseded(cache, prefix)
+      _prune_superseded(cache, prefix, started)
       logging.info("Decoded %s/%s once: %s.", src, split, cache_summary(cache_dir))
   if train_classes is None or tuple(train_classes) == dataset.class_names:
     return dataset

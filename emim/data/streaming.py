@@ -220,12 +220,13 @@ def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, s
 
 def read_ahead(workers: int) -> grain.ReadOptions:
   """How many batches are decoded at once, and so held ahead of the consumer: each batch
-  is one task (its images decoded in turn), so the batches in flight are the parallelism.
-  In this process, one per core up to 16; in each of ``workers`` processes, one (the
-  processes are the parallelism). Grain's default, 16 threads and 500 batches ahead,
-  would hold up to 500 batches (150 GB of ImageNet's 1024 two-view crops) wherever the
-  host decodes faster than the accelerator trains, and in every worker."""
-  threads = 1 if workers > 0 else max(1, min(16, os.cpu_count() or 1))
+  is one task (its images decoded in turn; PIL lets threads decode at once), so the
+  batches in flight are the parallelism. The host's cores shared out: in this process one
+  thread per core, in each of ``workers`` processes cores / workers; at most 16. Grain's
+  default, 16 threads and 500 batches ahead, held up to 500 batches (150 GB of
+  ImageNet's 1024 two-view crops) wherever the host decodes faster than the accelerator
+  trains, and in every worker."""
+  threads = max(1, min(16, (os.cpu_count() or 1) // max(workers, 1)))
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
 
 
