@@ -12,7 +12,6 @@ Test features are always centre features. Deterministic in the seed.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -73,6 +72,59 @@ def _probe_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_step
   raise ValueError(f"Unknown probe optimizer {cfg.probe_optimizer!r}; choose 'sgd' or 'lars'.")
 
 
+def init_probe_state(backbone: Backbone, num_classes: int, tx: optax.GradientTransformation, seed: int) -> ProbeState:
+  """The probe's zero-initialised classifier and its optimiser state."""
+  params = {"kernel": jnp.zeros((backbone.feature_dim, num_classes)), "bias": jnp.zeros((num_classes,))}
+  return ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+
+
+def probe_step_fn(backbone: Backbone, tx: optax.GradientTransformation, mode: str, precropped: bool):
+  """The probe's step ``(state, {"inputs", "labels"}, backbone variables) -> (state,
+  loss)``: in the "augmented" mode the inputs are uint8 images, augmented (a flip alone
+  when ``precropped``: streamed crops) and passed through the frozen backbone; in the
+  "features" mode they are the features."""
+  if mode == "features":
+    to_features = lambda variables, key, x: x
+  else:
+    to_features = lambda variables, key, x: backbone.model.apply(
+        variables, augment.normalize(_train_augment(backbone, key, x, precropped=precropped), backbone.mean,
+                                     backbone.std), train=False)
+
+  def train_step(state: ProbeState, batch, variables):
+    key = jax.random.fold_in(state.rng, state.step)
+    features = jax.lax.stop_gradient(to_features(variables, key, batch["inputs"]))
+
+    def loss_fn(params):
+      logits = _classifier(params, features)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
+
+  return train_step
+
+
+def probe_epoch_fn(train_step, num_examples: int, batch_size: int, batch_spec):
+  """An epoch of ``train_step`` over a device-held set ``{"inputs", "labels"}``:
+  ``(state, data, variables) -> (state, the last step's loss)``. One permutation per
+  epoch and the epoch's steps in a scan, in the training data's order: on precomputed
+  features a step is one small matrix product, and a permutation and a dispatch per step
+  would cost far more than the step."""
+  steps_per_epoch = num_examples // batch_size
+
+  def train_epoch(state: ProbeState, data, variables):
+    perm = epoch_permutation(state.rng, state.step // steps_per_epoch, num_examples)
+
+    def body(state, offset):
+      return train_step(state, take_batch(data, perm, offset, batch_size, batch_spec), variables)
+
+    state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
+    return state, losses[-1]
+
+  return train_epoch
+
+
 def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict,
                  mode: str = "augmented", seed: int = 0, mesh=None, workers: int = 0,
                  features: tuple | None = None) -> dict[str, float]:
@@ -104,32 +156,16 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   features_fn = backbone.features_fn()
   t0 = time.perf_counter()
 
+  in_memory = mode == "features" or hasattr(train, "inputs")
   if mode == "features":
     inputs, labels = features[0] if features else features_and_labels(features_fn, train, cfg.batch_size, mesh, workers)
-    to_features = lambda variables, key, x: x
   else:
-    in_memory = hasattr(train, "inputs")
     inputs, labels = (train.inputs, train.labels) if in_memory else (None, None)
-    to_features = lambda variables, key, x: backbone.model.apply(
-        variables, augment.normalize(_train_augment(backbone, key, x, precropped=not in_memory), backbone.mean,
-                                     backbone.std), train=False)
 
   tx = _probe_optimizer(cfg, batch_size, total_steps)
   num_classes = train.num_classes
-  params = {"kernel": jnp.zeros((backbone.feature_dim, num_classes)), "bias": jnp.zeros((num_classes,))}
-  state = ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
-
-  def train_step(state: ProbeState, batch, variables):
-    key = jax.random.fold_in(state.rng, state.step)
-    features = jax.lax.stop_gradient(to_features(variables, key, batch["inputs"]))
-
-    def loss_fn(params):
-      logits = _classifier(params, features)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
+  state = init_probe_state(backbone, num_classes, tx, seed)
+  train_step = probe_step_fn(backbone, tx, mode, precropped=not in_memory)
 
   variables = jax.device_put(backbone.variables, replicated)
   log_every_epochs = max(cfg.probe_epochs // 5, 1)
@@ -137,19 +173,7 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   if inputs is not None:  # on the devices: a whole epoch is one program
     data = {"inputs": sharding.put_global(inputs, replicated), "labels": sharding.put_global(labels, replicated)}
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_epoch(state: ProbeState, data, variables):
-      # One permutation per epoch and the epoch's steps in a scan, in the training
-      # data's order: on precomputed features a step is one small matrix product, and
-      # a permutation and a dispatch per step would cost far more than the step.
-      perm = epoch_permutation(state.rng, state.step // steps_per_epoch, len(labels))
-
-      def body(state, offset):
-        return train_step(state, take_batch(data, perm, offset, batch_size, batch_spec), variables)
-
-      state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
-      return state, losses[-1]
-
+    train_epoch = jax.jit(probe_epoch_fn(train_step, len(labels), batch_size, batch_spec), donate_argnums=0)
     for epoch in range(1, cfg.probe_epochs + 1):
       state, loss = train_epoch(state, data, variables)
       if epoch % log_every_epochs == 0:
