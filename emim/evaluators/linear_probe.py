@@ -63,13 +63,23 @@ def topk_accuracy(logits, labels, k: int) -> float:
   return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
-def _probe_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int) -> optax.GradientTransformation:
+def probe_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int) -> optax.GradientTransformation:
+  """The probe's optimiser (``cfg``: the config's eval fields), its rate scaled by the batch."""
   schedule = optax.cosine_decay_schedule(cfg.probe_lr * batch_size / 256.0, max(total_steps, 1))
   if cfg.probe_optimizer == "lars":
     return optax.lars(schedule, weight_decay=cfg.probe_weight_decay, momentum=0.9)
   if cfg.probe_optimizer == "sgd":
     return optax.chain(optax.add_decayed_weights(cfg.probe_weight_decay), optax.sgd(schedule, momentum=0.9))
   raise ValueError(f"Unknown probe optimizer {cfg.probe_optimizer!r}; choose 'sgd' or 'lars'.")
+
+
+def probe_batch_size(cfg: ml_collections.ConfigDict, num_examples: int, mesh) -> int:
+  """The probe's global batch: ``cfg.probe_batch_size`` (at most the training set),
+  rounded down to a multiple of the devices."""
+  batch_size = min(cfg.probe_batch_size, num_examples)
+  batch_size -= batch_size % mesh.devices.size
+  sharding.check_batch_size(batch_size, mesh)
+  return batch_size
 
 
 def init_probe_state(backbone: Backbone, num_classes: int, tx: optax.GradientTransformation, seed: int) -> ProbeState:
@@ -148,9 +158,7 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
     raise ValueError(f"Unknown linear-probe mode {mode!r}; choose one of {MODES}.")
   mesh = mesh or sharding.make_mesh()
   replicated, batch_spec = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  batch_size = min(cfg.probe_batch_size, len(train))
-  batch_size -= batch_size % mesh.devices.size
-  sharding.check_batch_size(batch_size, mesh)
+  batch_size = probe_batch_size(cfg, len(train), mesh)
   steps_per_epoch = len(train) // batch_size
   total_steps = cfg.probe_epochs * steps_per_epoch
   features_fn = backbone.features_fn()
@@ -162,7 +170,7 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   else:
     inputs, labels = (train.inputs, train.labels) if in_memory else (None, None)
 
-  tx = _probe_optimizer(cfg, batch_size, total_steps)
+  tx = probe_optimizer(cfg, batch_size, total_steps)
   num_classes = train.num_classes
   state = init_probe_state(backbone, num_classes, tx, seed)
   train_step = probe_step_fn(backbone, tx, mode, precropped=not in_memory)
