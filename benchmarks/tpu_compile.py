@@ -200,9 +200,9 @@ def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
               "labels": jax.ShapeDtypeStruct((n,), np.int32, sharding=batch_spec)}
       out["probe"] = (jax.jit(step, donate_argnums=0).lower(probe_state, data, variables), n)
     else:  # an epoch on the training set held on the devices; per step below
-      data = {"inputs": jax.ShapeDtypeStruct((n_train,) + shape, np.uint8, sharding=replicated),
+      data = {"inputs": jax.ShapeDtypeStruct((n_train, int(np.prod(shape))), np.uint8, sharding=replicated),
               "labels": jax.ShapeDtypeStruct((n_train,), np.int32, sharding=replicated)}
-      epoch = linear_probe.probe_epoch_fn(step, n_train, n, batch_spec)
+      epoch = linear_probe.probe_epoch_fn(step, n_train, n, batch_spec, shape)
       out["probe"] = (jax.jit(epoch, donate_argnums=0).lower(probe_state, data, variables), n * (n_train // n))
   if "model" in programs and not vectors:
     reference = _load_benchmark("train_step")
@@ -388,6 +388,82 @@ def max_batch(config, tpu: Slice, multiple: int) -> int:
 
 
 # ----------------------------------------------------------------------------------
+# Where the step's FLOPs go.
+# ----------------------------------------------------------------------------------
+def flops_breakdown(config) -> dict[str, float]:
+  """Global FLOPs per step of the train step and of its pieces, each lowered alone on the
+  step's shapes for one CPU device (XLA's cost analysis of the program before
+  partitioning and fusion, which only the CPU client gives; no compile): the
+  ``model`` row (the network's forward and backward of two views), the online encoder's
+  forward and backward of both views, the target's forwards, the predictor, the
+  objective's forward and backward, the online probe, the two augmented views, the
+  optimiser's update, and the whole step."""
+  from emim.methods import Views
+  from emim.train_step import _apply_views, make_views
+
+  import jax.numpy as jnp
+
+  mesh = sharding.make_mesh(jax.devices("cpu")[:1])
+  n_train = num_train_examples(config)
+  batch = config.train.batch_size
+  parts = train.build_parts(config, config.data.num_classes, max(n_train // batch, 1), 1000)
+  state, state_sharding = train.state_shapes(parts, mesh)
+  state = _abstract(state, sharding.replicated(mesh))
+  batch_spec = sharding.batch_sharding(mesh)
+  shape = input_shape(config.data)
+  flops = lambda fn, *args: float(jax.jit(fn).lower(*args).cost_analysis().get("flops", 0.0))
+  x = jax.ShapeDtypeStruct((batch,) + shape, np.float32, sharding=batch_spec)
+  out = {"whole step": float(train.lower_train_step(parts, DataShapes(config, mesh, n_train), state, state_sharding,
+                                                    mesh)[0].cost_analysis().get("flops", 0.0))}
+  reference = _load_benchmark("train_step")
+  step, init = reference.model_step(config, config.model.dtype)
+  out["model row (network fwd+bwd, two views)"] = flops(step, _abstract(jax.eval_shape(init, jax.random.PRNGKey(0)),
+                                                                        sharding.replicated(mesh)), x, x)
+  enc = lambda p, s, a, b: _apply_views(parts.encoder, parts.views_encoder, p, s, a, b)
+  enc_stats = state.batch_stats["encoder"]
+  out["online encoder fwd+bwd, two views"] = flops(
+      lambda p, s, a, b: jax.grad(lambda q: sum(jnp.sum(o[1]) for o in enc(q, s, a, b)[0]))(p),
+      state.params["encoder"], enc_stats, x, x)
+  (o1, _), _ = jax.eval_shape(enc, state.params["encoder"], enc_stats, x, x)
+  z = jax.ShapeDtypeStruct(o1[1].shape, o1[1].dtype, sharding=batch_spec)
+  if state.target is not None:
+    out["target forward, two views"] = flops(
+        lambda t, a, b: _apply_views(parts.encoder, parts.views_encoder, t["params"], t["batch_stats"], a, b)[0],
+        state.target, x, x)
+  pred = None
+  if parts.predictor is not None:
+    out["predictor fwd+bwd, two views"] = flops(lambda p, s, a, b: jax.grad(lambda q: sum(
+        jnp.sum(y) for y in _apply_views(parts.predictor, parts.views_predictor, q, s, a, b)[0]))(p),
+        state.params["predictor"], state.batch_stats["predictor"], z, z)
+    pred = (z, z)
+
+  def objective(a, b, objective_state):
+    views = lambda u: Views((u, b), None if pred is None else (u, b), None if state.target is None else (b, u))
+    return jax.grad(lambda u: parts.method.loss(views(u), objective_state)[0])(a)
+
+  out["objective fwd+bwd (float32, HIGHEST)"] = flops(objective, z, z, state.objective_state)
+  f = jax.ShapeDtypeStruct(o1[0].shape, np.float32, sharding=batch_spec)
+  labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_spec)
+
+  def probe(params, feats, labels):
+    import flax.linen as nn
+    import optax
+
+    return jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
+        nn.Dense(parts.num_classes).apply({"params": q}, feats), labels).mean())(params)
+
+  out["online probe fwd+bwd"] = flops(probe, state.probe_params, f, labels)
+  if not config.data.stream and config.data.source not in VECTOR_SOURCES:
+    images = {"images": jax.ShapeDtypeStruct((batch,) + shape, np.uint8, sharding=batch_spec)}
+  else:
+    images = {"views": jax.ShapeDtypeStruct((batch, 2) + shape, np.uint8, sharding=batch_spec)} \
+        if config.data.stream else {"vectors": x}
+  out["augmentation, two views"] = flops(lambda r, s, b: make_views(parts, r, s, b), state.rng, state.step, images)
+  out["optimiser update"] = flops(lambda p, o, g: parts.tx.update(g, o, p), state.params, state.opt_state, state.params)
+  return out
+
+
+# ----------------------------------------------------------------------------------
 # The table.
 # ----------------------------------------------------------------------------------
 def roofline(report: Report, chip: Chip, devices: int) -> tuple[float, str, float]:
@@ -427,6 +503,8 @@ def main():
   parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
   parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS + ("model",))
   parser.add_argument("--max_batch", action="store_true", help="also find the largest global batch that fits")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also the step's FLOPs piece by piece beside the model row's (lowered only: fast)")
   args = parser.parse_args()
   path, _, variant = args.config.partition(":")
   if not os.path.isfile(path):
@@ -440,6 +518,15 @@ def main():
   print(f"{args.config} on {tpu.name} ({args.topology}: {n} chips, {tpu.hosts} host(s), {tpu.devices[0].device_kind}); "
         f"batch {config.train.batch_size} ({config.train.batch_size // n} per chip), {config.model.backbone} "
         f"{config.model.dtype}; jax {jax.__version__}", flush=True)
+  if args.breakdown:
+    pieces = flops_breakdown(config)
+    model = pieces["model row (network fwd+bwd, two views)"]
+    print("| piece of the step (global, before fusion) | GFLOP | / model row |\n|---|---|---|")
+    for name, value in pieces.items():
+      print(f"| {name} | {value / 1e9:.1f} | {value / model:.3f} |")
+    print(f"| rest (whole - pieces) | {(pieces['whole step'] - sum(v for k, v in pieces.items() if k not in ('whole step', 'model row (network fwd+bwd, two views)'))) / 1e9:.1f} | |", flush=True)
+    if args.programs == list(PROGRAMS) and not args.max_batch:
+      return
   reports = compile_config(config, tpu, tuple(args.programs))
   print(table(reports, tpu), flush=True)
   if args.max_batch:

@@ -59,7 +59,7 @@ def test_the_train_step_compiles_for_a_tpu_slice_as_a_run_needs(tpu_compile, com
     assert f"u8[{batch // n},2,{size},{size},3]" in params
     assert not any(p.startswith(f"u8[{batch},") for p in params)
   else:
-    assert f"u8[{config.data.num_train},{size},{size},3]" in params  # the training set, replicated
+    assert f"u8[{config.data.num_train},{size * size * 3}]" in params  # the training set, replicated, as rows
     assert f"f32[{batch // n},{size},{size},3]" in hlo
     assert f"f32[{batch},{size},{size},3]" not in hlo
   # The gradients are summed over the data axis: all-reduces across every chip carry at

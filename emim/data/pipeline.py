@@ -25,7 +25,7 @@ from emim import sharding
 from emim.config_base import VECTOR_SOURCES
 from emim.data import sources, streaming
 from emim.data.sources import ImageDataset
-from emim.train_step import device_data_step, train_step
+from emim.train_step import as_rows, device_data_step, train_step
 
 
 def _subset(dataset, n: int, seed: int):
@@ -53,7 +53,7 @@ class DeviceData:
     evaluator asks for it."""
     self.train, self._mesh, self._batch_size, self._load_test = train, mesh, batch_size, load_test
     replicated = sharding.replicated(mesh)
-    self._on_device = {train.input_key: sharding.put_global(train.inputs, replicated),
+    self._on_device = {train.input_key: sharding.put_global(as_rows(train.inputs), replicated),
                        "labels": sharding.put_global(train.labels, replicated)}
     logging.info("Data on device: %d %s of %s.", len(train), train.input_key, train.inputs.shape[1:])
 
@@ -187,8 +187,8 @@ class DataShapes:
     if self.streamed:  # the host's two random resized crops of each image (StreamData)
       rows, shape = self._batch_size, (2,) + shape
       key = "views"
-    else:  # the whole training set, replicated (DeviceData)
-      rows = num_examples
+    else:  # the whole training set, replicated, a row per example (DeviceData)
+      rows, shape = num_examples, (int(np.prod(shape)),)
     spec = self.input_sharding
     self._example = {key: jax.ShapeDtypeStruct((rows,) + shape, dtype, sharding=spec),
                      "labels": jax.ShapeDtypeStruct((rows,), np.int32, sharding=spec)}

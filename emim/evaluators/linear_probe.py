@@ -25,7 +25,7 @@ import optax
 from emim import sharding
 from emim.backbone import Backbone, features_and_labels
 from emim.data import augment
-from emim.train_step import epoch_permutation, take_batch
+from emim.train_step import as_examples, as_rows, epoch_permutation, take_batch
 
 MODES = ("augmented", "features")
 
@@ -115,8 +115,9 @@ def probe_step_fn(backbone: Backbone, tx: optax.GradientTransformation, mode: st
   return train_step
 
 
-def probe_epoch_fn(train_step, num_examples: int, batch_size: int, batch_spec):
-  """An epoch of ``train_step`` over a device-held set ``{"inputs", "labels"}``:
+def probe_epoch_fn(train_step, num_examples: int, batch_size: int, batch_spec, example_shape: tuple[int, ...]):
+  """An epoch of ``train_step`` over a device-held set ``{"inputs", "labels"}`` (the
+  inputs as rows, ``as_rows``, of ``example_shape``):
   ``(state, data, variables) -> (state, the last step's loss)``. One permutation per
   epoch and the epoch's steps in a scan, in the training data's order: on precomputed
   features a step is one small matrix product, and a permutation and a dispatch per step
@@ -127,7 +128,8 @@ def probe_epoch_fn(train_step, num_examples: int, batch_size: int, batch_spec):
     perm = epoch_permutation(state.rng, state.step // steps_per_epoch, num_examples)
 
     def body(state, offset):
-      return train_step(state, take_batch(data, perm, offset, batch_size, batch_spec), variables)
+      return train_step(state, as_examples(take_batch(data, perm, offset, batch_size, batch_spec), example_shape),
+                        variables)
 
     state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
     return state, losses[-1]
@@ -179,9 +181,9 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   log_every_epochs = max(cfg.probe_epochs // 5, 1)
   loss = jnp.nan
   if inputs is not None:  # on the devices: a whole epoch is one program
-    data = {"inputs": sharding.put_global(inputs, replicated), "labels": sharding.put_global(labels, replicated)}
-
-    train_epoch = jax.jit(probe_epoch_fn(train_step, len(labels), batch_size, batch_spec), donate_argnums=0)
+    data = {"inputs": sharding.put_global(as_rows(inputs), replicated), "labels": sharding.put_global(labels, replicated)}
+    train_epoch = jax.jit(probe_epoch_fn(train_step, len(labels), batch_size, batch_spec, inputs.shape[1:]),
+                          donate_argnums=0)
     for epoch in range(1, cfg.probe_epochs + 1):
       state, loss = train_epoch(state, data, variables)
       if epoch % log_every_epochs == 0:
