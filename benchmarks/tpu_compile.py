@@ -67,7 +67,7 @@ from emim.config_base import VECTOR_SOURCES, load_config_file  # noqa: E402
 from emim.data.pipeline import DataShapes  # noqa: E402
 from emim.data.sources import input_shape  # noqa: E402
 from emim.evaluators import linear_probe  # noqa: E402
-from emim.evaluators.mi_tracker import make_mi_tracker  # noqa: E402
+from emim.evaluators import mi_tracker  # noqa: E402
 
 GiB = 2**30
 
@@ -175,9 +175,9 @@ def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
     lowered, _ = train.lower_train_step(parts, DataShapes(config, mesh, n_train), state, state_sharding, mesh)
     out["train"] = (lowered, batch)
   if "mi" in programs and config.eval.mi_every_steps != 0:
-    n = min(n_train, config.eval.mi_batch_size)
-    inputs = {key: jax.ShapeDtypeStruct((n,) + input_shape(config.data), dtype, sharding=replicated)}
-    out["mi"] = (make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4)).lower(state, inputs), n)
+    n, spec = mi_tracker.batch_layout(n_train, config.eval.mi_batch_size, mesh)
+    inputs = {key: jax.ShapeDtypeStruct((n,) + input_shape(config.data), dtype, sharding=spec)}
+    out["mi"] = (mi_tracker.make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4)).lower(state, inputs), n)
   backbone = backbone_from_model_config(model_config_of(config), {})
   shape = input_shape(config.data)
   variables = _abstract(jax.eval_shape(lambda: backbone.model.init(jax.random.PRNGKey(0), np.zeros((1,) + shape,
@@ -354,14 +354,17 @@ def analyse(program: str, lowered, images: int, devices: int) -> Report:
   return report
 
 
-def compile_config(config, tpu: Slice, programs=PROGRAMS) -> list[Report]:
+def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None) -> list[Report]:
   """Each program of ``config`` compiled for the slice, one at a time (a ResNet-50 step
-  takes minutes and GiBs of this machine's memory to compile)."""
+  takes minutes and GiBs of this machine's memory to compile); ``each(report)`` is
+  called as each is done."""
   mesh = sharding.make_mesh(tpu.devices)
   lowered = lower_programs(config, mesh, programs)
   reports = []
   for name in [p for p in programs if p in lowered]:
     reports.append(analyse(name, *lowered.pop(name), len(tpu.devices)))
+    if each is not None:
+      each(reports[-1])
   return reports
 
 
@@ -478,22 +481,20 @@ def format_collectives(report: Report) -> str:
   return ", ".join(f"{k} {c.count}x {c.bytes / 2**20:.1f} MiB" for k, c in sorted(report.collectives.items())) or "none"
 
 
-def table(reports: list[Report], tpu: Slice) -> str:
+TABLE_HEADER = ("| program | images/call (per chip) | args GiB | temps GiB | outputs GiB | total GiB (of HBM) | GFLOP/chip "
+                "| GB/chip | roofline ms (binds) | images/s/chip ceiling | collectives (count, bytes/chip) | compile s |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r: Report, tpu: Slice) -> str:
   n = len(tpu.devices)
-  lines = ["| program | images/call (per chip) | args GiB | temps GiB | outputs GiB | total GiB (of HBM) | GFLOP/chip "
-           "| GB/chip | roofline ms (binds) | images/s/chip ceiling | collectives (count, bytes/chip) | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in reports:
-    if r.error:
-      lines.append(f"| {r.program} | {r.images} ({r.images // n}) | failed: {r.error} |")
-      continue
-    bound, binds, rate = roofline(r, tpu.chip, n)
-    lines.append(
-        f"| {r.program} | {r.images} ({r.images / n:g}) | {r.arguments / GiB:.2f} | {r.temporaries / GiB:.2f} | "
-        f"{r.outputs / GiB:.2f} | {r.total / GiB:.2f} ({100 * r.total / (tpu.chip.hbm_gib * GiB):.0f}% of "
-        f"{tpu.chip.hbm_gib:g}) | {r.flops / 1e9:.1f} | {r.bytes_accessed / 1e9:.2f} | {bound * 1e3:.2f} ({binds}) | "
-        f"{rate:.0f} | {format_collectives(r)} | {r.compile_s:.0f} |")
-  return "\n".join(lines)
+  if r.error:
+    return f"| {r.program} | {r.images} ({r.images // n}) | failed: {r.error} |"
+  bound, binds, rate = roofline(r, tpu.chip, n)
+  return (f"| {r.program} | {r.images} ({r.images / n:g}) | {r.arguments / GiB:.2f} | {r.temporaries / GiB:.2f} | "
+          f"{r.outputs / GiB:.2f} | {r.total / GiB:.2f} ({100 * r.total / (tpu.chip.hbm_gib * GiB):.0f}% of "
+          f"{tpu.chip.hbm_gib:g}) | {r.flops / 1e9:.1f} | {r.bytes_accessed / 1e9:.2f} | {bound * 1e3:.2f} ({binds}) | "
+          f"{rate:.0f} | {format_collectives(r)} | {r.compile_s:.0f} |")
 
 
 def main():
@@ -527,8 +528,8 @@ def main():
     print(f"| rest (whole - pieces) | {(pieces['whole step'] - sum(v for k, v in pieces.items() if k not in ('whole step', 'model row (network fwd+bwd, two views)'))) / 1e9:.1f} | |", flush=True)
     if args.programs == list(PROGRAMS) and not args.max_batch:
       return
-  reports = compile_config(config, tpu, tuple(args.programs))
-  print(table(reports, tpu), flush=True)
+  print(TABLE_HEADER, flush=True)
+  reports = compile_config(config, tpu, tuple(args.programs), each=lambda r: print(table_row(r, tpu), flush=True))
   if args.max_batch:
     print("Largest global batch whose train step fits:", flush=True)
     best = max_batch(config, tpu, 8 * n)
