@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import types
 
 import jax
@@ -33,7 +32,7 @@ from emim import checkpoint as ckpt_lib
 from emim import objectives as O
 from emim import train
 from emim.backbone import load_run_config
-from emim.data import sources
+from emim.data import augment, sources
 from emim.evaluators.knn import _knn_chunk
 from emim.evaluators.mi_tracker import online_embeddings
 from emim.objectives import logdet as ld_lib
@@ -157,8 +156,6 @@ def run_embeddings(workdir: str, n: int, n_train: int, n_test: int):
 
 def parts_input(parts, images):
   """Centre images as the encoder sees them (normalised float32)."""
-  from emim.data import augment
-
   return augment.normalize(augment.to_float(jnp.asarray(images)), parts.mean, parts.std)
 
 

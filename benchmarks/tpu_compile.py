@@ -31,7 +31,14 @@ call (XLA's cost analysis of the partitioned program), the roofline lower bound 
 call's time from the chip's bf16 peak and HBM bandwidth (``CHIPS``; which of the two
 binds), the images/s per chip that bound allows, and the collectives in the compiled
 program (count and bytes per kind). The bound is a floor: float32 products at HIGHEST
-run at a sixth of the bf16 peak, and no kernel reaches the peak.
+run at a sixth of the bf16 peak, and no kernel reaches the peak. A program the TPU
+compiler rejects (or that cannot fit) is one line, its error.
+
+``--max_batch`` also finds the largest global batch whose train step fits in HBM
+(doubling from the config's, then bisecting; a multiple of 8 per chip), a compile each.
+``--breakdown`` prints the step's FLOPs piece by piece (online encoder, target, predictor,
+objective, probe, augmentation, optimiser) beside the ``model`` row's, from lowered
+programs only (seconds, no compile).
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import importlib.util
 import os
 import pathlib
@@ -60,6 +66,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax._src import config as jax_config  # noqa: E402
 
 from emim import sharding, train  # noqa: E402
 from emim.backbone import backbone_from_model_config, model_config_of  # noqa: E402
@@ -122,8 +129,14 @@ def tpu_slice(topology: str) -> Slice:
                      "v5e:2x4 (a v5litepod-8) or v4:2x2x1 (a v4-8).")
   from jax.experimental import topologies
 
+  dims = [int(d) for d in topology.split(":")[1].split("x")]
+  options = {}
+  if generation in ("v4", "v5p"):  # a device per chip (its two TensorCores as one), as JAX runs them
+    options["chip_config_name"] = "megacore"
+  elif int(np.prod(dims)) <= 8:  # v5e-8 and v6e-8 are one VM of 8 chips (larger slices: VMs of 4)
+    options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
   try:
-    devices = topologies.get_topology_desc(topology, "tpu").devices
+    devices = topologies.get_topology_desc(topology, "tpu", **options).devices
   except Exception as e:  # libtpu absent, or a shape the generation does not come in
     raise SystemExit(f"--topology={topology}: {one_line(e)} (libtpu installs with pip install -e \".[tpu]\").")
   return Slice(topology, generation, CHIPS[generation], tuple(devices), len({d.process_index for d in devices}))
@@ -339,7 +352,10 @@ class Report:
 def analyse(program: str, lowered, images: int, devices: int) -> Report:
   t0 = time.perf_counter()
   try:
-    compiled = lowered.compile()
+    # Not through JAX's persistent cache (the tests set one): a TPU executable is written
+    # there, but reading it back needs a TPU client, so each later read only warns.
+    with jax_config.enable_compilation_cache(False):
+      compiled = lowered.compile()
   except Exception as e:  # what the TPU compiler rejects (or a program that cannot fit)
     return Report(program, images, time.perf_counter() - t0, error=one_line(e))
   report = Report(program, images, time.perf_counter() - t0)
@@ -469,12 +485,13 @@ def flops_breakdown(config) -> dict[str, float]:
 # ----------------------------------------------------------------------------------
 # The table.
 # ----------------------------------------------------------------------------------
-def roofline(report: Report, chip: Chip, devices: int) -> tuple[float, str, float]:
-  """(lower bound on seconds per call, "compute" or "memory", images/s per chip)."""
+def roofline(report: Report, chip: Chip, devices: int) -> tuple[float, float, str, float]:
+  """(seconds per call at the bf16 peak, at the HBM bandwidth, which binds: "compute" or
+  "memory", images/s per chip at the larger)."""
   compute = report.flops / (chip.bf16_tflops * 1e12)
   memory = report.bytes_accessed / (chip.hbm_gbps * 1e9)
   bound = max(compute, memory)
-  return bound, "compute" if compute >= memory else "memory", report.images / devices / max(bound, 1e-12)
+  return compute, memory, "compute" if compute >= memory else "memory", report.images / devices / max(bound, 1e-12)
 
 
 def format_collectives(report: Report) -> str:
@@ -482,7 +499,7 @@ def format_collectives(report: Report) -> str:
 
 
 TABLE_HEADER = ("| program | images/call (per chip) | args GiB | temps GiB | outputs GiB | total GiB (of HBM) | GFLOP/chip "
-                "| GB/chip | roofline ms (binds) | images/s/chip ceiling | collectives (count, bytes/chip) | compile s |\n"
+                "| GB/chip | roofline ms: compute / memory (binds) | images/s/chip ceiling | collectives (count, bytes/chip) | compile s |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -490,10 +507,11 @@ def table_row(r: Report, tpu: Slice) -> str:
   n = len(tpu.devices)
   if r.error:
     return f"| {r.program} | {r.images} ({r.images // n}) | failed: {r.error} |"
-  bound, binds, rate = roofline(r, tpu.chip, n)
+  compute, memory, binds, rate = roofline(r, tpu.chip, n)
   return (f"| {r.program} | {r.images} ({r.images / n:g}) | {r.arguments / GiB:.2f} | {r.temporaries / GiB:.2f} | "
           f"{r.outputs / GiB:.2f} | {r.total / GiB:.2f} ({100 * r.total / (tpu.chip.hbm_gib * GiB):.0f}% of "
-          f"{tpu.chip.hbm_gib:g}) | {r.flops / 1e9:.1f} | {r.bytes_accessed / 1e9:.2f} | {bound * 1e3:.2f} ({binds}) | "
+          f"{tpu.chip.hbm_gib:g}) | {r.flops / 1e9:.1f} | {r.bytes_accessed / 1e9:.2f} | {compute * 1e3:.1f} / "
+          f"{memory * 1e3:.1f} ({binds}) | "
           f"{rate:.0f} | {format_collectives(r)} | {r.compile_s:.0f} |")
 
 

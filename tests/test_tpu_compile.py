@@ -77,12 +77,43 @@ def test_the_train_step_compiles_for_a_tpu_slice_as_a_run_needs(tpu_compile, com
   assert tpu_compile.products_by_precision(hlo, "emim/models/")["default"] > 0
 
 
+def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile):
+  tpu = tpu_compile.tpu_slice("v5e:2x2")
+  mesh = tpu_compile.sharding.make_mesh(tpu.devices)
+  x = jax.ShapeDtypeStruct((64 * 1024, 16 * 1024), np.float32, sharding=tpu_compile.sharding.replicated(mesh))
+  report = tpu_compile.analyse("big", jax.jit(lambda x: jax.numpy.sin(x) @ x.T).lower(x), 8, 4)  # 20 GiB > 16
+  assert report.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM" in report.error
+  assert "\n" not in report.error and "failed: RESOURCE_EXHAUSTED" in tpu_compile.table_row(report, tpu)
+
+
 def test_a_batch_that_does_not_split_over_the_chips_is_one_line(tpu_compile):
   result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tpu_compile.py"),
                            "--config=configs/synthetic.py:runlocal", "--topology=v5e:2x4", "--batch=36"],
                           capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert result.returncode != 0
   assert "The global batch 36 does not split over the 8 chips of v5litepod-8: --batch 32 would." in result.stderr
+
+
+def test_one_bf16_pass_rounds_default_products_and_leaves_the_statistics_float32():
+  """benchmarks/matmul_precision.py's replay of a TPU's default float32 product on the
+  CPU, and the objective's products marked HIGHEST, which it (like a TPU) leaves exact."""
+  from emim import objectives as O
+
+  spec = importlib.util.spec_from_file_location("emim_matmul_precision", REPO / "benchmarks" / "matmul_precision.py")
+  replay = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(replay)
+  z = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+  centred = z - z.mean(0)
+  plain = lambda a: a.T @ a / a.shape[0]
+  bf16 = lambda a: a.astype(jax.numpy.bfloat16).astype(np.float64)
+  with replay.one_bf16_pass():
+    jax.clear_caches()
+    rounded, statistic = np.asarray(jax.jit(plain)(centred)), np.asarray(jax.jit(O.covariance)(z))
+  jax.clear_caches()
+  exact = centred.astype(np.float64).T @ centred.astype(np.float64) / 64
+  np.testing.assert_allclose(rounded, bf16(centred).T @ bf16(centred) / 64, rtol=1e-5, atol=1e-6)
+  assert np.abs(rounded - exact).max() > 1e-3  # the pass moved it
+  np.testing.assert_allclose(statistic, exact, rtol=1e-5, atol=1e-6)  # HIGHEST: untouched
 
 
 def test_the_launch_script_dry_run_prints_the_gcloud_commands(tmp_path):
