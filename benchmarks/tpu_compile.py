@@ -66,7 +66,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax._src import config as jax_config  # noqa: E402
 
 from emim import sharding, train  # noqa: E402
 from emim.backbone import backbone_from_model_config, model_config_of  # noqa: E402
@@ -352,10 +351,7 @@ class Report:
 def analyse(program: str, lowered, images: int, devices: int) -> Report:
   t0 = time.perf_counter()
   try:
-    # Not through JAX's persistent cache (the tests set one): a TPU executable is written
-    # there, but reading it back needs a TPU client, so each later read only warns.
-    with jax_config.enable_compilation_cache(False):
-      compiled = lowered.compile()
+    compiled = lowered.compile()
   except Exception as e:  # what the TPU compiler rejects (or a program that cannot fit)
     return Report(program, images, time.perf_counter() - t0, error=one_line(e))
   report = Report(program, images, time.perf_counter() - t0)
