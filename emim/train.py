@@ -380,7 +380,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     _check_deterministic(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh)
-    replicated = sharding.replicated(mesh)
 
     # --- Data: on the devices (CIFAR) or streamed from host workers (ImageNet) -------
     t0 = time.perf_counter()
