@@ -90,6 +90,16 @@ def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile)
   assert "\n" not in report.error and "failed: RESOURCE_EXHAUSTED" in tpu_compile.table_row(report, tpu)
 
 
+def test_max_batch_doubles_then_bisects_to_the_largest_multiple_that_fits(tpu_compile, monkeypatch):
+  tried = []
+  monkeypatch.setattr(tpu_compile, "fits", lambda config, tpu, batch: tried.append(batch) or batch <= 1000)
+  config = load_config("synthetic", "runlocal")
+  with config.unlocked():
+    config.train.batch_size = 256
+  assert tpu_compile.max_batch(config, None, 64) == 960
+  assert tried == [256, 512, 1024, 768, 896, 960]
+
+
 def test_a_batch_that_does_not_split_over_the_chips_is_one_line(tpu_compile):
   result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tpu_compile.py"),
                            "--config=configs/synthetic.py:runlocal", "--topology=v5e:2x4", "--batch=36"],
