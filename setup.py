@@ -36,6 +36,10 @@ setup(
         # gs:// work directories: etils.epath reads and writes them through gcsfs (Orbax's
         # checkpoint arrays go through TensorStore, which speaks GCS itself).
         "gcs": ["gcsfs"],
+        # libtpu (about 680 MB), for a Cloud TPU VM, and on any machine for compiling emim's
+        # programs ahead of time for TPU slices (benchmarks/tpu_compile.py, the TPU compile
+        # tests). jax's own tpu extra pins the libtpu built for the installed jax.
+        "tpu": ["jax[tpu]"],
         # python -m emim.plots and the experiments' figures.
         "plots": ["matplotlib"],
         # The GCS emulator lets the tests run a gs:// work directory without the network.

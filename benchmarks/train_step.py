@@ -54,28 +54,27 @@ def timed(step, state, args, steps: int, warmup: int = 5) -> tuple[float, float]
   return compile_s, (time.perf_counter() - t0) / steps
 
 
-def model_step_row(config, batch: int, steps: int, dtype: str, mesh) -> tuple[float, float]:
-  """The PyTorch reference's step, in emim's modules."""
+def model_step(config, dtype: str):
+  """The PyTorch reference's step, in emim's modules: ``(step(state, x1, x2) -> (state,
+  loss), init(key) -> state)``, neither jitted."""
   cdtype = parse_dtype(dtype)
   backbone = make_backbone(config.model.backbone, config.model.width, config.model.cifar_stem, cdtype)
   projector = MLP((2048, 2048, 2048), dtype=cdtype)
   size = config.data.image_size
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
 
   def forward(variables, x):
     feats, bb_stats = backbone.apply(variables["backbone"], x, train=True, mutable=["batch_stats"])
     z, head_stats = projector.apply(variables["head"], feats, train=True, mutable=["batch_stats"])
     return z, (bb_stats, head_stats)
 
-  key = jax.random.PRNGKey(0)
-  x = jnp.zeros((2, size, size, 3))
-  variables = {"backbone": backbone.init(key, x, train=False)}
-  variables["head"] = projector.init(key, jnp.zeros((2, backbone.feature_dim)), train=False)
-  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-  params = jax.tree.map(lambda v: v["params"], variables, is_leaf=lambda v: "params" in v)
-  stats = jax.tree.map(lambda v: v["batch_stats"], variables, is_leaf=lambda v: "params" in v)
-  state = (params, stats, tx.init(params))
+  def init(key):
+    variables = {"backbone": backbone.init(key, jnp.zeros((2, size, size, 3)), train=False)}
+    variables["head"] = projector.init(key, jnp.zeros((2, backbone.feature_dim)), train=False)
+    params = jax.tree.map(lambda v: v["params"], variables, is_leaf=lambda v: "params" in v)
+    stats = jax.tree.map(lambda v: v["batch_stats"], variables, is_leaf=lambda v: "params" in v)
+    return (params, stats, tx.init(params))
 
-  @functools.partial(jax.jit, donate_argnums=0)
   def step(state, x1, x2):
     params, stats, opt_state = state
 
@@ -89,10 +88,18 @@ def model_step_row(config, batch: int, steps: int, dtype: str, mesh) -> tuple[fl
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
+  return step, init
+
+
+def model_step_row(config, batch: int, steps: int, dtype: str, mesh) -> tuple[float, float]:
+  """The PyTorch reference's step (``model_step``), timed."""
+  step, init = model_step(config, dtype)
+  key = jax.random.PRNGKey(0)
+  size = config.data.image_size
   spec = sharding.batch_sharding(mesh)
   x1 = jax.device_put(jax.random.normal(key, (batch, size, size, 3)), spec)
   x2 = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), (batch, size, size, 3)), spec)
-  return timed(step, state, (x1, x2), steps)
+  return timed(jax.jit(step, donate_argnums=0), jax.jit(init)(key), (x1, x2), steps)
 
 
 def _device_dataset(config, batch: int, mesh):

@@ -5,12 +5,15 @@ A mistyped config field (``--config.train.batchsize=3``) fails inside absl's fla
 as a chain of KeyError and AttributeError tracebacks; ``parse_flags`` turns it into one
 line naming the flag and, when ml_collections has one, the field meant. Errors of the
 programs themselves that name their fix (a missing dataset, a busy work directory, an
-unreadable checkpoint, ...) are printed as their message and exit with status 1.
+unreadable checkpoint, ...) are printed as their message and exit with status 1. On a
+machine without an accelerator, JAX runs on the CPU without probing for a TPU
+(``cpu_without_accelerator``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 
@@ -91,11 +94,39 @@ def explain(error: BaseException) -> str | None:
   return None
 
 
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def cpu_without_accelerator() -> None:
+  """Run JAX on the CPU, without first trying a TPU, where libtpu is installed (the tpu
+  extra, which CI and benchmarks/tpu_compile.py use) but this machine has no TPU and no
+  GPU. Otherwise JAX, with ``JAX_PLATFORMS`` unset, starts libtpu first: it prints errors
+  about the TPU it cannot find and holds /tmp/libtpu_lockfile for the whole process.
+  Acts only before JAX starts its backends, and never when ``JAX_PLATFORMS`` is set."""
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  if any(os.path.exists(path) for path in _GPU_DEVICE_FILES):
+    return
+  try:  # the TPU chips on this machine's PCI bus, as JAX counts them
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+      return
+  except (ImportError, AttributeError, OSError):  # another JAX: leave the choice to it
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+
+
 def run(main) -> None:
   """``app.run(main)``, with clean messages for what a user can fix."""
 
   @functools.wraps(main)
   def guarded(argv):
+    cpu_without_accelerator()
     try:
       return main(argv)
     except KeyboardInterrupt:

@@ -133,11 +133,20 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
 
 
 
-def compile_train_step(parts: StepParts, data, state: TrainState, state_sharding, mesh):
-  """The one place the train step is compiled: ``fn(state, input, interval) -> (state,
-  interval)``, the step (``data.step_fn``: its batch gathered on the device, or a streamed
-  batch) followed by folding its metrics into the logging interval's (``step_metrics``),
-  so that neither costs a host round trip. Returns (fn, the empty interval)."""
+def state_shapes(parts: StepParts, mesh):
+  """(the train state's shapes, its sharding): replicated on every device of ``mesh``."""
+  abstract = jax.eval_shape(functools.partial(init_state, parts), jax.random.PRNGKey(0))
+  return abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+
+
+def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
+  """The train step as the loop compiles it, lowered for ``mesh`` but not compiled:
+  ``fn(state, input, interval) -> (state, interval)``, the step (``data.step_fn``: its
+  batch gathered on the device, or a streamed batch) followed by folding its metrics into
+  the logging interval's (``step_metrics``), so that neither costs a host round trip.
+  ``state`` and ``data.example_input()`` may be abstract (``jax.ShapeDtypeStruct``): a
+  mesh of another machine's devices compiles it ahead of time (benchmarks/tpu_compile.py).
+  Returns (the lowered program, the empty interval as host arrays)."""
   replicated = sharding.replicated(mesh)
   # Jitted on its own so that it is traced once: for the metrics' shapes here, and again
   # (from jit's cache) inside the program below, where it is inlined.
@@ -149,12 +158,20 @@ def compile_train_step(parts: StepParts, data, state: TrainState, state_sharding
 
   example = data.example_input()
   _, metric_shapes = jax.eval_shape(step, state, example)
-  empty = jax.device_put(step_metrics.empty(metric_shapes), replicated)
+  empty = step_metrics.empty(metric_shapes)
   interval_sharding = jax.tree.map(lambda _: replicated, empty)
-  compiled = jax.jit(
+  abstract_empty = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), empty)
+  lowered = jax.jit(
       step_and_accumulate, in_shardings=(state_sharding, data.input_sharding, interval_sharding),
-      out_shardings=(state_sharding, interval_sharding), donate_argnums=0).lower(state, example, empty).compile()
-  return compiled, empty
+      out_shardings=(state_sharding, interval_sharding), donate_argnums=0).lower(state, example, abstract_empty)
+  return lowered, empty
+
+
+def compile_train_step(parts: StepParts, data, state: TrainState, state_sharding, mesh):
+  """The one place the train step is compiled (``lower_train_step``, then compiled for
+  this machine's devices). Returns (fn, the empty interval on the devices)."""
+  lowered, empty = lower_train_step(parts, data, state, state_sharding, mesh)
+  return lowered.compile(), jax.device_put(empty, sharding.replicated(mesh))
 
 
 # Step metrics that are not loss terms; the progress line shows the rest (the loss, the
@@ -405,7 +422,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     _check_deterministic(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh)
-    replicated = sharding.replicated(mesh)
 
     # --- Data: on the devices (CIFAR) or streamed from host workers (ImageNet) -------
     t0 = time.perf_counter()
@@ -429,8 +445,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     # run of this config in this process reuses them (emim.compiled).
     program_key = compiled.key_of(config.to_json_best_effort(sort_keys=True), data.num_classes, steps_per_epoch,
                                   total_steps, [d.id for d in mesh.devices.flat], str(mesh))
-    abstract = compiled.once("abstract_state", program_key, lambda: jax.eval_shape(init_fn, rng))
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh))
     checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
     state = restore_or_init(config, checkpointer, ckpt_lib.abstract_like(abstract, state_sharding), data)

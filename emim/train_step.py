@@ -322,6 +322,20 @@ def epoch_permutation(rng: Array, epoch: Array, n: int) -> Array:
   return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, _DATA_STREAM), epoch), n)
 
 
+def as_rows(array):
+  """A dataset array as the devices hold it: one row per example, (N, H * W * C) for
+  images. On a TPU the layout of a (N, H, W, C) uint8 array puts the examples in the
+  minor dimension, so gathering a batch from it copied the whole set to another layout
+  every step (CIFAR-10 on a v5e: 0.58 GiB of temporaries and 1 GB of memory traffic per
+  step, benchmarks/tpu_compile.py); the rows of a 2-D array are gathered where they lie."""
+  return array.reshape(array.shape[0], -1)
+
+
+def as_examples(batch: Batch, example_shape: tuple[int, ...]) -> Batch:
+  """A batch gathered from rows (``as_rows``) with its inputs in their example shape."""
+  return {k: v if k == "labels" else v.reshape(v.shape[:1] + tuple(example_shape)) for k, v in batch.items()}
+
+
 def take_batch(dataset: Batch, perm: Array, offset: Array, batch_size: int, batch_sharding) -> Batch:
   """Batch number ``offset`` of an epoch visiting ``dataset`` in the order ``perm``."""
   idx = jax.lax.dynamic_slice(perm, (offset * batch_size,), (batch_size,))
@@ -342,6 +356,7 @@ def gather_batch(dataset: Batch, rng: Array, step: Array, batch_size: int, batch
 
 
 def device_data_step(state: TrainState, dataset: Batch, parts: StepParts, batch_size: int, batch_sharding):
-  """gather_batch then train_step, as one jitted program."""
-  batch = gather_batch(dataset, state.rng, state.step, batch_size, batch_sharding)
+  """gather_batch then train_step, as one jitted program; ``dataset`` held as rows
+  (``as_rows``) or in its example shape."""
+  batch = as_examples(gather_batch(dataset, state.rng, state.step, batch_size, batch_sharding), parts.input_shape)
   return train_step(state, batch, parts)

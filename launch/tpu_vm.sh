@@ -1,23 +1,45 @@
 #!/usr/bin/env bash
-# A Cloud TPU VM slice: this checkout copied to every host, installed with the gcs extra
-# and the TPU wheels, then the same command on every host, one JAX process per host.
-#   launch/tpu_vm.sh TPU_NAME ZONE configs/imagenet1k.py gs://BUCKET/runs/in1k [overrides...]
+# A Cloud TPU VM slice that exists already (this script creates none): this checkout
+# copied to every host, installed with the gcs and tpu extras, then the same command on
+# every host, one JAX process per host.
+#   launch/tpu_vm.sh [--dry_run] TPU_NAME ZONE configs/imagenet1k.py gs://BUCKET/runs/in1k [overrides...]
+# --dry_run prints the commands (gcloud's included) instead of running them.
 # The work directory must be one that every host reaches: a gs:// path (the hosts'
 # service account needs write access to the bucket). The ImageNet TFDS data must be
 # prepared as ArrayRecord where --config.data.tfds_data_dir points (gs:// works too).
+# Which slice a config needs, and its launch command: the README's "Cloud TPU" section.
 set -euo pipefail
-tpu=${1:?TPU name}; zone=${2:?zone}; config=${3:?config}; workdir=${4:?workdir}
+dry_run=0
+if [[ "${1:-}" == "--dry_run" ]]; then dry_run=1; shift; fi
+usage="usage: launch/tpu_vm.sh [--dry_run] TPU_NAME ZONE CONFIG gs://BUCKET/WORKDIR [--config.FIELD=VALUE ...]"
+if (($# < 4)); then echo "$usage" >&2; exit 2; fi
+tpu=$1; zone=$2; config=$3; workdir=$4
 shift 4
 case "$workdir" in
   gs://*) ;;
   *) echo "The work directory must be a gs:// path every host can reach, not $workdir." >&2; exit 2 ;;
 esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
+if [[ ! -f "$repo/${config%%:*}" ]]; then
+  echo "No config ${config%%:*} in $repo (the configs are configs/*.py)." >&2; exit 2
+fi
 overrides=$(printf ' %q' "$@")
-bundle=$(mktemp -d)/emim.tar.gz
-tar -C "$repo" --exclude=.git --exclude='*.npz' --exclude=runs --exclude=.emim_cache -czf "$bundle" .
-gcloud compute tpus tpu-vm scp "$bundle" "$tpu":emim.tar.gz --zone="$zone" --worker=all
-gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
-  rm -rf ~/emim && mkdir ~/emim && tar -C ~/emim -xzf ~/emim.tar.gz && cd ~/emim &&
-  pip install -q '.[gcs]' 'jax[tpu]' &&
-  python -m emim.main --distributed --config=$config --workdir=$workdir$overrides"
+if ((dry_run)); then bundle=/tmp/emim-bundle/emim.tar.gz; else bundle=$(mktemp -d)/emim.tar.gz; fi
+
+run() {  # a command, or with --dry_run its line (arguments with spaces or quotes in single quotes)
+  if ((dry_run)); then
+    local out=() arg
+    for arg in "$@"; do
+      if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then out+=("$arg"); else out+=("'${arg//\'/\'\\\'\'}'"); fi
+    done
+    echo "${out[*]}"
+  else
+    "$@"
+  fi
+}
+
+remote="rm -rf ~/emim && mkdir ~/emim && tar -C ~/emim -xzf ~/emim.tar.gz && cd ~/emim && \
+pip install -q '.[gcs,tpu]' && python -m emim.main --distributed --config=$config --workdir=$workdir$overrides"
+run tar -C "$repo" --exclude=.git --exclude='*.npz' --exclude=runs --exclude=.emim_cache -czf "$bundle" .
+run gcloud compute tpus tpu-vm scp "$bundle" "$tpu":emim.tar.gz --zone="$zone" --worker=all
+run gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="$remote"

@@ -373,47 +373,19 @@ def test_cifar_recipe_gives_emmi_fewer_dimensions_than_samples_and_leaves_other_
   assert load_config("imagenet1k", "byol").method.target_momentum == 0.996
 
 
-class _AbstractData:
-  """What compile_train_step needs of a data source, as shapes only: the real configs'
-  steps compile without their datasets."""
-
-  def __init__(self, real_data_class, config, mesh, example):
-    self._real, self._config, self._mesh, self._example = real_data_class, config, mesh, example
-
-  def step_fn(self, parts):
-    stub = object.__new__(self._real)
-    stub._mesh, stub._batch_size = self._mesh, self._config.train.batch_size
-    return stub.step_fn(parts)
-
-  @property
-  def input_sharding(self):
-    return sharding.replicated(self._mesh) if self._real.__name__ == "DeviceData" else sharding.batch_sharding(self._mesh)
-
-  def example_input(self):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.input_sharding), self._example)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10", "imagenet1k"])
 def test_the_real_configs_train_step_compiles_ahead_of_time(name):
   """The configs users run (ResNet-18 on CIFAR-10 from device-resident data; ResNet-50 at
   224x224 in bf16, streamed, global batch 1024), compiled for 8 devices from shapes."""
-  from emim.data.pipeline import DeviceData, StreamData
-  from emim.train_step import init_state
+  from emim.data.pipeline import DataShapes
 
   config = load_config(name, None)
   mesh = sharding.make_mesh()
-  size, n = config.data.image_size, config.train.batch_size
-  if config.data.stream:
-    data = _AbstractData(StreamData, config, mesh, {"views": np.zeros((n, 2, size, size, 3), np.uint8),
-                                                    "labels": np.zeros((n,), np.int32)})
-  else:
-    data = _AbstractData(DeviceData, config, mesh, {"images": np.zeros((50000, size, size, 3), np.uint8),
-                                                    "labels": np.zeros((50000,), np.int32)})
-  parts = train.build_parts(config, config.data.num_classes, 50000 // n, 100)
   replicated = sharding.replicated(mesh)
-  abstract = jax.eval_shape(lambda: init_state(parts, jax.random.PRNGKey(0)))
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  data = DataShapes(config, mesh, 50000)  # the shapes of DeviceData's or StreamData's input, no data
+  parts = train.build_parts(config, config.data.num_classes, 50000 // config.train.batch_size, 100)
+  abstract, state_sharding = train.state_shapes(parts, mesh)
   state = ckpt_lib.abstract_like(abstract, state_sharding)
   compiled, _ = train.compile_train_step(parts, data, state, state_sharding, mesh)
   assert compiled.output_shardings[0].step == replicated  # the state stays replicated

@@ -17,19 +17,30 @@ import dataclasses
 import functools
 import logging
 
+import jax
 import ml_collections
 import numpy as np
 
 from emim import sharding
+from emim.config_base import VECTOR_SOURCES
 from emim.data import sources, streaming
 from emim.data.dataset import DatasetError, ImageDataset
-from emim.train_step import device_data_step, train_step
+from emim.train_step import as_rows, device_data_step, train_step
 
 
 def _subset(dataset, n: int, seed: int):
   """n random examples of an ImageDataset or VectorDataset (the same type back)."""
   idx = np.random.default_rng(seed).permutation(len(dataset))[:n]
   return dataclasses.replace(dataset, **{dataset.input_key: dataset.inputs[idx]}, labels=dataset.labels[idx])
+
+
+def _device_step_fn(parts, mesh, batch_size: int):
+  return functools.partial(device_data_step, parts=parts, batch_size=batch_size,
+                           batch_sharding=sharding.batch_sharding(mesh))
+
+
+def _streamed_step_fn(parts):
+  return functools.partial(train_step, parts=parts)
 
 
 class DeviceData:
@@ -42,7 +53,7 @@ class DeviceData:
     evaluator asks for it."""
     self.train, self._mesh, self._batch_size, self._load_test = train, mesh, batch_size, load_test
     replicated = sharding.replicated(mesh)
-    self._on_device = {train.input_key: sharding.put_global(train.inputs, replicated),
+    self._on_device = {train.input_key: sharding.put_global(as_rows(train.inputs), replicated),
                        "labels": sharding.put_global(train.labels, replicated)}
     logging.info("Data on device: %d %s of %s.", len(train), train.input_key, train.inputs.shape[1:])
 
@@ -60,8 +71,7 @@ class DeviceData:
 
   def step_fn(self, parts):
     """(state, the whole dataset) -> (state, metrics): the batch is gathered inside."""
-    return functools.partial(device_data_step, parts=parts, batch_size=self._batch_size,
-                             batch_sharding=sharding.batch_sharding(self._mesh))
+    return _device_step_fn(parts, self._mesh, self._batch_size)
 
   @property
   def input_sharding(self):
@@ -125,7 +135,7 @@ class StreamData:
 
   def step_fn(self, parts):
     """(state, a global batch) -> (state, metrics)."""
-    return functools.partial(train_step, parts=parts)
+    return _streamed_step_fn(parts)
 
   @property
   def input_sharding(self):
@@ -157,6 +167,41 @@ class StreamData:
   def test_subset(self, n: int, seed: int = 0) -> ImageDataset:
     records, _, _ = streaming.stream_source(self._cfg, "test")
     return self._decoded(records, n, seed)
+
+
+class DataShapes:
+  """The training data as a run on ``mesh`` would feed it, shapes only (no data read):
+  the step (``step_fn``) and ``input_sharding`` of ``DeviceData`` or ``StreamData`` for
+  ``config``, and ``example_input()`` as ``jax.ShapeDtypeStruct``s, so that a config's
+  step compiles ahead of time for devices this machine does not have
+  (``train.lower_train_step``; benchmarks/tpu_compile.py)."""
+
+  iterator = None
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, num_examples: int):
+    """``num_examples``: the training set's size (a device-resident set's first dimension)."""
+    self._mesh, self._batch_size, self.num_examples = mesh, config.train.batch_size, num_examples
+    self.streamed = config.data.stream
+    key = "vectors" if config.data.source in VECTOR_SOURCES else "images"
+    shape, dtype = sources.input_shape(config.data), np.float32 if key == "vectors" else np.uint8
+    if self.streamed:  # the host's two random resized crops of each image (StreamData)
+      rows, shape = self._batch_size, (2,) + shape
+      key = "views"
+    else:  # the whole training set, replicated, a row per example (DeviceData)
+      rows, shape = num_examples, (int(np.prod(shape)),)
+    spec = self.input_sharding
+    self._example = {key: jax.ShapeDtypeStruct((rows,) + shape, dtype, sharding=spec),
+                     "labels": jax.ShapeDtypeStruct((rows,), np.int32, sharding=spec)}
+
+  def step_fn(self, parts):
+    return _streamed_step_fn(parts) if self.streamed else _device_step_fn(parts, self._mesh, self._batch_size)
+
+  @property
+  def input_sharding(self):
+    return sharding.batch_sharding(self._mesh) if self.streamed else sharding.replicated(self._mesh)
+
+  def example_input(self):
+    return self._example
 
 
 def make_train_data(config: ml_collections.ConfigDict, mesh, cache_dir: str):

@@ -17,9 +17,11 @@ from emim.backbone import backbone_from_model_config, extract_features, model_co
 from emim.data.dataset import DatasetError
 from emim.evaluators import Context, register
 from emim.objectives import l2_normalize
+from emim.objectives.precision import float32_products
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "num_classes"))
+@float32_products  # the similarities decide the neighbours (emim/objectives/precision.py)
 def _knn_chunk(train_feats, train_onehot, test_feats, test_labels, ks, num_classes, temperature):
   sims = test_feats @ train_feats.T
   top_sims, top_idx = jax.lax.top_k(sims, max(ks))

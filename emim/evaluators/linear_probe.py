@@ -12,7 +12,6 @@ Test features are always centre features. Deterministic in the seed.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -26,7 +25,7 @@ import optax
 from emim import sharding
 from emim.backbone import Backbone, features_and_labels
 from emim.data import augment
-from emim.train_step import epoch_permutation, take_batch
+from emim.train_step import as_examples, as_rows, epoch_permutation, take_batch
 
 MODES = ("augmented", "features")
 
@@ -64,13 +63,78 @@ def topk_accuracy(logits, labels, k: int) -> float:
   return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
-def _probe_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int) -> optax.GradientTransformation:
+def probe_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int) -> optax.GradientTransformation:
+  """The probe's optimiser (``cfg``: the config's eval fields), its rate scaled by the batch."""
   schedule = optax.cosine_decay_schedule(cfg.probe_lr * batch_size / 256.0, max(total_steps, 1))
   if cfg.probe_optimizer == "lars":
     return optax.lars(schedule, weight_decay=cfg.probe_weight_decay, momentum=0.9)
   if cfg.probe_optimizer == "sgd":
     return optax.chain(optax.add_decayed_weights(cfg.probe_weight_decay), optax.sgd(schedule, momentum=0.9))
   raise ValueError(f"Unknown probe optimizer {cfg.probe_optimizer!r}; choose 'sgd' or 'lars'.")
+
+
+def probe_batch_size(cfg: ml_collections.ConfigDict, num_examples: int, mesh) -> int:
+  """The probe's global batch: ``cfg.probe_batch_size`` (at most the training set),
+  rounded down to a multiple of the devices."""
+  batch_size = min(cfg.probe_batch_size, num_examples)
+  batch_size -= batch_size % mesh.devices.size
+  sharding.check_batch_size(batch_size, mesh)
+  return batch_size
+
+
+def init_probe_state(backbone: Backbone, num_classes: int, tx: optax.GradientTransformation, seed: int) -> ProbeState:
+  """The probe's zero-initialised classifier and its optimiser state."""
+  params = {"kernel": jnp.zeros((backbone.feature_dim, num_classes)), "bias": jnp.zeros((num_classes,))}
+  return ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+
+
+def probe_step_fn(backbone: Backbone, tx: optax.GradientTransformation, mode: str, precropped: bool):
+  """The probe's step ``(state, {"inputs", "labels"}, backbone variables) -> (state,
+  loss)``: in the "augmented" mode the inputs are uint8 images, augmented (a flip alone
+  when ``precropped``: streamed crops) and passed through the frozen backbone; in the
+  "features" mode they are the features."""
+  if mode == "features":
+    to_features = lambda variables, key, x: x
+  else:
+    to_features = lambda variables, key, x: backbone.model.apply(
+        variables, augment.normalize(_train_augment(backbone, key, x, precropped=precropped), backbone.mean,
+                                     backbone.std), train=False)
+
+  def train_step(state: ProbeState, batch, variables):
+    key = jax.random.fold_in(state.rng, state.step)
+    features = jax.lax.stop_gradient(to_features(variables, key, batch["inputs"]))
+
+    def loss_fn(params):
+      logits = _classifier(params, features)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
+
+  return train_step
+
+
+def probe_epoch_fn(train_step, num_examples: int, batch_size: int, batch_spec, example_shape: tuple[int, ...]):
+  """An epoch of ``train_step`` over a device-held set ``{"inputs", "labels"}`` (the
+  inputs as rows, ``as_rows``, of ``example_shape``):
+  ``(state, data, variables) -> (state, the last step's loss)``. One permutation per
+  epoch and the epoch's steps in a scan, in the training data's order: on precomputed
+  features a step is one small matrix product, and a permutation and a dispatch per step
+  would cost far more than the step."""
+  steps_per_epoch = num_examples // batch_size
+
+  def train_epoch(state: ProbeState, data, variables):
+    perm = epoch_permutation(state.rng, state.step // steps_per_epoch, num_examples)
+
+    def body(state, offset):
+      return train_step(state, as_examples(take_batch(data, perm, offset, batch_size, batch_spec), example_shape),
+                        variables)
+
+    state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
+    return state, losses[-1]
+
+  return train_epoch
 
 
 def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict,
@@ -96,60 +160,30 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
     raise ValueError(f"Unknown linear-probe mode {mode!r}; choose one of {MODES}.")
   mesh = mesh or sharding.make_mesh()
   replicated, batch_spec = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  batch_size = min(cfg.probe_batch_size, len(train))
-  batch_size -= batch_size % mesh.devices.size
-  sharding.check_batch_size(batch_size, mesh)
+  batch_size = probe_batch_size(cfg, len(train), mesh)
   steps_per_epoch = len(train) // batch_size
   total_steps = cfg.probe_epochs * steps_per_epoch
   features_fn = backbone.features_fn()
   t0 = time.perf_counter()
 
+  in_memory = mode == "features" or hasattr(train, "inputs")
   if mode == "features":
     inputs, labels = features[0] if features else features_and_labels(features_fn, train, cfg.batch_size, mesh, workers)
-    to_features = lambda variables, key, x: x
   else:
-    in_memory = hasattr(train, "inputs")
     inputs, labels = (train.inputs, train.labels) if in_memory else (None, None)
-    to_features = lambda variables, key, x: backbone.model.apply(
-        variables, augment.normalize(_train_augment(backbone, key, x, precropped=not in_memory), backbone.mean,
-                                     backbone.std), train=False)
 
-  tx = _probe_optimizer(cfg, batch_size, total_steps)
+  tx = probe_optimizer(cfg, batch_size, total_steps)
   num_classes = train.num_classes
-  params = {"kernel": jnp.zeros((backbone.feature_dim, num_classes)), "bias": jnp.zeros((num_classes,))}
-  state = ProbeState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
-
-  def train_step(state: ProbeState, batch, variables):
-    key = jax.random.fold_in(state.rng, state.step)
-    features = jax.lax.stop_gradient(to_features(variables, key, batch["inputs"]))
-
-    def loss_fn(params):
-      logits = _classifier(params, features)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
+  state = init_probe_state(backbone, num_classes, tx, seed)
+  train_step = probe_step_fn(backbone, tx, mode, precropped=not in_memory)
 
   variables = jax.device_put(backbone.variables, replicated)
   log_every_epochs = max(cfg.probe_epochs // 5, 1)
   loss = jnp.nan
   if inputs is not None:  # on the devices: a whole epoch is one program
-    data = {"inputs": sharding.put_global(inputs, replicated), "labels": sharding.put_global(labels, replicated)}
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_epoch(state: ProbeState, data, variables):
-      # One permutation per epoch and the epoch's steps in a scan, in the training
-      # data's order: on precomputed features a step is one small matrix product, and
-      # a permutation and a dispatch per step would cost far more than the step.
-      perm = epoch_permutation(state.rng, state.step // steps_per_epoch, len(labels))
-
-      def body(state, offset):
-        return train_step(state, take_batch(data, perm, offset, batch_size, batch_spec), variables)
-
-      state, losses = jax.lax.scan(body, state, jnp.arange(steps_per_epoch))
-      return state, losses[-1]
-
+    data = {"inputs": sharding.put_global(as_rows(inputs), replicated), "labels": sharding.put_global(labels, replicated)}
+    train_epoch = jax.jit(probe_epoch_fn(train_step, len(labels), batch_size, batch_spec, inputs.shape[1:]),
+                          donate_argnums=0)
     for epoch in range(1, cfg.probe_epochs + 1):
       state, loss = train_epoch(state, data, variables)
       if epoch % log_every_epochs == 0:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from emim.objectives.gaussian import _renyi2_rank_of_factor, centred, covariance, covariance_factors
+from emim.objectives.precision import float32_products
 
 Array = jax.Array
 
@@ -39,6 +40,7 @@ def effective_rank(z: Array) -> Array:
   return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
 
 
+@float32_products
 def rescaled_spectrum(z1: Array, z2: Array, eps: float, rescale_c: float = 1.0) -> dict[str, Array]:
   """Extreme eigenvalues of each symmetric-form statistic over beta = c * lambda_max.
 

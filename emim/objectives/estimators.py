@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from emim.objectives.gaussian import gaussian_mi, standardize
+from emim.objectives.precision import float32_products
 
 Array = jax.Array
 
@@ -57,6 +58,7 @@ def jsd(za: Array, zb: Array, tau: float = 1.0) -> Array:
   return positive - negative
 
 
+@float32_products
 def _leading_directions(sa: Array, sb: Array, k: int) -> Array:
   """(d, k) leading eigenvectors of the pooled covariance of two standardised views."""
   pooled = jnp.concatenate([sa, sb], axis=0)

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import special
 
 from emim.objectives import logdet as ld_lib
+from emim.objectives.precision import float32_products
 
 Array = jax.Array
 Form = Literal["joint", "symmetric"]
@@ -45,6 +46,7 @@ def standardize(z: Array, eps: float = 1e-5) -> Array:
   return zc * jax.lax.rsqrt(jnp.mean(zc * zc, axis=0, keepdims=True) + eps)
 
 
+@float32_products
 def covariance(a: Array, b: Array | None = None) -> Array:
   """cov(a, b) = (a - mean a)^T (b - mean b) / n, in float32."""
   ac = centred(a)
@@ -72,6 +74,7 @@ def covariance_factors(z1: Array, z2: Array, form: Form) -> dict[str, Array]:
   }
 
 
+@float32_products
 def _renyi2_rank_of_factor(x: Array) -> Array:
   """tr(A)^2 / tr(A^2) for A = x^T x: the effective rank from traces, no eigenvalues.
   Scale-free, so x is first brought to unit Frobenius norm: a run whose embedding scale
@@ -220,6 +223,7 @@ def average_emmi_states(a: dict[str, dict[str, Array]], b: dict[str, dict[str, A
   return {term: {k: average(k, a[term][k], b[term][k]) for k in a[term]} for term in a}
 
 
+@float32_products
 def _term_logdet(x: Array, term: dict[str, Array], cfg: EmmiConfig):
   """One log-determinant term, with smoothing when configured; returns its new state."""
   eig = {k: term[k] for k in ("v", "lam")} if "v" in term else None

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from emim.objectives.estimators import l2_normalize
 from emim.objectives.gaussian import centred, standardize
+from emim.objectives.precision import float32_products
 
 Array = jax.Array
 
@@ -34,6 +35,7 @@ def nt_xent(z1: Array, z2: Array, tau: float = 0.5, negatives: bool = True) -> t
   return loss, {"nt_xent": loss}
 
 
+@float32_products
 def barlow_twins(z1: Array, z2: Array, lambd: float = 5e-3) -> tuple[Array, dict[str, Array]]:
   """Barlow Twins: sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, C the cross-correlation
   of the batch-standardised embeddings."""
@@ -45,6 +47,7 @@ def barlow_twins(z1: Array, z2: Array, lambd: float = 5e-3) -> tuple[Array, dict
   return loss, {"bt_on_diag": on_diag, "bt_off_diag": off_diag}
 
 
+@float32_products
 def vicreg(
     z1: Array, z2: Array, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
     eps: float = 1e-4,
@@ -69,6 +72,7 @@ def vicreg(
   return loss, {"vic_invariance": invariance, "vic_variance": variance, "vic_covariance": covariance}
 
 
+@float32_products
 def taylor_dv(za: Array, zb: Array, lambd: float = 1.0) -> tuple[Array, dict[str, Array]]:
   """The canonical JMI prototype (Taylor-DV): -tr(Sab) + lambda/2 tr(Saa Sbb).
 

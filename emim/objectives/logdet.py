@@ -27,6 +27,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from emim.objectives.precision import float32_products
+
 Array = jax.Array
 Backend = Literal["cholesky", "eigh", "taylor"]
 Rescale = Literal["trace", "max_eig"]
@@ -95,6 +97,7 @@ def taylor_log(x: Array, order: int) -> Array:
   return sum(c * u ** (k + 1) for k, c in enumerate(taylor_coefficients(order)))
 
 
+@float32_products
 def power_traces(m: Array, order: int) -> list[Array]:
   """[tr(M), tr(M^2), ..., tr(M^order)] for a symmetric M, with matrix products only.
 
@@ -149,6 +152,7 @@ def eigh_logdet(a: Array) -> Array:
 # ----------------------------------------------------------------------------------
 # Tracking lambda_max for the rescaling.
 # ----------------------------------------------------------------------------------
+@float32_products
 def _power_iteration(matvec, v: Array, iters: int) -> tuple[Array, Array]:
   """(Rayleigh quotient, unit vector) after ``iters`` power iterations from v."""
 
@@ -211,6 +215,7 @@ def _use_gram(m: int, d: int, gram) -> bool:
   return (m < d) if gram == "auto" else bool(gram)
 
 
+@float32_products
 def covariance_logdet(
     x: Array, cfg: LogdetConfig, eig_state: dict[str, Array] | None = None
 ) -> tuple[Array, dict[str, Array] | None, dict[str, Array]]:
@@ -243,6 +248,7 @@ def covariance_logdet(
   return _backend_logdet(mat, n_eps, d, cfg, eig_state, lambda v: sg_x.T @ (sg_x @ v) + eps * v, jnp.sum(sg_x * sg_x))
 
 
+@float32_products
 def matrix_logdet(
     a: Array, cfg: LogdetConfig, eig_state: dict[str, Array] | None = None
 ) -> tuple[Array, dict[str, Array] | None, dict[str, Array]]:

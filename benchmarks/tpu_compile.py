@@ -1,0 +1,556 @@
+"""Every program a run uses, compiled ahead of time for a Cloud TPU slice on this machine
+(no TPU needed): what fits on a chip, what a step costs, what its roofline allows.
+
+    python benchmarks/tpu_compile.py --config=configs/imagenet1k.py --topology=v5e:4x4
+    python benchmarks/tpu_compile.py --config=configs/cifar10.py --topology=v5e:2x4 --max_batch
+    python benchmarks/tpu_compile.py --config=configs/imagenet1k.py --topology=v4:2x2x1 --batch 512 --programs train model
+
+Needs libtpu (``pip install -e ".[tpu]"``); JAX then describes a slice's chips from its
+topology (``jax.experimental.topologies``: generation, then chips per dimension, e.g.
+``v5e:2x4`` = v5litepod-8, ``v4:2x2x1`` = v4-8, ``v5p:2x2x1`` = v5p-8, ``v6e:2x4`` =
+v6e-8, ``v5e:8x8`` = v5litepod-64 on 16 hosts), and XLA's TPU compiler compiles for
+them on the CPU. The programs are built as a run builds them, on a mesh made like
+``sharding.make_mesh`` from the slice's devices, from abstract inputs (no data is read):
+
+  * ``train``: the train step as ``train.lower_train_step`` builds it for the config's
+    data path (``pipeline.DataShapes``: the batch gathered on the device from the
+    replicated training set, or the host's two crops streamed in), with the interval
+    metrics folded in;
+  * ``mi``: the MI tracker (``mi_tracker.make_mi_tracker``) on its fixed batch;
+  * ``features``: the evaluation program's feature extraction (``Backbone.apply``) on a
+    batch of ``eval.batch_size`` centre images;
+  * ``probe``: the linear probe's training (``linear_probe.probe_step_fn``): an epoch
+    (a scan over its steps) on a device-held set, or a step on streamed crops;
+  * ``model`` (not by default): benchmarks/train_step.py's ``model`` row, the network's
+    own forward and backward for two views (ResNet + 2048-2048-2048 projector, Barlow
+    Twins, SGD), at the config's batch and dtype.
+
+For each: memory per chip (arguments, temporaries, outputs; their sum, less what the
+donated state aliases, against the chip's HBM), FLOPs and bytes accessed per chip per
+call (XLA's cost analysis of the partitioned program), the roofline lower bound on the
+call's time from the chip's bf16 peak and HBM bandwidth (``CHIPS``; which of the two
+binds), the images/s per chip that bound allows, and the collectives in the compiled
+program (count and bytes per kind). The bound is a floor: float32 products at HIGHEST
+run at a sixth of the bf16 peak, and no kernel reaches the peak. A program the TPU
+compiler rejects (or that cannot fit) is one line, its error.
+
+``--max_batch`` also finds the largest global batch whose train step fits in HBM
+(doubling from the config's, then bisecting; a multiple of 8 per chip), a compile each.
+``--breakdown`` prints the step's FLOPs piece by piece (online encoder, target, predictor,
+objective, probe, augmentation, optimiser) beside the ``model`` row's, from lowered
+programs only (seconds, no compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import re
+import sys
+import time
+
+# libtpu reads these when JAX loads it (at the first topology), and would otherwise ask
+# the cloud metadata server what machine this is, and warn that it could not. This
+# machine runs JAX on its CPU; the TPU compiler is only asked for programs.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# libtpu takes /tmp/libtpu_lockfile for a process's lifetime (one TPU user per VM); any
+# JAX process here that probed for a TPU holds it. Compiling needs no chip to itself.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from emim import sharding, train  # noqa: E402
+from emim.backbone import backbone_from_model_config, model_config_of  # noqa: E402
+from emim.config_base import VECTOR_SOURCES, load_config_file  # noqa: E402
+from emim.data.pipeline import DataShapes  # noqa: E402
+from emim.data.sources import input_shape  # noqa: E402
+from emim.evaluators import linear_probe  # noqa: E402
+from emim.evaluators import mi_tracker  # noqa: E402
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_gib: float
+  bf16_tflops: float  # peak dense bf16 FLOP/s per chip, 1e12
+  hbm_gbps: float  # HBM bandwidth per chip, 1e9 bytes/s
+  slice_name: str  # Cloud's accelerator type for n chips, "{n}" filled in
+
+
+# Per chip, as Google publishes them (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e, the
+# "system architecture" tables, read 2026-11-30). v4 and v5p slices are named by
+# TensorCores (2 per chip), v5e and v6e by chips.
+CHIPS = {
+    "v4": Chip(hbm_gib=32, bf16_tflops=275, hbm_gbps=1228, slice_name="v4-{cores}"),
+    "v5e": Chip(hbm_gib=16, bf16_tflops=197, hbm_gbps=819, slice_name="v5litepod-{chips}"),
+    "v5p": Chip(hbm_gib=95, bf16_tflops=459, hbm_gbps=2765, slice_name="v5p-{cores}"),
+    "v6e": Chip(hbm_gib=32, bf16_tflops=918, hbm_gbps=1640, slice_name="v6e-{chips}"),
+}
+
+# Training-set sizes: a device-resident set is an input of the step (its whole size on
+# every chip); for a streamed one it sets only the schedule's constants.
+TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "imagenet2012": 1_281_167, "imagenet100": 126_689}
+
+PROGRAMS = ("train", "mi", "features", "probe")
+
+
+# ----------------------------------------------------------------------------------
+# The slice.
+# ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  topology: str
+  generation: str
+  chip: Chip
+  devices: tuple
+  hosts: int
+
+  @property
+  def name(self) -> str:
+    n = len(self.devices)
+    return self.chip.slice_name.format(chips=n, cores=2 * n)
+
+
+def tpu_slice(topology: str) -> Slice:
+  """The devices of a TPU slice, e.g. "v5e:2x4", for compiling on this machine."""
+  generation = topology.split(":")[0]
+  if generation not in CHIPS or ":" not in topology:
+    raise SystemExit(f"--topology={topology!r}: give a generation ({', '.join(CHIPS)}) and chips per dimension, e.g. "
+                     "v5e:2x4 (a v5litepod-8) or v4:2x2x1 (a v4-8).")
+  from jax.experimental import topologies
+
+  dims = [int(d) for d in topology.split(":")[1].split("x")]
+  options = {}
+  if generation in ("v4", "v5p"):  # a device per chip (its two TensorCores as one), as JAX runs them
+    options["chip_config_name"] = "megacore"
+  elif int(np.prod(dims)) <= 8:  # v5e-8 and v6e-8 are one VM of 8 chips (larger slices: VMs of 4)
+    options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
+  try:
+    devices = topologies.get_topology_desc(topology, "tpu", **options).devices
+  except Exception as e:  # libtpu absent, or a shape the generation does not come in
+    raise SystemExit(f"--topology={topology}: {one_line(e)} (libtpu installs with pip install -e \".[tpu]\").")
+  return Slice(topology, generation, CHIPS[generation], tuple(devices), len({d.process_index for d in devices}))
+
+
+def one_line(error: BaseException) -> str:
+  """An XLA error in one line: its first line, and the HLO instruction it names."""
+  text = str(error).strip()
+  first = text.splitlines()[0] if text else type(error).__name__
+  op = re.search(r"(%[\w.\-]+ = [^\n]{0,160})", text) or re.search(r'op_name="([^"]+)"', text)
+  return (first[:300] + (f" [at {op.group(1)}]" if op else "")).strip()
+
+
+# ----------------------------------------------------------------------------------
+# The programs, abstract.
+# ----------------------------------------------------------------------------------
+def _abstract(tree, spec):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), tree)
+
+
+def with_batch(config, batch: int | None):
+  config = config.copy_and_resolve_references()
+  if batch:
+    with config.unlocked():
+      config.train.batch_size = batch
+  return config
+
+
+def num_train_examples(config) -> int:
+  name = config.data.class_subset or config.data.tfds_name or config.data.source
+  return TRAIN_EXAMPLES.get(name, config.data.num_train)
+
+
+def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
+  """{program: (lowered, images per call)} for the config on ``mesh``."""
+  n_train = num_train_examples(config)
+  batch = config.train.batch_size
+  sharding.check_batch_size(batch, mesh)
+  steps_per_epoch = max(n_train // batch, 1)
+  total = config.train.num_steps or config.train.num_epochs * steps_per_epoch
+  parts = train.build_parts(config, config.data.num_classes, steps_per_epoch, total)
+  state, state_sharding = train.state_shapes(parts, mesh)
+  state = _abstract(state, sharding.replicated(mesh))
+  replicated, batch_spec = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  vectors = config.data.source in VECTOR_SOURCES
+  key, dtype = ("vectors", np.float32) if vectors else ("images", np.uint8)
+  out = {}
+  if "train" in programs:
+    lowered, _ = train.lower_train_step(parts, DataShapes(config, mesh, n_train), state, state_sharding, mesh)
+    out["train"] = (lowered, batch)
+  if "mi" in programs and config.eval.mi_every_steps != 0:
+    n, spec = mi_tracker.batch_layout(n_train, config.eval.mi_batch_size, mesh)
+    inputs = {key: jax.ShapeDtypeStruct((n,) + input_shape(config.data), dtype, sharding=spec)}
+    out["mi"] = (mi_tracker.make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4)).lower(state, inputs), n)
+  backbone = backbone_from_model_config(model_config_of(config), {})
+  shape = input_shape(config.data)
+  variables = _abstract(jax.eval_shape(lambda: backbone.model.init(jax.random.PRNGKey(0), np.zeros((1,) + shape,
+                                                                                                     np.float32),
+                                                                   train=False)), replicated)
+  if "features" in programs:
+    devices = mesh.devices.size
+    n = max(devices, config.eval.batch_size - config.eval.batch_size % devices)  # as backbone.extract_features
+    centre = shape if vectors else ((config.data.decode_size or config.data.image_size),) * 2 + (3,)
+    images = jax.ShapeDtypeStruct((n,) + centre, dtype, sharding=batch_spec)
+    out["features"] = (jax.jit(backbone.apply).lower(variables, images), n)
+  if "probe" in programs and not vectors and config.eval.probe_mode == "augmented":
+    n = linear_probe.probe_batch_size(config.eval, n_train, mesh)
+    tx = linear_probe.probe_optimizer(config.eval, n, config.eval.probe_epochs * (n_train // n))
+    probe_state = _abstract(jax.eval_shape(lambda: linear_probe.init_probe_state(
+        backbone, config.data.num_classes, tx, config.seed)), replicated)
+    step = linear_probe.probe_step_fn(backbone, tx, "augmented", precropped=config.data.stream)
+    if config.data.stream:  # a step on a batch of the host's crops
+      data = {"inputs": jax.ShapeDtypeStruct((n,) + shape, np.uint8, sharding=batch_spec),
+              "labels": jax.ShapeDtypeStruct((n,), np.int32, sharding=batch_spec)}
+      out["probe"] = (jax.jit(step, donate_argnums=0).lower(probe_state, data, variables), n)
+    else:  # an epoch on the training set held on the devices; per step below
+      data = {"inputs": jax.ShapeDtypeStruct((n_train, int(np.prod(shape))), np.uint8, sharding=replicated),
+              "labels": jax.ShapeDtypeStruct((n_train,), np.int32, sharding=replicated)}
+      epoch = linear_probe.probe_epoch_fn(step, n_train, n, batch_spec, shape)
+      out["probe"] = (jax.jit(epoch, donate_argnums=0).lower(probe_state, data, variables), n * (n_train // n))
+  if "model" in programs and not vectors:
+    reference = _load_benchmark("train_step")
+    step, init = reference.model_step(config, config.model.dtype)
+    model_state = _abstract(jax.eval_shape(init, jax.random.PRNGKey(0)), replicated)
+    x = jax.ShapeDtypeStruct((batch,) + shape, np.float32, sharding=batch_spec)
+    out["model"] = (jax.jit(step, donate_argnums=0).lower(model_state, x, x), batch)
+  return out
+
+
+def _load_benchmark(name: str):
+  path = pathlib.Path(__file__).resolve().parent / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"emim_benchmark_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# ----------------------------------------------------------------------------------
+# What the compiled program says.
+# ----------------------------------------------------------------------------------
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of the arrays in an HLO type, e.g. "(f32[8,128]{1,0}, bf16[4])"."""
+  return sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for t, dims in _SHAPE.findall(text))
+
+
+def _group_size(line: str, devices: int) -> int:
+  """The devices each replica group of a collective spans."""
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if m:
+    return len(m.group(1).split(","))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+  if m:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2))]))
+  return devices  # no groups: every device
+
+
+@dataclasses.dataclass
+class Collective:
+  count: int = 0
+  bytes: int = 0  # each op's result, per chip
+  widest_group: int = 0
+
+
+def collectives(hlo: str, devices: int) -> dict[str, Collective]:
+  """Per kind, the collectives of a compiled program (asynchronous ones counted at their
+  start; the bytes are each op's result on one chip; an async start's result holds its
+  operand too, so half of it is counted)."""
+  out = collections.defaultdict(Collective)
+  for line in hlo.splitlines():
+    m = _COLLECTIVE.match(line)
+    if not m:
+      continue
+    result, kind, start = m.groups()
+    size = shape_bytes(result)
+    if start and kind in ("all-gather", "collective-permute"):
+      size //= 2
+    c = out[kind]
+    c.count += 1
+    c.bytes += size
+    c.widest_group = max(c.widest_group, _group_size(line, devices))
+  return dict(out)
+
+
+def entry_parameters(hlo: str) -> list[str]:
+  """The per-chip shapes of the compiled program's parameters, from its entry layout."""
+  m = re.search(r"entry_computation_layout=\{\((.*?)\)->", hlo)
+  return [f"{t}[{d}]" for t, d in _SHAPE.findall(m.group(1))] if m else []
+
+
+def products_by_precision(hlo: str, path_part: str) -> collections.Counter:
+  """{"highest" | "default": count} of the matrix products (dot, convolution) whose
+  source line (the compiled program's stack frames) is in a file whose path contains
+  ``path_part``, e.g. "emim/objectives/"."""
+  files = dict(re.findall(r'^(\d+) "([^"]*)"', _section(hlo, "FileNames"), re.M))
+  locations = {i: f for i, f in re.findall(r"^(\d+) \{file_name_id=(\d+)", _section(hlo, "FileLocations"), re.M)}
+  frames = {i: (loc, parent) for i, loc, parent in
+            re.findall(r"^(\d+) \{file_location_id=(\d+)(?: parent_frame_id=(\d+))?", _section(hlo, "StackFrames"), re.M)}
+
+  def in_path(frame: str, depth: int = 0) -> bool:
+    if frame not in frames or depth > 64:
+      return False
+    loc, parent = frames[frame]
+    if path_part in files.get(locations.get(loc, ""), ""):
+      return True
+    return bool(parent) and parent != frame and in_path(parent, depth + 1)
+
+  counts = collections.Counter()
+  for line in hlo.splitlines():
+    if not re.search(r"= [^=]*\b(dot|convolution)\(", line):
+      continue
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    if frame and in_path(frame.group(1)):
+      counts["highest" if "operand_precision={highest,highest}" in line else "default"] += 1
+  return counts
+
+
+def _section(hlo: str, name: str) -> str:
+  m = re.search(rf"^{name}\n(.*?)(?:\n\n|\Z)", hlo, re.M | re.S)
+  return m.group(1) if m else ""
+
+
+@dataclasses.dataclass
+class Report:
+  program: str
+  images: int  # global images per call
+  compile_s: float
+  arguments: int = 0  # bytes per chip
+  temporaries: int = 0
+  outputs: int = 0
+  aliased: int = 0
+  flops: float = 0.0  # per chip per call
+  bytes_accessed: float = 0.0
+  collectives: dict = dataclasses.field(default_factory=dict)
+  error: str = ""
+  hlo: str = ""
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.temporaries + self.outputs - self.aliased
+
+
+def analyse(program: str, lowered, images: int, devices: int) -> Report:
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # what the TPU compiler rejects (or a program that cannot fit)
+    return Report(program, images, time.perf_counter() - t0, error=one_line(e))
+  report = Report(program, images, time.perf_counter() - t0)
+  memory = compiled.memory_analysis()
+  report.arguments, report.temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
+  report.outputs, report.aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  report.flops, report.bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  report.hlo = compiled.as_text()
+  report.collectives = collectives(report.hlo, devices)
+  return report
+
+
+def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None) -> list[Report]:
+  """Each program of ``config`` compiled for the slice, one at a time (a ResNet-50 step
+  takes minutes and GiBs of this machine's memory to compile); ``each(report)`` is
+  called as each is done."""
+  mesh = sharding.make_mesh(tpu.devices)
+  lowered = lower_programs(config, mesh, programs)
+  reports = []
+  for name in [p for p in programs if p in lowered]:
+    reports.append(analyse(name, *lowered.pop(name), len(tpu.devices)))
+    if each is not None:
+      each(reports[-1])
+  return reports
+
+
+def fits(config, tpu: Slice, batch: int) -> bool:
+  report = compile_config(with_batch(config, batch), tpu, ("train",))[0]
+  ok = not report.error and report.total <= tpu.chip.hbm_gib * GiB
+  why = report.error or f"{report.total / GiB:.2f} GiB"
+  print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s)", flush=True)
+  return ok
+
+
+def max_batch(config, tpu: Slice, multiple: int) -> int:
+  """The largest global batch, a multiple of ``multiple``, whose train step fits in HBM
+  (doubling from the config's, then bisecting); 0 when even ``multiple`` does not."""
+  lo, hi = 0, max(multiple, config.train.batch_size - config.train.batch_size % multiple)
+  while fits(config, tpu, hi):
+    lo, hi = hi, 2 * hi
+  while hi - lo > multiple:
+    mid = (lo + hi) // 2 // multiple * multiple
+    if mid in (lo, hi):
+      break
+    lo, hi = (mid, hi) if fits(config, tpu, mid) else (lo, mid)
+  return lo
+
+
+# ----------------------------------------------------------------------------------
+# Where the step's FLOPs go.
+# ----------------------------------------------------------------------------------
+def flops_breakdown(config) -> dict[str, float]:
+  """Global FLOPs per step of the train step and of its pieces, each lowered alone on the
+  step's shapes for one CPU device (XLA's cost analysis of the program before
+  partitioning and fusion, which only the CPU client gives; no compile): the
+  ``model`` row (the network's forward and backward of two views), the online encoder's
+  forward and backward of both views, the target's forwards, the predictor, the
+  objective's forward and backward, the online probe, the two augmented views, the
+  optimiser's update, and the whole step."""
+  from emim.methods import Views
+  from emim.train_step import _apply_views, make_views
+
+  import jax.numpy as jnp
+
+  mesh = sharding.make_mesh(jax.devices("cpu")[:1])
+  n_train = num_train_examples(config)
+  batch = config.train.batch_size
+  parts = train.build_parts(config, config.data.num_classes, max(n_train // batch, 1), 1000)
+  state, state_sharding = train.state_shapes(parts, mesh)
+  state = _abstract(state, sharding.replicated(mesh))
+  batch_spec = sharding.batch_sharding(mesh)
+  shape = input_shape(config.data)
+  flops = lambda fn, *args: float(jax.jit(fn).lower(*args).cost_analysis().get("flops", 0.0))
+  x = jax.ShapeDtypeStruct((batch,) + shape, np.float32, sharding=batch_spec)
+  out = {"whole step": float(train.lower_train_step(parts, DataShapes(config, mesh, n_train), state, state_sharding,
+                                                    mesh)[0].cost_analysis().get("flops", 0.0))}
+  reference = _load_benchmark("train_step")
+  step, init = reference.model_step(config, config.model.dtype)
+  out["model row (network fwd+bwd, two views)"] = flops(step, _abstract(jax.eval_shape(init, jax.random.PRNGKey(0)),
+                                                                        sharding.replicated(mesh)), x, x)
+  enc = lambda p, s, a, b: _apply_views(parts.encoder, parts.views_encoder, p, s, a, b)
+  enc_stats = state.batch_stats["encoder"]
+  out["online encoder fwd+bwd, two views"] = flops(
+      lambda p, s, a, b: jax.grad(lambda q: sum(jnp.sum(o[1]) for o in enc(q, s, a, b)[0]))(p),
+      state.params["encoder"], enc_stats, x, x)
+  (o1, _), _ = jax.eval_shape(enc, state.params["encoder"], enc_stats, x, x)
+  z = jax.ShapeDtypeStruct(o1[1].shape, o1[1].dtype, sharding=batch_spec)
+  if state.target is not None:
+    out["target forward, two views"] = flops(
+        lambda t, a, b: _apply_views(parts.encoder, parts.views_encoder, t["params"], t["batch_stats"], a, b)[0],
+        state.target, x, x)
+  pred = None
+  if parts.predictor is not None:
+    out["predictor fwd+bwd, two views"] = flops(lambda p, s, a, b: jax.grad(lambda q: sum(
+        jnp.sum(y) for y in _apply_views(parts.predictor, parts.views_predictor, q, s, a, b)[0]))(p),
+        state.params["predictor"], state.batch_stats["predictor"], z, z)
+    pred = (z, z)
+
+  def objective(a, b, objective_state):
+    views = lambda u: Views((u, b), None if pred is None else (u, b), None if state.target is None else (b, u))
+    return jax.grad(lambda u: parts.method.loss(views(u), objective_state)[0])(a)
+
+  out["objective fwd+bwd (float32, HIGHEST)"] = flops(objective, z, z, state.objective_state)
+  f = jax.ShapeDtypeStruct(o1[0].shape, np.float32, sharding=batch_spec)
+  labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_spec)
+
+  def probe(params, feats, labels):
+    import flax.linen as nn
+    import optax
+
+    return jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
+        nn.Dense(parts.num_classes).apply({"params": q}, feats), labels).mean())(params)
+
+  out["online probe fwd+bwd"] = flops(probe, state.probe_params, f, labels)
+  if not config.data.stream and config.data.source not in VECTOR_SOURCES:
+    images = {"images": jax.ShapeDtypeStruct((batch,) + shape, np.uint8, sharding=batch_spec)}
+  else:
+    images = {"views": jax.ShapeDtypeStruct((batch, 2) + shape, np.uint8, sharding=batch_spec)} \
+        if config.data.stream else {"vectors": x}
+  out["augmentation, two views"] = flops(lambda r, s, b: make_views(parts, r, s, b), state.rng, state.step, images)
+  out["optimiser update"] = flops(lambda p, o, g: parts.tx.update(g, o, p), state.params, state.opt_state, state.params)
+  return out
+
+
+# ----------------------------------------------------------------------------------
+# The table.
+# ----------------------------------------------------------------------------------
+def roofline(report: Report, chip: Chip, devices: int) -> tuple[float, float, str, float]:
+  """(seconds per call at the bf16 peak, at the HBM bandwidth, which binds: "compute" or
+  "memory", images/s per chip at the larger)."""
+  compute = report.flops / (chip.bf16_tflops * 1e12)
+  memory = report.bytes_accessed / (chip.hbm_gbps * 1e9)
+  bound = max(compute, memory)
+  return compute, memory, "compute" if compute >= memory else "memory", report.images / devices / max(bound, 1e-12)
+
+
+def format_collectives(report: Report) -> str:
+  return ", ".join(f"{k} {c.count}x {c.bytes / 2**20:.1f} MiB" for k, c in sorted(report.collectives.items())) or "none"
+
+
+TABLE_HEADER = ("| program | images/call (per chip) | args GiB | temps GiB | outputs GiB | total GiB (of HBM) | GFLOP/chip "
+                "| GB/chip | roofline ms: compute / memory (binds) | images/s/chip ceiling | collectives (count, bytes/chip) | compile s |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r: Report, tpu: Slice) -> str:
+  n = len(tpu.devices)
+  if r.error:
+    return f"| {r.program} | {r.images} ({r.images // n}) | failed: {r.error} |"
+  compute, memory, binds, rate = roofline(r, tpu.chip, n)
+  return (f"| {r.program} | {r.images} ({r.images / n:g}) | {r.arguments / GiB:.2f} | {r.temporaries / GiB:.2f} | "
+          f"{r.outputs / GiB:.2f} | {r.total / GiB:.2f} ({100 * r.total / (tpu.chip.hbm_gib * GiB):.0f}% of "
+          f"{tpu.chip.hbm_gib:g}) | {r.flops / 1e9:.1f} | {r.bytes_accessed / 1e9:.2f} | {compute * 1e3:.1f} / "
+          f"{memory * 1e3:.1f} ({binds}) | "
+          f"{rate:.0f} | {format_collectives(r)} | {r.compile_s:.0f} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="config file[:variant]")
+  parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, v5e:8x8")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+  parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS + ("model",))
+  parser.add_argument("--max_batch", action="store_true", help="also find the largest global batch that fits")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also the step's FLOPs piece by piece beside the model row's (lowered only: fast)")
+  args = parser.parse_args()
+  path, _, variant = args.config.partition(":")
+  if not os.path.isfile(path):
+    raise SystemExit(f"--config={args.config}: no such file (the configs are configs/*.py).")
+  config = with_batch(load_config_file(path, variant or None), args.batch)
+  tpu = tpu_slice(args.topology)
+  n = len(tpu.devices)
+  if config.train.batch_size % n:
+    raise SystemExit(f"The global batch {config.train.batch_size} does not split over the {n} chips of {tpu.name}: "
+                     f"--batch {max(n, config.train.batch_size - config.train.batch_size % n)} would.")
+  print(f"{args.config} on {tpu.name} ({args.topology}: {n} chips, {tpu.hosts} host(s), {tpu.devices[0].device_kind}); "
+        f"batch {config.train.batch_size} ({config.train.batch_size // n} per chip), {config.model.backbone} "
+        f"{config.model.dtype}; jax {jax.__version__}", flush=True)
+  if args.breakdown:
+    pieces = flops_breakdown(config)
+    model = pieces["model row (network fwd+bwd, two views)"]
+    print("| piece of the step (global, before fusion) | GFLOP | / model row |\n|---|---|---|")
+    for name, value in pieces.items():
+      print(f"| {name} | {value / 1e9:.1f} | {value / model:.3f} |")
+    print(f"| rest (whole - pieces) | {(pieces['whole step'] - sum(v for k, v in pieces.items() if k not in ('whole step', 'model row (network fwd+bwd, two views)'))) / 1e9:.1f} | |", flush=True)
+    if args.programs == list(PROGRAMS) and not args.max_batch:
+      return
+  print(TABLE_HEADER, flush=True)
+  reports = compile_config(config, tpu, tuple(args.programs), each=lambda r: print(table_row(r, tpu), flush=True))
+  if args.max_batch:
+    print("Largest global batch whose train step fits:", flush=True)
+    best = max_batch(config, tpu, 8 * n)
+    print(f"max_batch {best} ({best // n} per chip) on {tpu.name}", flush=True)
+  if any(r.error for r in reports):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()

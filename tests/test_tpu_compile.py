@@ -1,0 +1,170 @@
+"""emim's train step compiled ahead of time for Cloud TPU slices, on this CPU
+(benchmarks/tpu_compile.py; libtpu from the tpu extra): what a TPU run depends on,
+asserted on the compiled programs of the runlocal ImageNet step (streamed crops) and the
+synthetic step (batch gathered on the device), for a single-host slice (v5e:2x2, 4 chips)
+and a multi-host one (v5e:4x4, 16 chips on 4 hosts). Also launch/tpu_vm.sh --dry_run and
+the CPU choice of a machine without an accelerator.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, load_config
+
+# The suite's persistent compilation cache (conftest.py) stores the TPU executables too,
+# but reading one back needs a TPU client: JAX warns and compiles again.
+pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
+
+TOPOLOGIES = ("v5e:2x2", "v5e:4x4")  # one host of 4 chips; 4 hosts of 4
+CONFIGS = (("imagenet1k", "runlocal"), ("synthetic", "runlocal"))
+
+
+@pytest.fixture(scope="module")
+def tpu_compile():
+  pytest.importorskip("libtpu", reason="libtpu is not installed: pip install -e .[tpu] (CI's .ci/run does)")
+  spec = importlib.util.spec_from_file_location("emim_tpu_compile", REPO / "benchmarks" / "tpu_compile.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def compiled(tpu_compile):
+  """{(config, topology): (config, slice, the train step's report)}, each compiled once."""
+  out = {}
+  for name, variant in CONFIGS:
+    for topology in TOPOLOGIES:
+      config = load_config(name, variant)
+      tpu = tpu_compile.tpu_slice(topology)
+      out[name, topology] = (config, tpu, tpu_compile.compile_config(config, tpu, ("train",))[0])
+  return out
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("name", [c[0] for c in CONFIGS])
+def test_the_train_step_compiles_for_a_tpu_slice_as_a_run_needs(tpu_compile, compiled, name, topology):
+  config, tpu, report = compiled[name, topology]
+  n, batch, size = len(tpu.devices), config.train.batch_size, config.data.image_size
+  assert n == {"v5e:2x2": 4, "v5e:4x4": 16}[topology] and tpu.hosts == n // 4
+  assert not report.error, report.error
+  # It fits, with the chip's HBM to spare.
+  assert 0 < report.total < tpu.chip.hbm_gib * 2**30
+  # Each chip takes its share of the batch: the streamed crops arrive as B/n rows; the
+  # device-resident set is gathered and the views made at B/n rows, never the whole batch.
+  hlo = report.hlo
+  params = tpu_compile.entry_parameters(hlo)
+  if config.data.stream:
+    assert f"u8[{batch // n},2,{size},{size},3]" in params
+    assert not any(p.startswith(f"u8[{batch},") for p in params)
+  else:
+    assert f"u8[{config.data.num_train},{size * size * 3}]" in params  # the training set, replicated, as rows
+    assert f"f32[{batch // n},{size},{size},3]" in hlo
+    assert f"f32[{batch},{size},{size},3]" not in hlo
+  # The gradients are summed over the data axis: all-reduces across every chip carry at
+  # least the trainable parameters' bytes (float32).
+  state, _ = tpu_compile.train.state_shapes(
+      tpu_compile.train.build_parts(config, config.data.num_classes, 10, 100), tpu_compile.sharding.make_mesh(tpu.devices))
+  grad_bytes = sum(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  reduce = report.collectives["all-reduce"]
+  assert reduce.widest_group == n
+  assert reduce.bytes >= grad_bytes
+  # The objective's matrix products (covariances, the Taylor powers, the power iteration)
+  # run at HIGHEST precision (emim/objectives/precision.py); the network's at the default.
+  objective = tpu_compile.products_by_precision(hlo, "emim/objectives/")
+  assert objective["highest"] > 0 and objective["default"] == 0, objective
+  assert tpu_compile.products_by_precision(hlo, "emim/models/")["default"] > 0
+
+
+def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile):
+  tpu = tpu_compile.tpu_slice("v5e:2x2")
+  mesh = tpu_compile.sharding.make_mesh(tpu.devices)
+  x = jax.ShapeDtypeStruct((64 * 1024, 16 * 1024), np.float32, sharding=tpu_compile.sharding.replicated(mesh))
+  report = tpu_compile.analyse("big", jax.jit(lambda x: jax.numpy.sin(x) @ x.T).lower(x), 8, 4)  # 20 GiB > 16
+  assert report.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM" in report.error
+  assert "\n" not in report.error and "failed: RESOURCE_EXHAUSTED" in tpu_compile.table_row(report, tpu)
+
+
+def test_max_batch_doubles_then_bisects_to_the_largest_multiple_that_fits(tpu_compile, monkeypatch):
+  tried = []
+  monkeypatch.setattr(tpu_compile, "fits", lambda config, tpu, batch: tried.append(batch) or batch <= 1000)
+  config = load_config("synthetic", "runlocal")
+  with config.unlocked():
+    config.train.batch_size = 256
+  assert tpu_compile.max_batch(config, None, 64) == 960
+  assert tried == [256, 512, 1024, 768, 896, 960]
+
+
+def test_a_batch_that_does_not_split_over_the_chips_is_one_line(tpu_compile):
+  result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tpu_compile.py"),
+                           "--config=configs/synthetic.py:runlocal", "--topology=v5e:2x4", "--batch=36"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode != 0
+  assert "The global batch 36 does not split over the 8 chips of v5litepod-8: --batch 32 would." in result.stderr
+
+
+def test_one_bf16_pass_rounds_default_products_and_leaves_the_statistics_float32():
+  """benchmarks/matmul_precision.py's replay of a TPU's default float32 product on the
+  CPU, and the objective's products marked HIGHEST, which it (like a TPU) leaves exact."""
+  from emim import objectives as O
+
+  spec = importlib.util.spec_from_file_location("emim_matmul_precision", REPO / "benchmarks" / "matmul_precision.py")
+  replay = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(replay)
+  z = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+  centred = z - z.mean(0)
+  plain = lambda a: a.T @ a / a.shape[0]
+  bf16 = lambda a: a.astype(jax.numpy.bfloat16).astype(np.float64)
+  with replay.one_bf16_pass():
+    jax.clear_caches()
+    rounded, statistic = np.asarray(jax.jit(plain)(centred)), np.asarray(jax.jit(O.covariance)(z))
+  jax.clear_caches()
+  exact = centred.astype(np.float64).T @ centred.astype(np.float64) / 64
+  np.testing.assert_allclose(rounded, bf16(centred).T @ bf16(centred) / 64, rtol=1e-5, atol=1e-6)
+  assert np.abs(rounded - exact).max() > 1e-3  # the pass moved it
+  np.testing.assert_allclose(statistic, exact, rtol=1e-5, atol=1e-6)  # HIGHEST: untouched
+
+
+def test_the_launch_script_dry_run_prints_the_gcloud_commands(tmp_path):
+  # A gcloud that records being called: a dry run must not call it.
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "gcloud").write_text(f"#!/bin/sh\ntouch {tmp_path}/called\n")
+  (fake / "gcloud").chmod(0o755)
+  env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+  script = str(REPO / "launch" / "tpu_vm.sh")
+  result = subprocess.run(["bash", script, "--dry_run", "my-v5e", "us-west4-a", "configs/imagenet1k.py",
+                           "gs://bkt/runs/in1k", "--config.train.batch_size=512"], capture_output=True, text=True, env=env)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert len(lines) == 3 and lines[0].startswith("tar -C ")
+  assert lines[1] == ("gcloud compute tpus tpu-vm scp /tmp/emim-bundle/emim.tar.gz my-v5e:emim.tar.gz "
+                      "--zone=us-west4-a --worker=all")
+  assert lines[2].startswith("gcloud compute tpus tpu-vm ssh my-v5e --zone=us-west4-a --worker=all '--command=")
+  assert ("python -m emim.main --distributed --config=configs/imagenet1k.py --workdir=gs://bkt/runs/in1k "
+          "--config.train.batch_size=512'") in lines[2]
+  assert not (tmp_path / "called").exists()
+  # Without --dry_run gcloud is called; a local work directory or a missing config is refused.
+  local = subprocess.run(["bash", script, "t", "z", "configs/imagenet1k.py", "/tmp/run"], capture_output=True,
+                         text=True, env=env)
+  assert local.returncode == 2 and "must be a gs:// path" in local.stderr
+  missing = subprocess.run(["bash", script, "t", "z", "configs/nope.py", "gs://b/r"], capture_output=True, text=True,
+                           env=env)
+  assert missing.returncode == 2 and "No config configs/nope.py" in missing.stderr
+  assert not (tmp_path / "called").exists()
+
+
+def test_without_an_accelerator_jax_runs_on_the_cpu_without_probing_for_a_tpu():
+  pytest.importorskip("libtpu", reason="without libtpu JAX does not probe for a TPU")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = "from emim import cli; cli.cpu_without_accelerator(); import jax; print(jax.default_backend())"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)},
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "cpu"
+  assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
