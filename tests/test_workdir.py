@@ -102,14 +102,16 @@ def test_an_attempt_that_never_trained_leaves_no_config_and_the_real_one_is_expo
   evaluation's model are the corrected run's."""
   from emim import compiled
 
-  compiled.clear()  # the attempt must reach compile_train_step, not a program compiled earlier
   wide = tiny_synthetic(**{"model.width": 16})
+  real_once = compiled.once
 
-  def interrupted(*args, **kwargs):
-    raise KeyboardInterrupt
+  def interrupted_at_the_step(what, key, build):  # (whether or not this process compiled it before)
+    if what == "train_step":
+      raise KeyboardInterrupt
+    return real_once(what, key, build)
 
   with monkeypatch.context() as patch:
-    patch.setattr(train, "compile_train_step", interrupted)
+    patch.setattr(compiled, "once", interrupted_at_the_step)
     with pytest.raises(KeyboardInterrupt):
       train.run(wide, str(tmp_path))
   assert not (tmp_path / "config.json").exists()

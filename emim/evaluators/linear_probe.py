@@ -12,6 +12,7 @@ Test features are always centre features. Deterministic in the seed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from emim import sharding
+from emim import compiled, sharding
 from emim.backbone import Backbone, features_and_labels
 from emim.data import augment
 from emim.train_step import as_examples, as_rows, epoch_permutation, take_batch
@@ -182,8 +183,15 @@ def linear_probe(backbone: Backbone, train, test, cfg: ml_collections.ConfigDict
   loss = jnp.nan
   if inputs is not None:  # on the devices: a whole epoch is one program
     data = {"inputs": sharding.put_global(as_rows(inputs), replicated), "labels": sharding.put_global(labels, replicated)}
-    train_epoch = jax.jit(probe_epoch_fn(train_step, len(labels), batch_size, batch_spec, inputs.shape[1:]),
-                          donate_argnums=0)
+    # Compiled once per process for this model, probe config and data shape (an
+    # evaluation re-run, or of another checkpoint of the run, reuses it); the program holds
+    # a variable-free copy of the backbone, its variables an argument.
+    key = compiled.key_of(backbone.model_config, cfg.to_json_best_effort(sort_keys=True), mode, len(labels),
+                          batch_size, inputs.shape[1:], str(inputs.dtype), num_classes, [d.id for d in mesh.devices.flat])
+    model_only = dataclasses.replace(backbone, variables={})
+    train_epoch = compiled.once("probe_epoch", key, lambda: jax.jit(probe_epoch_fn(
+        probe_step_fn(model_only, tx, mode, precropped=False), len(labels), batch_size, batch_spec, inputs.shape[1:]),
+        donate_argnums=0))
     for epoch in range(1, cfg.probe_epochs + 1):
       state, loss = train_epoch(state, data, variables)
       if epoch % log_every_epochs == 0:
