@@ -131,8 +131,9 @@ def test_refused_updates_stop_the_run_only_in_a_row_and_its_checkpoint_resumes(t
   """A non-finite update is refused (the state stays as it was) and counted per logging
   interval; max_nonfinite_in_a_row refusals in a row stop the run. The checkpoints hold
   the last finite parameters, and a resume with a workable learning rate trains on."""
+  off = {"eval.mi_every_steps": 0}  # (no MI tracker: each config here would compile its own)
   broken = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": float("nan"), "train.num_steps": 8,
-                             "train.max_nonfinite_in_a_row": 4, "checkpoint.every_steps": 1})
+                             "train.max_nonfinite_in_a_row": 4, "checkpoint.every_steps": 1, **off})
   with pytest.raises(FloatingPointError, match=r"4 updates in a row were refused, up to step 4.*those of step 0"):
     train.run(broken, str(tmp_path))
   rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -145,7 +146,8 @@ def test_refused_updates_stop_the_run_only_in_a_row_and_its_checkpoint_resumes(t
     np.testing.assert_array_equal(a, b)  # refused updates left the parameters as they were
   assert int(saved["refused_in_a_row"]) == 3
 
-  fixed = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": 0.05, "train.num_steps": 8, "checkpoint.every_steps": 2})
+  fixed = tiny_synthetic(**{"optim.name": "sgd", "optim.base_lr": 0.05, "train.num_steps": 8, "checkpoint.every_steps": 2,
+                            **off})
   resumed = train.run(fixed, str(tmp_path))
   assert int(resumed.state.step) == 8 and int(resumed.state.refused_in_a_row) == 0
   rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -426,7 +428,8 @@ def test_evaluators_come_from_the_registry_and_run_at_their_own_cadence(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "barlow_twins"])
 def test_methods_train_a_step(tmp_path, name):
-  overrides = {"train.num_steps": 2, "checkpoint.async_save": False}
+  # (The MI tracker off: the structure is under test here, the tracker in other tests.)
+  overrides = {"train.num_steps": 2, "checkpoint.async_save": False, "eval.mi_every_steps": 0}
   if name == "moco":
     overrides["method.predictor"] = False  # MoCo v2's form; v3 (with predictor) is the default
   if name == "byol":
@@ -460,7 +463,9 @@ def test_sigterm_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
   """A preempted job (SIGTERM) saves a checkpoint at the step it reached, wherever the
   save interval stands, and exits with 128 + SIGTERM; the run resumes from that step.
   While it runs, a second job on its work directory is refused, naming it."""
-  overrides = ["--config.train.num_steps=1000", "--config.train.log_every=1", "--config.checkpoint.every_steps=1000"]
+  # (The MI tracker off: with a progress line every step it would run every step.)
+  overrides = ["--config.train.num_steps=1000", "--config.train.log_every=1", "--config.checkpoint.every_steps=1000",
+               "--config.eval.mi_every_steps=0"]
   proc = subprocess.Popen(
       [sys.executable, "-m", "emim.main", f"--config={REPO}/configs/synthetic.py:runlocal", *overrides,
        f"--workdir={tmp_path}"], stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -469,7 +474,7 @@ def test_sigterm_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
     log.append(line)
     if " step 3/1000 " in line:
       break
-  config = tiny_synthetic(**{"train.num_steps": 1000, "checkpoint.every_steps": 1000})
+  config = tiny_synthetic(**{"train.num_steps": 1000, "checkpoint.every_steps": 1000, "eval.mi_every_steps": 0})
   with pytest.raises(WorkdirBusy, match=rf"in use by another job: pid {proc.pid} on "):
     train.run(config, str(tmp_path))
   proc.send_signal(signal.SIGTERM)

@@ -102,7 +102,8 @@ def test_an_attempt_that_never_trained_leaves_no_config_and_the_real_one_is_expo
   evaluation's model are the corrected run's."""
   from emim import compiled
 
-  wide = tiny_synthetic(**{"model.width": 16})
+  off = {"eval.mi_every_steps": 0}  # (no MI tracker: each config here would compile its own)
+  wide = tiny_synthetic(**{"model.width": 16, **off})
   real_once = compiled.once
 
   def interrupted_at_the_step(what, key, build):  # (whether or not this process compiled it before)
@@ -116,7 +117,7 @@ def test_an_attempt_that_never_trained_leaves_no_config_and_the_real_one_is_expo
       train.run(wide, str(tmp_path))
   assert not (tmp_path / "config.json").exists()
   WorkdirLock(tmp_path).acquire().release()  # the interrupted attempt released its lock
-  narrow = tiny_synthetic()  # width 8
+  narrow = tiny_synthetic(**off)  # width 8
   train.run(narrow, str(tmp_path))
   assert json.loads((tmp_path / "config.json").read_text())["model"]["width"] == 8
   config = load_run_config(tmp_path)
