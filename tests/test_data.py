@@ -260,3 +260,27 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, ca
   (tmp_path / "not_a_dir").write_text("")
   data = sources.image_folder(str(root), "train", None, cache_dir=str(tmp_path / "not_a_dir" / "cache"))
   assert len(data) == 6 and "Cannot write the decode cache" in caplog.text
+
+
+def test_a_script_without_a_main_guard_is_told_how_to_decode_with_processes(tmp_path):
+  """More than 1,000 images are decoded in spawned processes, each of which imports the
+  calling script again: one that loads data at its top level used to die with
+  BrokenProcessPool. It is told the two fixes, and both work."""
+  import subprocess
+  import sys
+
+  root = write_folder(tmp_path / "folder", classes=("a", "b"), per_class=501, size=4)  # 1,002 images
+  load = f"from emim.data import sources\nprint(len(sources.image_folder({str(root)!r}, 'train', None, None, workers=2)))\n"
+
+  def run(code):
+    (tmp_path / "script.py").write_text(code)
+    return subprocess.run([sys.executable, tmp_path / "script.py"], capture_output=True, text=True, cwd=tmp_path)
+
+  unguarded = run(load)
+  assert unguarded.returncode != 0
+  assert "put the code that calls emim under `if __name__ == \"__main__\":`" in unguarded.stderr, unguarded.stderr[-2000:]
+  assert "--config.data.workers=1" in unguarded.stderr
+  guarded = run("if __name__ == '__main__':\n" + "".join("  " + line + "\n" for line in load.splitlines()))
+  assert guarded.returncode == 0 and guarded.stdout.split() == ["1002"], guarded.stderr[-2000:]
+  one_process = run(load.replace("workers=2", "workers=1"))
+  assert one_process.returncode == 0 and one_process.stdout.split() == ["1002"], one_process.stderr[-2000:]

@@ -11,6 +11,7 @@ emim.cache`` lists a cache folder and clears it.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import io
 import json
@@ -270,8 +271,16 @@ def _decode_split(src: pathlib.Path, split: str, image_size: int | None, workers
   chunk = max(1, len(payloads) // (workers * 8))
   if workers > 1 and len(payloads) > 1000:
     # "spawn": forking a process that runs JAX's threads can deadlock.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-      decoded = list(pool.map(decode_image, payloads, [image_size] * len(payloads), chunksize=chunk))
+    try:
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        decoded = list(pool.map(decode_image, payloads, [image_size] * len(payloads), chunksize=chunk))
+    except concurrent.futures.process.BrokenProcessPool as e:
+      # A spawned worker imports the main script again: one that calls emim at its top
+      # level starts a run in each worker, which dies.
+      raise DatasetError(
+          f"The processes decoding {src}/{split} died before finishing. From a Python script, put the code that "
+          "calls emim under `if __name__ == \"__main__\":` (each decode process imports the script again); or "
+          "set --config.data.workers=1 to decode in this process; if memory ran out, set fewer workers.") from e
   else:
     decoded = [decode_image(p, image_size) for p in payloads]
   shapes = sorted({a.shape for a in decoded})
