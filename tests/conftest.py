@@ -23,8 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (a resumed run against an uninterrupted one). Cold compile cache, 2 cores: 8 min 13 s
 # (.ci/run in a clean clone, the suite of 2026-11-22) with this, 12 min 38 s to 12 min 58 s
 # without. The suite of 2026-11-23 (157 tests): 15 min 52 s cold in a clean clone, 11 min
-# 00 s warm; of 2026-11-30 (185 tests, two worker processes, programs compiled once per
-# process): 9 min 10 s to 9 min 14 s cold (BENCHMARKS.md, "The test suite's time").
+# 00 s warm.
 # Subprocesses (the program tests) inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Compiled programs are cached on disk: runs that compile the same step (resume tests,
@@ -149,22 +148,6 @@ def fake_gcs():
 
 
 
-# The files that take longest, longest first (seconds of test time in a cold run on 2
-# cores, 2026-11-30: 339, 119, 98, 75, 75, 68, 61, 56, 52, 35, 33; the other eight 1-27).
-# Each of the two workers takes a whole file at a time, the next in this order when it
-# is free: longest first, the short files fill the end, and neither worker is left
-# running a long file alone (xdist's own order, by the number of tests, put the 98 s
-# two-test file near the end: some 25 s of the suite's wall clock).
-LONGEST_FIRST = ("test_train.py", "test_evaluate.py", "test_multiprocess.py", "test_gaussian_mixture.py",
-                 "test_imagenet.py", "test_tpu_compile.py", "test_fused_views.py", "test_mi_experiments.py",
-                 "test_objectives.py", "test_workdir.py", "test_notebook.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's own order kept)
-
-
 def pytest_configure(config):
   """Two worker processes by default (pytest-xdist, in the test extra), each a whole test
   file at a time so that a file's module fixtures are built once; `-n 0` runs in this
@@ -177,4 +160,3 @@ def pytest_configure(config):
     config.option.tx = ["popen"] * 2
     if config.getoption("dist", "no") == "no":
       config.option.dist = "loadfile"
-      config.option.loadscopereorder = False  # the files in LONGEST_FIRST's order
