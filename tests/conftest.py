@@ -23,7 +23,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (a resumed run against an uninterrupted one). Cold compile cache, 2 cores: 8 min 13 s
 # (.ci/run in a clean clone, the suite of 2026-11-22) with this, 12 min 38 s to 12 min 58 s
 # without. The suite of 2026-11-23 (157 tests): 15 min 52 s cold in a clean clone, 11 min
-# 00 s warm.
+# 00 s warm; of 2026-11-30 (185 tests, two worker processes, programs compiled once per
+# process): 9 min 22 s to 10 min 33 s cold (BENCHMARKS.md, "The test suite's time").
 # Subprocesses (the program tests) inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Compiled programs are cached on disk: runs that compile the same step (resume tests,
