@@ -30,14 +30,7 @@ def trained_run(tmp_path_factory):
   with config.unlocked():
     config.train.num_epochs, config.train.log_every = 6, 96
     config.eval.probe_epochs, config.eval.probe_mode = 8, "features"
-  # 192 real steps: XLA's optimisations (off for the suite, conftest.py) cost less than
-  # they save here.
-  unoptimised = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", False)
-  try:
-    train.run(config, str(workdir))
-  finally:
-    jax.config.update("jax_disable_most_optimizations", unoptimised)
+  train.run(config, str(workdir))
   return config, workdir
 
 
