@@ -24,7 +24,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (.ci/run in a clean clone, the suite of 2026-11-22) with this, 12 min 38 s to 12 min 58 s
 # without. The suite of 2026-11-23 (157 tests): 15 min 52 s cold in a clean clone, 11 min
 # 00 s warm; of 2026-11-30 (185 tests, two worker processes, programs compiled once per
-# process): 9 min 22 s to 10 min 33 s cold (BENCHMARKS.md, "The test suite's time").
+# process): 9 min 37 s to 9 min 59.6 s cold, three runs in a row (BENCHMARKS.md,
+# "The test suite's time").
 # Subprocesses (the program tests) inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Compiled programs are cached on disk: runs that compile the same step (resume tests,
