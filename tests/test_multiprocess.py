@@ -11,13 +11,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port, load_config
+from conftest import REPO, free_port, tiny_config
 
 from emim.metric_writer import read_metrics
 
-ARGS = ["--config.data.source=image_folder", "--config.data.stream=True", "--config.data.workers=0",
-        "--config.data.decode_size=16", "--config.data.num_classes=4", "--config.train.batch_size=16",
-        "--config.eval.mi_batch_size=32", "--config.eval.every_steps=0"]
+OVERRIDES = {"data.source": "image_folder", "data.stream": True, "data.workers": 0, "data.decode_size": 16,
+             "data.num_classes": 4, "train.batch_size": 16, "eval.mi_batch_size": 32, "eval.every_steps": 0}
+ARGS = [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
 
 
 def launch(workdir, folder, processes=2, stop_at_step=None):
@@ -61,12 +61,7 @@ def test_two_processes_train_stream_resume_write_once_and_equal_one_process(tmp_
   # The same global batches in this one process (its 8 devices): the same training.
   from emim import train
 
-  config = load_config("synthetic", "runlocal")
-  with config.unlocked():
-    for arg in [f"--config.data.path={folder}", *ARGS]:
-      key, value = arg[len("--config."):].split("=", 1)
-      section, field = key.split(".")
-      config[section][field] = type(config[section][field])(value) if value not in ("True", "False") else value == "True"
+  config = tiny_config("synthetic", "runlocal", **OVERRIDES, **{"data.path": str(folder)})
   train.run(config, str(tmp_path / "one"))
   one = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r}
   two = {r["step"]: r for r in rows if "loss" in r}
