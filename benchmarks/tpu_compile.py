@@ -32,10 +32,16 @@ call's time from the chip's bf16 peak and HBM bandwidth (``CHIPS``; which of the
 binds), the images/s per chip that bound allows, and the collectives in the compiled
 program (count and bytes per kind). The bound is a floor: float32 products at HIGHEST
 run at a sixth of the bf16 peak, and no kernel reaches the peak. A program the TPU
-compiler rejects (or that cannot fit) is one line, its error.
+compiler rejects (or that cannot fit) is one line, its error. The compiles run in a child
+process: where libtpu itself crashes (a signal, not an error it reports: libtpu 0.0.42.1
+on the v6e ResNet steps), the program's row says so, and the programs after it are
+compiled in a fresh child. ``TPU_LIBRARY_PATH=/path/to/libtpu.so`` compiles with another
+libtpu than the installed one (``pip download libtpu==X --no-deps``, unzipped); the
+header names the one in use.
 
-``--max_batch`` also finds the largest global batch whose train step fits in HBM
-(doubling from the config's, then bisecting; a multiple of 8 per chip), a compile each.
+``--max_batch`` also finds the largest global batch whose train step fits in HBM (a
+multiple of 8 per chip, at most the training set), a compile each: the next batch to try
+is read off the memory of those compiled so far (``max_batch``).
 ``--breakdown`` prints the step's FLOPs piece by piece (online encoder, target, predictor,
 objective, probe, augmentation, optimiser) beside the ``model`` row's, from lowered
 programs only (seconds, no compile).
@@ -47,10 +53,15 @@ import argparse
 import collections
 import dataclasses
 import importlib.util
+import itertools
+import json
 import os
 import pathlib
 import re
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
 # libtpu reads these when JAX loads it (at the first topology), and would otherwise ask
@@ -68,6 +79,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emim import sharding, train  # noqa: E402
+from emim.tpu import libtpu_advice, libtpu_in_use  # noqa: E402
 from emim.backbone import backbone_from_model_config, model_config_of  # noqa: E402
 from emim.config_base import VECTOR_SOURCES, load_config_file  # noqa: E402
 from emim.data.pipeline import DataShapes  # noqa: E402
@@ -342,6 +354,7 @@ class Report:
   collectives: dict = dataclasses.field(default_factory=dict)
   error: str = ""
   hlo: str = ""
+  hlo_error: str = ""  # the compiled program's text could not be read (its collectives unknown)
 
   @property
   def total(self) -> int:
@@ -361,12 +374,16 @@ def analyse(program: str, lowered, images: int, devices: int) -> Report:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   report.flops, report.bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-  report.hlo = compiled.as_text()
+  try:
+    report.hlo = compiled.as_text()
+  except Exception as e:  # a libtpu newer than jaxlib can emit HLO that jaxlib cannot read back
+    report.hlo_error = one_line(e)
+    return report
   report.collectives = collectives(report.hlo, devices)
   return report
 
 
-def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None) -> list[Report]:
+def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None, note=None) -> list[Report]:
   """Each program of ``config`` compiled for the slice, one at a time (a ResNet-50 step
   takes minutes and GiBs of this machine's memory to compile); ``each(report)`` is
   called as each is done."""
@@ -374,32 +391,64 @@ def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None) -> list[Rep
   lowered = lower_programs(config, mesh, programs)
   reports = []
   for name in [p for p in programs if p in lowered]:
+    _note_compiling(name, lowered[name][1], len(tpu.devices), **(note or {}))
     reports.append(analyse(name, *lowered.pop(name), len(tpu.devices)))
     if each is not None:
       each(reports[-1])
   return reports
 
 
-def fits(config, tpu: Slice, batch: int) -> bool:
-  report = compile_config(with_batch(config, batch), tpu, ("train",))[0]
+def train_memory(config, tpu: Slice, batch: int) -> tuple[int | None, str]:
+  """(bytes per chip of the train step at global ``batch``, "") when it compiles and fits
+  in the chip's HBM; (bytes or None, why) when it does not."""
+  report = compile_config(with_batch(config, batch), tpu, ("train",), note={"max_batch": True})[0]
   ok = not report.error and report.total <= tpu.chip.hbm_gib * GiB
   why = report.error or f"{report.total / GiB:.2f} GiB"
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s)", flush=True)
-  return ok
+  return (None if report.error else report.total), ("" if ok else why)
 
 
 def max_batch(config, tpu: Slice, multiple: int) -> int:
-  """The largest global batch, a multiple of ``multiple``, whose train step fits in HBM
-  (doubling from the config's, then bisecting); 0 when even ``multiple`` does not."""
-  lo, hi = 0, max(multiple, config.train.batch_size - config.train.batch_size % multiple)
-  while fits(config, tpu, hi):
-    lo, hi = hi, 2 * hi
-  while hi - lo > multiple:
-    mid = (lo + hi) // 2 // multiple * multiple
-    if mid in (lo, hi):
-      break
-    lo, hi = (mid, hi) if fits(config, tpu, mid) else (lo, mid)
-  return lo
+  """The largest global batch, a multiple of ``multiple``, whose train step fits in HBM;
+  0 when even ``multiple`` does not.
+
+  Each try is a compile (minutes for a ResNet-50 step), so the next batch to try is read
+  off the memory of those compiled so far: a step's memory grows close to linearly with
+  its batch (the state is fixed, the activations scale), so the line through the two
+  largest batches that compiled, solved for the chip's HBM, lands on or next to the
+  answer, and the batch one multiple above it closes the bracket. Where the line misleads
+  (memory that jumps with the compiler's choices), every third try halves the bracket, so
+  the search ends in about as many compiles as bisection at worst. No batch beyond the
+  training set is tried (an epoch is one step there)."""
+  limit = tpu.chip.hbm_gib * GiB
+  memory: dict[int, int] = {}  # batch -> bytes per chip, for each that compiled
+  lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
+  cap = max(multiple, num_train_examples(config) // multiple * multiple)
+  batch = min(cap, max(multiple, config.train.batch_size - config.train.batch_size % multiple))
+  for attempt in itertools.count(1):
+    used, why = train_memory(config, tpu, batch)
+    if used is not None:
+      memory[batch] = used
+    lo, hi = (batch, hi) if not why else (lo, batch)
+    if (hi is not None and hi - lo <= multiple) or lo == cap:
+      return lo
+    if hi is None and len(memory) < 2:
+      batch = min(2 * lo, cap)  # a second point for the line
+      continue
+    top = sorted(memory)[-2:]
+    guess = None
+    if len(top) == 2 and memory[top[1]] > memory[top[0]]:
+      slope = (memory[top[1]] - memory[top[0]]) / (top[1] - top[0])
+      guess = int((top[1] + (limit - memory[top[1]]) / slope) // multiple * multiple)
+    if hi is None:
+      batch = min(max(guess, lo + multiple), 8 * lo) if guess else 2 * lo  # no upper bound yet: at most 8x
+      batch = min(batch, cap)
+    elif guess is None or attempt % 3 == 0:
+      batch = (lo + hi) // 2 // multiple * multiple  # halve the bracket
+    else:
+      batch = guess
+    batch = max(lo + multiple, min(batch, hi - multiple)) if hi is not None else batch
+  raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------------
@@ -479,6 +528,78 @@ def flops_breakdown(config) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------
+# A crash of the compiler.
+# ----------------------------------------------------------------------------------
+# Set in the child process that compiles: a file it names the program it is compiling in.
+_STATUS = "EMIM_TPU_COMPILE_STATUS"
+
+
+def _note_compiling(program: str, images: int, devices: int, **extra) -> None:
+  """In the compiling child, the program it is about to compile (the parent reports it
+  if the compiler crashes)."""
+  path = os.environ.get(_STATUS)
+  if path:
+    with open(path, "w") as f:
+      json.dump({"program": program, "images": images, "devices": devices, "libtpu": libtpu_in_use()[0],
+                 "since": time.time(), **extra}, f)
+
+
+def _child_argv(args, programs: list[str], first: bool) -> list[str]:
+  argv = [sys.executable, os.path.abspath(__file__), f"--config={args.config}", f"--topology={args.topology}",
+          "--programs", *programs]
+  argv += [f"--batch={args.batch}"] if args.batch else []
+  argv += ["--max_batch"] if args.max_batch else []
+  argv += ["--breakdown"] if args.breakdown and first else []
+  argv += [] if first else ["--no_header"]
+  return argv
+
+
+def crash_line(status: dict, returncode: int, table: bool) -> str:
+  """A compile that killed its process, in one line (a table row when the table is
+  being printed)."""
+  try:
+    name = signal.Signals(-returncode).name
+  except ValueError:
+    name = f"signal {-returncode}"
+  what = (f"libtpu {status.get('libtpu', '')} crashed compiling it ({name}, "
+          f"{time.time() - status.get('since', time.time()):.0f} s in): a crash inside XLA's TPU compiler, not "
+          f"an error it reports; another libtpu may compile it (TPU_LIBRARY_PATH=.../libtpu.so)").replace("  ", " ")
+  program, images, devices = status.get("program", "?"), status.get("images", 0), status.get("devices", 1)
+  if program == "train" and status.get("max_batch"):
+    return f"  batch {images}: {what}"
+  return f"| {program} | {images} ({images // devices}) | failed: {what} |" if table else f"{program}: failed: {what}"
+
+
+def supervise(args, child_argv=_child_argv) -> int:
+  """Runs the compiles in a child process, its output passed on; where the child dies of
+  a signal (libtpu crashed), reports the program it was compiling and goes on with the
+  programs after it in a fresh child. The exit status: the child's, 1 after a crash."""
+  programs, first, crashed = list(args.programs), True, False
+  while True:
+    with tempfile.TemporaryDirectory(prefix="emim-tpu-compile-") as tmp:
+      status_path = os.path.join(tmp, "compiling.json")
+      child = subprocess.Popen(child_argv(args, programs, first), stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, _STATUS: status_path})
+      table = False
+      for line in child.stdout:
+        table = table or line.startswith("| program |")
+        print(line, end="", flush=True)
+      returncode = child.wait()
+      status = {}
+      if os.path.exists(status_path):
+        with open(status_path) as f:
+          status = json.load(f)
+    if returncode >= 0:
+      return 1 if crashed else returncode
+    crashed = True
+    print(crash_line(status, returncode, table or not first), flush=True)
+    program = status.get("program")
+    if program not in programs or status.get("max_batch") or programs.index(program) == len(programs) - 1:
+      return 1
+    programs, first = programs[programs.index(program) + 1:], False
+
+
+# ----------------------------------------------------------------------------------
 # The table.
 # ----------------------------------------------------------------------------------
 def roofline(report: Report, chip: Chip, devices: int) -> tuple[float, float, str, float]:
@@ -491,6 +612,8 @@ def roofline(report: Report, chip: Chip, devices: int) -> tuple[float, float, st
 
 
 def format_collectives(report: Report) -> str:
+  if report.hlo_error:
+    return f"unknown: jaxlib could not read the compiled HLO back ({report.hlo_error})"
   return ", ".join(f"{k} {c.count}x {c.bytes / 2**20:.1f} MiB" for k, c in sorted(report.collectives.items())) or "none"
 
 
@@ -511,7 +634,7 @@ def table_row(r: Report, tpu: Slice) -> str:
           f"{rate:.0f} | {format_collectives(r)} | {r.compile_s:.0f} |")
 
 
-def main():
+def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="config file[:variant]")
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, v5e:8x8")
@@ -520,7 +643,14 @@ def main():
   parser.add_argument("--max_batch", action="store_true", help="also find the largest global batch that fits")
   parser.add_argument("--breakdown", action="store_true",
                       help="also the step's FLOPs piece by piece beside the model row's (lowered only: fast)")
-  args = parser.parse_args()
+  parser.add_argument("--no_header", action="store_true", help=argparse.SUPPRESS)  # a child after a crash
+  return parser.parse_args(argv)
+
+
+def main():
+  args = parse_args()
+  if _STATUS not in os.environ:  # the parent: compiles in a child that a crash of libtpu cannot take down with it
+    sys.exit(supervise(args))
   path, _, variant = args.config.partition(":")
   if not os.path.isfile(path):
     raise SystemExit(f"--config={args.config}: no such file (the configs are configs/*.py).")
@@ -530,9 +660,14 @@ def main():
   if config.train.batch_size % n:
     raise SystemExit(f"The global batch {config.train.batch_size} does not split over the {n} chips of {tpu.name}: "
                      f"--batch {max(n, config.train.batch_size - config.train.batch_size % n)} would.")
-  print(f"{args.config} on {tpu.name} ({args.topology}: {n} chips, {tpu.hosts} host(s), {tpu.devices[0].device_kind}); "
-        f"batch {config.train.batch_size} ({config.train.batch_size // n} per chip), {config.model.backbone} "
-        f"{config.model.dtype}; jax {jax.__version__}", flush=True)
+  if not args.no_header:
+    version, library = libtpu_in_use()
+    print(f"{args.config} on {tpu.name} ({args.topology}: {n} chips, {tpu.hosts} host(s), {tpu.devices[0].device_kind}); "
+          f"batch {config.train.batch_size} ({config.train.batch_size // n} per chip), {config.model.backbone} "
+          f"{config.model.dtype}; jax {jax.__version__}, libtpu {version} ({library})", flush=True)
+    advice = libtpu_advice(tpu.devices[0].device_kind, version)
+    if advice:
+      print(f"Known: {advice}", file=sys.stderr, flush=True)
   if args.breakdown:
     pieces = flops_breakdown(config)
     model = pieces["model row (network fwd+bwd, two views)"]
@@ -542,7 +677,8 @@ def main():
     print(f"| rest (whole - pieces) | {(pieces['whole step'] - sum(v for k, v in pieces.items() if k not in ('whole step', 'model row (network fwd+bwd, two views)'))) / 1e9:.1f} | |", flush=True)
     if args.programs == list(PROGRAMS) and not args.max_batch:
       return
-  print(TABLE_HEADER, flush=True)
+  if not args.no_header:
+    print(TABLE_HEADER, flush=True)
   reports = compile_config(config, tpu, tuple(args.programs), each=lambda r: print(table_row(r, tpu), flush=True))
   if args.max_batch:
     print("Largest global batch whose train step fits:", flush=True)

@@ -42,6 +42,12 @@ def main(argv):
 
   logging.info("JAX %s on %d %s device(s), process %d of %d.", jax.__version__, jax.device_count(),
                jax.default_backend(), jax.process_index(), jax.process_count())
+  if jax.default_backend() == "tpu":
+    from emim.tpu import libtpu_advice, libtpu_in_use
+
+    advice = libtpu_advice(jax.devices()[0].device_kind, libtpu_in_use()[0])
+    if advice:
+      logging.warning(advice)
   result = train.run(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
   if result.stopped_by_signal is not None:
     # The shell's convention for a process ended by a signal, so schedulers see a stop,

@@ -90,14 +90,111 @@ def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile)
   assert "\n" not in report.error and "failed: RESOURCE_EXHAUSTED" in tpu_compile.table_row(report, tpu)
 
 
-def test_max_batch_doubles_then_bisects_to_the_largest_multiple_that_fits(tpu_compile, monkeypatch):
+GiB, MiB = 2**30, 2**20
+MEMORY_MODELS = {  # bytes per chip of a train step at global batch b, against a 16 GiB chip
+    "linear": lambda b: 2 * GiB + b * 10 * MiB,
+    "linear, steep": lambda b: 12 * GiB + b * 40 * MiB,
+    "a jump where the compiler changes its plan": lambda b: GiB + b * 5 * MiB + (4 * GiB if b > 1500 else 0),
+    "convex": lambda b: GiB + b * MiB + (b / 64) ** 2 * 20 * MiB,
+    "flat: the whole training set fits": lambda b: GiB + b,
+    "the config's batch does not fit": lambda b: 15 * GiB + b * 50 * MiB,
+}
+
+
+@pytest.mark.parametrize("model", MEMORY_MODELS)
+def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_compile, monkeypatch, model):
+  """The search reads its next try off the memory of the compiles so far; each try is a
+  compile (minutes for ResNet-50), so it must land on the answer in few of them, and the
+  answer must be the one a try of every multiple would give."""
+  memory = MEMORY_MODELS[model]
+  chip = type("Chip", (), {"hbm_gib": 16})
+  tpu = type("Slice", (), {"chip": chip})
   tried = []
-  monkeypatch.setattr(tpu_compile, "fits", lambda config, tpu, batch: tried.append(batch) or batch <= 1000)
+
+  def train_memory(config, tpu, batch):
+    tried.append(batch)
+    used = memory(batch)
+    if used > 20 * GiB:  # far over: the compiler refuses it (RESOURCE_EXHAUSTED), no figure
+      return None, "RESOURCE_EXHAUSTED"
+    return int(used), ("" if used <= 16 * GiB else "does not fit")
+
+  monkeypatch.setattr(tpu_compile, "train_memory", train_memory)
   config = load_config("synthetic", "runlocal")
   with config.unlocked():
-    config.train.batch_size = 256
-  assert tpu_compile.max_batch(config, None, 64) == 960
-  assert tried == [256, 512, 1024, 768, 896, 960]
+    config.train.batch_size, config.data.num_train = 256, 50_000
+  best = tpu_compile.max_batch(config, tpu, 64)
+  cap = config.data.num_train // 64 * 64  # no batch beyond the training set
+  brute = max([b for b in range(64, cap + 1, 64) if memory(b) <= 16 * GiB] or [0])
+  assert best == brute, (best, brute, tried)
+  assert all(b % 64 == 0 for b in tried) and len(set(tried)) == len(tried), tried
+  bisection = 2 + int(np.ceil(np.log2(max(brute, 64) / 64)))
+  assert len(tried) <= (4 if model.startswith("linear") else bisection + 3), tried
+
+
+FAKE_COMPILER = """
+import json, os, signal, sys, time
+programs = [a for a in sys.argv[1:] if not a.startswith("--")]
+if "--no_header" not in sys.argv:
+  print("| program | images/call (per chip) |")
+for program in programs:
+  with open(os.environ["EMIM_TPU_COMPILE_STATUS"], "w") as f:
+    json.dump({"program": program, "images": 256, "devices": 8, "libtpu": "0.0.42.1", "since": time.time()}, f)
+  if program in ("train", "probe"):  # the compiler crashes on these, as libtpu 0.0.42.1 on the v6e ResNet steps
+    os.kill(os.getpid(), signal.SIGSEGV)
+  print(f"| {program} | 256 (32) | compiled |", flush=True)
+"""
+
+
+def test_a_compiler_crash_is_a_row_and_the_programs_after_it_still_compile(tpu_compile, tmp_path, capsys):
+  """The compiles run in a child process; a child killed by a signal (libtpu's compiler
+  crashing, which no try/except can catch) becomes the row of the program it was
+  compiling, and the rest are compiled in a fresh child."""
+  script = tmp_path / "fake_compiler.py"
+  script.write_text(FAKE_COMPILER)
+  calls = []
+
+  def child_argv(args, programs, first):
+    calls.append((list(programs), first))
+    return [sys.executable, str(script), *programs] + ([] if first else ["--no_header"])
+
+  args = tpu_compile.parse_args(["--config=configs/cifar10.py", "--topology=v6e:2x4", "--programs", "train", "mi",
+                                 "probe", "features"])
+  assert tpu_compile.supervise(args, child_argv) == 1
+  rows = capsys.readouterr().out.splitlines()
+  assert calls == [(["train", "mi", "probe", "features"], True), (["mi", "probe", "features"], False),
+                   (["features"], False)]
+  assert rows[0].startswith("| program |") and len(rows) == 5, rows
+  for row, program in zip(rows[1:], ("train", "mi", "probe", "features")):
+    assert row.startswith(f"| {program} | 256 (32) | "), row
+  for crashed in (rows[1], rows[3]):
+    assert "failed: libtpu 0.0.42.1 crashed compiling it (SIGSEGV, " in crashed and "TPU_LIBRARY_PATH" in crashed
+  assert rows[2] == "| mi | 256 (32) | compiled |" and rows[4] == "| features | 256 (32) | compiled |"
+  # A child that ends on its own passes its exit status on.
+  args = tpu_compile.parse_args(["--config=configs/cifar10.py", "--topology=v6e:2x4", "--programs", "mi"])
+  assert tpu_compile.supervise(args, child_argv) == 0
+
+
+def test_the_libtpu_in_use_is_named_and_a_known_crash_comes_with_its_fix(tmp_path):
+  from emim import tpu
+
+  # A libtpu given by TPU_LIBRARY_PATH, laid out as its wheel unpacks: the version is read
+  # beside it (in a process that has loaded no libtpu).
+  library = tmp_path / "site" / "libtpu" / "libtpu.so"
+  library.parent.mkdir(parents=True)
+  library.write_bytes(b"")
+  info = tmp_path / "site" / "libtpu-0.0.52.dist-info"
+  info.mkdir()
+  (info / "METADATA").write_text("Metadata-Version: 2.4\nName: libtpu\nVersion: 0.0.52\n")
+  code = "from emim.tpu import libtpu_in_use; print(*libtpu_in_use())"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TPU_LIBRARY_PATH": str(library), "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["0.0.52", str(library)]
+  # jax 0.10.2's pinned libtpu crashes compiling the ResNet steps for a v6e, not for a v5e.
+  advice = tpu.libtpu_advice("TPU v6 lite", "0.0.42.1")
+  assert "pip install libtpu==0.0.52" in advice and "0.0.42.1" in advice
+  assert tpu.libtpu_advice("TPU v5 lite", "0.0.42.1") is None
+  assert tpu.libtpu_advice("TPU v6 lite", "0.0.52") is None
 
 
 def test_a_batch_that_does_not_split_over_the_chips_is_one_line(tpu_compile):
@@ -149,6 +246,17 @@ def test_the_launch_script_dry_run_prints_the_gcloud_commands(tmp_path):
   assert ("python -m emim.main --distributed --config=configs/imagenet1k.py --workdir=gs://bkt/runs/in1k "
           "--config.train.batch_size=512'") in lines[2]
   assert not (tmp_path / "called").exists()
+  # No overrides: no empty argument for emim.main to reject; --libtpu installs that libtpu
+  # after the extras (a v6e's fix, emim/tpu.py).
+  bare = subprocess.run(["bash", script, "--dry_run", "--libtpu=0.0.52", "my-v6e", "us-east5-b", "configs/cifar10.py",
+                         "gs://bkt/runs/c10"], capture_output=True, text=True, env=env)
+  assert bare.returncode == 0, bare.stderr
+  assert bare.stdout.splitlines()[2].endswith(
+      "pip install -q '\\''.[gcs,tpu]'\\'' && pip install -q libtpu==0.0.52 && python -m emim.main --distributed "
+      "--config=configs/cifar10.py --workdir=gs://bkt/runs/c10'"), bare.stdout
+  wrong = subprocess.run(["bash", script, "--libtpu=latest", "t", "z", "configs/cifar10.py", "gs://b/r"],
+                         capture_output=True, text=True, env=env)
+  assert wrong.returncode == 2 and "--libtpu wants a version" in wrong.stderr
   # Without --dry_run gcloud is called; a local work directory or a missing config is refused.
   local = subprocess.run(["bash", script, "t", "z", "configs/imagenet1k.py", "/tmp/run"], capture_output=True,
                          text=True, env=env)
