@@ -398,38 +398,70 @@ def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None, note=None) 
   return reports
 
 
-def train_memory(config, tpu: Slice, batch: int) -> tuple[int | None, str]:
-  """(bytes per chip of the train step at global ``batch``, "") when it compiles and fits
-  in the chip's HBM; (bytes or None, why) when it does not."""
-  report = compile_config(with_batch(config, batch), tpu, ("train",), note={"max_batch": True})[0]
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """The train step at one batch, for ``max_batch``."""
+  used: int | None  # bytes per chip (arguments + temporaries + outputs - aliased), where it compiled
+  temporaries: int | None  # its temporaries; where the compiler ran out of HBM, those it asked for
+  available: int | None  # the HBM the compiler said a chip has, where it said (a v5e's 15.75 of 16 GiB)
+  why: str = ""  # why it does not fit; "" when it does
+
+
+_OUT_OF_HBM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+
+
+def out_of_hbm(error: str) -> tuple[int, int] | None:
+  """(temporaries asked for, HBM available) in bytes from XLA's TPU out-of-memory error;
+  None for any other error."""
+  m = _OUT_OF_HBM.search(error)
+  return (int(float(m.group(1)) * GiB), int(float(m.group(2)) * GiB)) if m else None
+
+
+def train_memory(config, tpu: Slice, batch: int, report: Report | None = None) -> Fit:
+  """The train step compiled at global ``batch`` (or its ``report``, compiled already): its
+  memory per chip, and whether it fits in the chip's HBM."""
+  report = report or compile_config(with_batch(config, batch), tpu, ("train",), note={"max_batch": True})[0]
   ok = not report.error and report.total <= tpu.chip.hbm_gib * GiB
   why = report.error or f"{report.total / GiB:.2f} GiB"
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s)", flush=True)
-  return (None if report.error else report.total), ("" if ok else why)
+  if report.error:
+    asked, available = out_of_hbm(report.error) or (None, None)
+    return Fit(None, asked, available, why)
+  return Fit(report.total, report.temporaries, None, "" if ok else why)
 
 
-def max_batch(config, tpu: Slice, multiple: int) -> int:
+def max_batch(config, tpu: Slice, multiple: int, compiled: Report | None = None) -> int:
   """The largest global batch, a multiple of ``multiple``, whose train step fits in HBM;
   0 when even ``multiple`` does not.
 
   Each try is a compile (minutes for a ResNet-50 step), so the next batch to try is read
   off the memory of those compiled so far: a step's memory grows close to linearly with
   its batch (the state is fixed, the activations scale), so the line through the two
-  largest batches that compiled, solved for the chip's HBM, lands on or next to the
-  answer, and the batch one multiple above it closes the bracket. Where the line misleads
-  (memory that jumps with the compiler's choices), every third try halves the bracket, so
-  the search ends in about as many compiles as bisection at worst. No batch beyond the
-  training set is tried (an epoch is one step there)."""
+  largest batches measured, solved for the chip's HBM, lands on or next to the answer,
+  and the batch one multiple above it closes the bracket. A batch the compiler refuses
+  for want of HBM counts too: its error says the temporaries it asked for (plus the
+  arguments and outputs of a batch that compiled) and the HBM it had. Where the line
+  misleads (memory that jumps with the compiler's choices), every third try halves the
+  bracket, so the search ends in about as many compiles as bisection at worst. No batch
+  beyond the training set is tried (an epoch is one step there). ``compiled``: the train
+  step at the config's batch, where the table compiled it already."""
   limit = tpu.chip.hbm_gib * GiB
-  memory: dict[int, int] = {}  # batch -> bytes per chip, for each that compiled
+  memory: dict[int, int] = {}  # batch -> bytes per chip, measured or (out of HBM) estimated
+  fixed = None  # bytes per chip besides the temporaries (state, batch, outputs), from a compiled batch
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)
   batch = min(cap, max(multiple, config.train.batch_size - config.train.batch_size % multiple))
   for attempt in itertools.count(1):
-    used, why = train_memory(config, tpu, batch)
-    if used is not None:
-      memory[batch] = used
-    lo, hi = (batch, hi) if not why else (lo, batch)
+    if compiled is not None and compiled.images == batch:
+      fit, compiled = train_memory(config, tpu, batch, compiled), None
+    else:
+      fit = train_memory(config, tpu, batch)
+    if fit.used is not None:
+      memory[batch], fixed = fit.used, fit.used - (fit.temporaries or 0)
+    elif fit.temporaries is not None and fixed is not None:
+      memory[batch] = fit.temporaries + fixed
+    limit = min(limit, fit.available or limit)
+    lo, hi = (batch, hi) if not fit.why else (lo, batch)
     if (hi is not None and hi - lo <= multiple) or lo == cap:
       return lo
     if hi is None and len(memory) < 2:
@@ -682,8 +714,10 @@ def main():
   reports = compile_config(config, tpu, tuple(args.programs), each=lambda r: print(table_row(r, tpu), flush=True))
   if args.max_batch:
     print("Largest global batch whose train step fits:", flush=True)
-    best = max_batch(config, tpu, 8 * n)
-    print(f"max_batch {best} ({best // n} per chip) on {tpu.name}", flush=True)
+    best = max_batch(config, tpu, 8 * n, next((r for r in reports if r.program == "train"), None))
+    whole = best == num_train_examples(config) // (8 * n) * (8 * n)
+    print(f"max_batch {best} ({best // n} per chip) on {tpu.name}"
+          f"{' (the whole training set: no larger batch tried)' if whole else ''}", flush=True)
   if any(r.error for r in reports):
     sys.exit(1)
 

@@ -88,12 +88,16 @@ def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile)
   report = tpu_compile.analyse("big", jax.jit(lambda x: jax.numpy.sin(x) @ x.T).lower(x), 8, 4)  # 20 GiB > 16
   assert report.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM" in report.error
   assert "\n" not in report.error and "failed: RESOURCE_EXHAUSTED" in tpu_compile.table_row(report, tpu)
+  # What --max_batch reads off the refusal: the temporaries asked for, the HBM available.
+  assert tpu_compile.out_of_hbm(report.error) == (20 * 2**30, int(15.75 * 2**30))
+  assert tpu_compile.out_of_hbm("INTERNAL: something else") is None
 
 
 GiB, MiB = 2**30, 2**20
 MEMORY_MODELS = {  # bytes per chip of a train step at global batch b, against a 16 GiB chip
     "linear": lambda b: 2 * GiB + b * 10 * MiB,
     "linear, steep": lambda b: 12 * GiB + b * 40 * MiB,
+    "linear, and the compiler refuses twice the config's batch": lambda b: 0.6 * GiB + b * 35 * MiB,
     "a jump where the compiler changes its plan": lambda b: GiB + b * 5 * MiB + (4 * GiB if b > 1500 else 0),
     "convex": lambda b: GiB + b * MiB + (b / 64) ** 2 * 20 * MiB,
     "flat: the whole training set fits": lambda b: GiB + b,
@@ -113,10 +117,10 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
 
   def train_memory(config, tpu, batch):
     tried.append(batch)
-    used = memory(batch)
-    if used > 20 * GiB:  # far over: the compiler refuses it (RESOURCE_EXHAUSTED), no figure
-      return None, "RESOURCE_EXHAUSTED"
-    return int(used), ("" if used <= 16 * GiB else "does not fit")
+    used = int(memory(batch))
+    if used > 18 * GiB:  # far over: the compiler refuses it, saying the temporaries it asked for
+      return tpu_compile.Fit(None, used - GiB, 16 * GiB, "RESOURCE_EXHAUSTED")
+    return tpu_compile.Fit(used, used - GiB, None, "" if used <= 16 * GiB else "does not fit")
 
   monkeypatch.setattr(tpu_compile, "train_memory", train_memory)
   config = load_config("synthetic", "runlocal")
