@@ -27,12 +27,12 @@ import time
 from absl import app, flags
 
 from emim import cli, fs
+from emim.data.image_folder import DECODE_FILE
 
 USER_CACHE = pathlib.Path("~/.cache/emim").expanduser()
 
 # What emim writes, by file name: decodes of image folders (and their temporary files),
 # TFDS subset indices; and everything in the tests' compilation-cache folder.
-_DECODE = re.compile(r".+-.+-[0-9a-f]{16}(\.\d+\.tmp)?\.npz$")
 _SUBSET_INDEX = re.compile(r".+-[0-9a-f]{16}(\.\d+\.tmp)?\.npy$")
 _COMPILATION_CACHE_DIR = "jax-tests"
 
@@ -42,7 +42,7 @@ def is_emim_cache_file(path: pathlib.Path, root: pathlib.Path) -> bool:
   parts = path.relative_to(root).parts
   if _COMPILATION_CACHE_DIR in parts[:-1] or root.name == _COMPILATION_CACHE_DIR:
     return True
-  return bool(_DECODE.match(path.name) or _SUBSET_INDEX.match(path.name))
+  return bool(DECODE_FILE.fullmatch(path.name) or _SUBSET_INDEX.match(path.name))
 
 
 def _files(root: pathlib.Path) -> list[pathlib.Path]:

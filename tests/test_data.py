@@ -219,6 +219,8 @@ def test_the_cache_command_lists_and_clears_only_emims_cache_files(tmp_path):
   assert listed.returncode == 0, listed.stderr
   assert listed.stdout.startswith(f"{cache}: 2 cache file(s), {size / 2**20:.1f} MiB") and "folder-train-" in listed.stdout
   (cache / "notes.txt").write_text("mine")  # not emim's
+  (cache / "folder-train-0123456789abcdef.npz").write_bytes(b"")  # a decode named as before its prefix had a hash
+  (cache / next(cache.glob("folder-train-*")).name.replace(".npz", ".4242.tmp.npz")).write_bytes(b"")  # a dead writer's
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "metrics.jsonl").write_text("{}")
   mistaken = run(f"--dir={tmp_path}", "--clear")  # the folder above: a dataset, a run, the cache

@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import pathlib
+import re
 import tarfile
 import time
 import zlib
@@ -153,6 +154,13 @@ def _cache_prefix(path: pathlib.Path, split: str, size: int | None, subset=None)
   return f"{safe(path.name, 40)}-{safe(split, 20)}-{ident}"
 
 
+# A decode's file name, <prefix>-<key>.npz, and its writer's temporary file's,
+# <prefix>-<key>.<pid>.tmp.npz (``_cache_prefix``, ``_cache_key``); python -m emim.cache
+# recognises emim's files by it too, those of emim before the prefix had its hash
+# (<folder>-<split>-<key>.npz) included.
+DECODE_FILE = re.compile(r"(?P<prefix>.+-.+)-(?P<key>[0-9a-f]{16})(?:\.(?P<pid>\d+)\.tmp)?\.npz")
+
+
 def _cache_file(prefix: str, key: str) -> str:
   return f"{prefix}-{key}.npz"
 
@@ -160,8 +168,8 @@ def _cache_file(prefix: str, key: str) -> str:
 def _is_cache_of(name: str, prefix: str) -> bool:
   """Whether ``name`` is a finished cache file of ``prefix`` (not another process's
   temporary file)."""
-  key = name[len(prefix) + 1:-len(".npz")]
-  return name.startswith(prefix + "-") and name.endswith(".npz") and len(key) == 16 and key.isalnum()
+  m = DECODE_FILE.fullmatch(name)
+  return bool(m) and m["prefix"] == prefix and m["pid"] is None
 
 
 def _prune_superseded(cache: pathlib.Path, prefix: str, started: float) -> None:
@@ -182,8 +190,8 @@ def _prune_superseded(cache: pathlib.Path, prefix: str, started: float) -> None:
 
 def _writer_pid(tmp_name: str) -> int:
   """The pid in a temporary cache file's name (``<cache>.<pid>.tmp.npz``); 0 if none."""
-  pid = tmp_name[:-len(".tmp.npz")].rsplit(".", 1)[-1]
-  return int(pid) if pid.isdigit() else 0
+  m = DECODE_FILE.fullmatch(tmp_name)
+  return int(m["pid"]) if m and m["pid"] else 0
 
 
 def cache_summary(cache_dir: str | os.PathLike) -> str:
