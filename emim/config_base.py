@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
       cache_dir="", decode_size=0, image_size=32, num_classes=10, num_train=4096, num_test=1024,
       mean=CIFAR_MEAN, std=CIFAR_STD,
       stream=False,  # True: a Grain pipeline on host workers (ImageNet) instead of data on device
-      workers=8,  # host decoding processes when streaming
+      # Host decoding processes: the stream's (0: in the main process); a folder decoded
+      # into memory uses at most this many, and at most one per core (0 or 1: the main one).
+      workers=8,
       # Streaming: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that leaves its
       # crops their output size (the crops' boxes unchanged); False: at full size.
       reduced_decode=True,

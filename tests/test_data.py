@@ -286,3 +286,11 @@ def test_a_script_without_a_main_guard_is_told_how_to_decode_with_processes(tmp_
   assert guarded.returncode == 0 and guarded.stdout.split() == ["1002"], guarded.stderr[-2000:]
   one_process = run(load.replace("workers=2", "workers=1"))
   assert one_process.returncode == 0 and one_process.stdout.split() == ["1002"], one_process.stderr[-2000:]
+  # The config's knob reaches the decode: config.data.workers=1 decodes in the script's
+  # own process (with 2 it spawns, and the unguarded script is told both fixes).
+  by_config = ("from emim.config_base import base_config\nfrom emim.data import sources\nc = base_config().data\n"
+               f"c.source, c.path, c.workers = 'image_folder', {str(root)!r}, WORKERS\n"
+               "print(len(sources.load(c, 'train')))\n")
+  assert "or decode in this one process: config.data.workers=1" in run(by_config.replace("WORKERS", "2")).stderr
+  one_by_config = run(by_config.replace("WORKERS", "1"))
+  assert one_by_config.returncode == 0 and one_by_config.stdout.split() == ["1002"], one_by_config.stderr[-2000:]

@@ -287,8 +287,9 @@ def _decode_split(src: pathlib.Path, split: str, image_size: int | None, workers
       # level starts a run in each worker, which dies.
       raise DatasetError(
           f"The processes decoding {src}/{split} died before finishing. From a Python script, put the code that "
-          "calls emim under `if __name__ == \"__main__\":` (each decode process imports the script again). If "
-          "instead a decode process ran out of memory, free some: the decode holds the whole split.") from e
+          "calls emim under `if __name__ == \"__main__\":` (each decode process imports the script again), or decode "
+          "in this one process: config.data.workers=1. If instead a decode process ran out of memory, free some: "
+          "the decode holds the whole split.") from e
   else:
     decoded = [decode_image(p, image_size) for p in payloads]
   shapes = sorted({a.shape for a in decoded})

@@ -10,6 +10,7 @@ modules define are also importable from here.
 from __future__ import annotations
 
 import logging
+import os
 
 import ml_collections
 
@@ -64,11 +65,15 @@ def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None 
     return synthetic(n, data_cfg.image_size, data_cfg.num_classes, seed=0 if split == "train" else 1)
   if data_cfg.source == "image_folder":
     size, subset = data_cfg.decode_size or None, class_subset(data_cfg)
+    # Decoded into memory by at most config.data.workers processes, no more than the
+    # cores (0 or 1: in this process).
+    workers = max(1, min(data_cfg.workers, os.cpu_count() or 1))
     if split == "train":
-      return image_folder(data_cfg.path, data_cfg.train_split, size, data_cfg.cache_dir or cache_dir, subset=subset)
+      return image_folder(data_cfg.path, data_cfg.train_split, size, data_cfg.cache_dir or cache_dir, workers,
+                          subset=subset)
     if train_classes is None:
       train_classes = folder_class_names(data_cfg.path, data_cfg.train_split, subset)
-    return image_folder(data_cfg.path, data_cfg.test_split, size, data_cfg.cache_dir or cache_dir,
+    return image_folder(data_cfg.path, data_cfg.test_split, size, data_cfg.cache_dir or cache_dir, workers,
                         train_classes=train_classes, subset=subset)
   if data_cfg.source == "tfds":
     split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
