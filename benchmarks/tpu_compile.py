@@ -79,13 +79,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emim import sharding, train  # noqa: E402
-from emim.tpu import libtpu_advice, libtpu_in_use  # noqa: E402
 from emim.backbone import backbone_from_model_config, model_config_of  # noqa: E402
 from emim.config_base import VECTOR_SOURCES, load_config_file  # noqa: E402
 from emim.data.pipeline import DataShapes  # noqa: E402
 from emim.data.sources import input_shape  # noqa: E402
 from emim.evaluators import linear_probe  # noqa: E402
 from emim.evaluators import mi_tracker  # noqa: E402
+from emim.tpu import libtpu_advice, libtpu_in_use  # noqa: E402
 
 GiB = 2**30
 
@@ -140,7 +140,10 @@ def tpu_slice(topology: str) -> Slice:
                      "v5e:2x4 (a v5litepod-8) or v4:2x2x1 (a v4-8).")
   from jax.experimental import topologies
 
-  dims = [int(d) for d in topology.split(":")[1].split("x")]
+  try:
+    dims = [int(d) for d in topology.split(":")[1].split("x")]
+  except ValueError:
+    raise SystemExit(f"--topology={topology!r}: give the chips per dimension as numbers, e.g. v5e:2x4 or v4:2x2x1.")
   options = {}
   if generation in ("v4", "v5p"):  # a device per chip (its two TensorCores as one), as JAX runs them
     options["chip_config_name"] = "megacore"
@@ -393,6 +396,7 @@ def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None, note=None) 
   for name in [p for p in programs if p in lowered]:
     _note_compiling(name, lowered[name][1], len(tpu.devices), **(note or {}))
     reports.append(analyse(name, *lowered.pop(name), len(tpu.devices)))
+    _note_compiling(None)
     if each is not None:
       each(reports[-1])
   return reports
@@ -402,7 +406,7 @@ def compile_config(config, tpu: Slice, programs=PROGRAMS, each=None, note=None) 
 class Fit:
   """The train step at one batch, for ``max_batch``."""
   used: int | None  # bytes per chip (arguments + temporaries + outputs - aliased), where it compiled
-  temporaries: int | None  # its temporaries; where the compiler ran out of HBM, those it asked for
+  asked: int | None  # where the compiler ran out of HBM: the bytes per chip it asked for
   available: int | None  # the HBM the compiler said a chip has, where it said (a v5e's 15.75 of 16 GiB)
   why: str = ""  # why it does not fit; "" when it does
 
@@ -411,8 +415,9 @@ _OUT_OF_HBM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds av
 
 
 def out_of_hbm(error: str) -> tuple[int, int] | None:
-  """(temporaries asked for, HBM available) in bytes from XLA's TPU out-of-memory error;
-  None for any other error."""
+  """(bytes per chip asked for, HBM available) from XLA's TPU out-of-memory error; None for
+  any other error. The figure it calls "HLO temporaries" counts the arguments and outputs
+  too (measured: 12 GiB of arguments and 6.25 of outputs were "18.25G")."""
   m = _OUT_OF_HBM.search(error)
   return (int(float(m.group(1)) * GiB), int(float(m.group(2)) * GiB)) if m else None
 
@@ -427,7 +432,7 @@ def train_memory(config, tpu: Slice, batch: int, report: Report | None = None) -
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
     return Fit(None, asked, available, why)
-  return Fit(report.total, report.temporaries, None, "" if ok else why)
+  return Fit(report.total, None, None, "" if ok else why)
 
 
 def max_batch(config, tpu: Slice, multiple: int, compiled: Report | None = None) -> int:
@@ -439,15 +444,15 @@ def max_batch(config, tpu: Slice, multiple: int, compiled: Report | None = None)
   its batch (the state is fixed, the activations scale), so the line through the two
   largest batches measured, solved for the chip's HBM, lands on or next to the answer,
   and the batch one multiple above it closes the bracket. A batch the compiler refuses
-  for want of HBM counts too: its error says the temporaries it asked for (plus the
-  arguments and outputs of a batch that compiled) and the HBM it had. Where the line
-  misleads (memory that jumps with the compiler's choices), every third try halves the
-  bracket, so the search ends in about as many compiles as bisection at worst. No batch
-  beyond the training set is tried (an epoch is one step there). ``compiled``: the train
-  step at the config's batch, where the table compiled it already."""
+  for want of HBM counts too: its error says the memory it asked for and the HBM it had.
+  Where the line misleads (memory that jumps with the compiler's choices), every third try
+  halves the bracket, so the search always ends, at worst in about three times
+  bisection's compiles. No batch beyond the training set is tried (an epoch is one step
+  there). A compile that fails for another reason than memory ends the search (SystemExit:
+  no batch would compile). ``compiled``: the train step at the config's batch, where the
+  table compiled it already."""
   limit = tpu.chip.hbm_gib * GiB
-  memory: dict[int, int] = {}  # batch -> bytes per chip, measured or (out of HBM) estimated
-  fixed = None  # bytes per chip besides the temporaries (state, batch, outputs), from a compiled batch
+  memory: dict[int, int] = {}  # batch -> bytes per chip, compiled or (out of HBM) asked for
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)
   batch = min(cap, max(multiple, config.train.batch_size - config.train.batch_size % multiple))
@@ -456,10 +461,11 @@ def max_batch(config, tpu: Slice, multiple: int, compiled: Report | None = None)
       fit, compiled = train_memory(config, tpu, batch, compiled), None
     else:
       fit = train_memory(config, tpu, batch)
-    if fit.used is not None:
-      memory[batch], fixed = fit.used, fit.used - (fit.temporaries or 0)
-    elif fit.temporaries is not None and fixed is not None:
-      memory[batch] = fit.temporaries + fixed
+    if fit.why and fit.used is None and fit.asked is None:
+      raise SystemExit(f"--max_batch: the train step at batch {batch} failed to compile, not for want of HBM: "
+                       f"{fit.why}")
+    if fit.used is not None or fit.asked is not None:
+      memory[batch] = fit.used if fit.used is not None else fit.asked
     limit = min(limit, fit.available or limit)
     lo, hi = (batch, hi) if not fit.why else (lo, batch)
     if (hi is not None and hi - lo <= multiple) or lo == cap:
@@ -566,69 +572,101 @@ def flops_breakdown(config) -> dict[str, float]:
 _STATUS = "EMIM_TPU_COMPILE_STATUS"
 
 
-def _note_compiling(program: str, images: int, devices: int, **extra) -> None:
-  """In the compiling child, the program it is about to compile (the parent reports it
-  if the compiler crashes)."""
+def _note_compiling(program: str | None, images: int = 0, devices: int = 1, **extra) -> None:
+  """In the compiling child, the program it is about to compile (None: between compiles),
+  for the parent to name if the compiler crashes; written whole or not at all."""
   path = os.environ.get(_STATUS)
   if path:
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump({"program": program, "images": images, "devices": devices, "libtpu": libtpu_in_use()[0],
                  "since": time.time(), **extra}, f)
+    os.replace(path + ".tmp", path)
 
 
-def _child_argv(args, programs: list[str], first: bool) -> list[str]:
+def _read_status(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):  # none written yet
+    return {}
+
+
+def _child_argv(args, programs: list[str], first: bool, max_batch: bool) -> list[str]:
   argv = [sys.executable, os.path.abspath(__file__), f"--config={args.config}", f"--topology={args.topology}",
           "--programs", *programs]
   argv += [f"--batch={args.batch}"] if args.batch else []
-  argv += ["--max_batch"] if args.max_batch else []
+  argv += ["--max_batch"] if max_batch else []
   argv += ["--breakdown"] if args.breakdown and first else []
   argv += [] if first else ["--no_header"]
   return argv
 
 
 def crash_line(status: dict, returncode: int, table: bool) -> str:
-  """A compile that killed its process, in one line (a table row when the table is
-  being printed)."""
+  """A child that died of a signal, in one line: a table row (``table``) or a line of
+  ``--max_batch``'s when it died compiling a program, else a sentence."""
   try:
     name = signal.Signals(-returncode).name
   except ValueError:
     name = f"signal {-returncode}"
-  what = (f"libtpu {status.get('libtpu', '')} crashed compiling it ({name}, "
-          f"{time.time() - status.get('since', time.time()):.0f} s in): a crash inside XLA's TPU compiler, not "
-          f"an error it reports; another libtpu may compile it (TPU_LIBRARY_PATH=.../libtpu.so)").replace("  ", " ")
-  program, images, devices = status.get("program", "?"), status.get("images", 0), status.get("devices", 1)
-  if program == "train" and status.get("max_batch"):
-    return f"  batch {images}: {what}"
+  program = status.get("program")
+  if -returncode == signal.SIGKILL:  # no crash of libtpu's sends it: most often the kernel's out-of-memory killer
+    what = ("killed (SIGKILL: most often this machine's out-of-memory killer; a ResNet-50 step takes up to 10 GiB "
+            "of it to compile)")
+  elif not status:
+    return f"The compiling process died of {name} before its first compile."
+  elif program is None:
+    return f"libtpu {status.get('libtpu')} crashed ({name}) after the last compile; the rows above stand."
+  else:
+    what = (f"libtpu {status.get('libtpu')} crashed compiling it ({name}, {time.time() - status['since']:.0f} s in): "
+            "a crash inside XLA's TPU compiler, not an error it reports; another libtpu may compile it "
+            "(TPU_LIBRARY_PATH=.../libtpu.so)")
+  if program is None:
+    return f"The compiling process was {what}."
+  images, devices = status.get("images", 0), status.get("devices", 1)
+  if status.get("max_batch"):
+    return f"  batch {images}: failed: {what}"
   return f"| {program} | {images} ({images // devices}) | failed: {what} |" if table else f"{program}: failed: {what}"
 
 
 def supervise(args, child_argv=_child_argv) -> int:
   """Runs the compiles in a child process, its output passed on; where the child dies of
   a signal (libtpu crashed), reports the program it was compiling and goes on with the
-  programs after it in a fresh child. The exit status: the child's, 1 after a crash."""
-  programs, first, crashed = list(args.programs), True, False
+  programs after it in a fresh child (``--max_batch`` after them, unless the train step
+  is what crashed). The exit status: the child's; 1 after a crash; 130 on an interrupt.
+  The child never outlives it."""
+  programs, first, crashed, max_batch = list(args.programs), True, False, args.max_batch
   while True:
     with tempfile.TemporaryDirectory(prefix="emim-tpu-compile-") as tmp:
       status_path = os.path.join(tmp, "compiling.json")
-      child = subprocess.Popen(child_argv(args, programs, first), stdout=subprocess.PIPE, text=True,
+      child = subprocess.Popen(child_argv(args, programs, first, max_batch), stdout=subprocess.PIPE, text=True,
                                env={**os.environ, _STATUS: status_path})
       table = False
-      for line in child.stdout:
-        table = table or line.startswith("| program |")
-        print(line, end="", flush=True)
-      returncode = child.wait()
-      status = {}
-      if os.path.exists(status_path):
-        with open(status_path) as f:
-          status = json.load(f)
+      try:
+        for line in child.stdout:
+          table = table or line.startswith("| program |")
+          print(line, end="", flush=True)
+        returncode = child.wait()
+      finally:  # an interrupt, or SIGTERM (main()): a compile left running holds minutes of CPU and GiBs
+        if child.poll() is None:
+          child.kill()
+          child.wait()
+      status = _read_status(status_path)
+    if returncode == -signal.SIGINT:
+      return 130
     if returncode >= 0:
       return 1 if crashed else returncode
     crashed = True
     print(crash_line(status, returncode, table or not first), flush=True)
     program = status.get("program")
-    if program not in programs or status.get("max_batch") or programs.index(program) == len(programs) - 1:
+    if program == "train" and max_batch:  # its search would compile the step that crashed, again
+      if not status.get("max_batch"):
+        print("--max_batch: not searched, the train step crashed the compiler.", flush=True)
+      max_batch = False
+    if program not in programs:  # before the first compile, after the last, or in --max_batch's search
       return 1
     programs, first = programs[programs.index(program) + 1:], False
+    if not programs and not max_batch:
+      return 1
 
 
 # ----------------------------------------------------------------------------------
@@ -671,18 +709,25 @@ def parse_args(argv=None):
   parser.add_argument("--config", required=True, help="config file[:variant]")
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, v5e:8x8")
   parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
-  parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS + ("model",))
+  parser.add_argument("--programs", nargs="*", default=list(PROGRAMS), choices=PROGRAMS + ("model",))
   parser.add_argument("--max_batch", action="store_true", help="also find the largest global batch that fits")
   parser.add_argument("--breakdown", action="store_true",
                       help="also the step's FLOPs piece by piece beside the model row's (lowered only: fast)")
   parser.add_argument("--no_header", action="store_true", help=argparse.SUPPRESS)  # a child after a crash
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if not args.programs and not (args.max_batch or args.breakdown):
+    parser.error(f"--programs: name at least one of {', '.join(PROGRAMS + ('model',))}")
+  return args
 
 
 def main():
   args = parse_args()
   if _STATUS not in os.environ:  # the parent: compiles in a child that a crash of libtpu cannot take down with it
-    sys.exit(supervise(args))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that it stops the child
+    try:
+      sys.exit(supervise(args))
+    except KeyboardInterrupt:
+      sys.exit(130)
   path, _, variant = args.config.partition(":")
   if not os.path.isfile(path):
     raise SystemExit(f"--config={args.config}: no such file (the configs are configs/*.py).")
@@ -709,9 +754,10 @@ def main():
     print(f"| rest (whole - pieces) | {(pieces['whole step'] - sum(v for k, v in pieces.items() if k not in ('whole step', 'model row (network fwd+bwd, two views)'))) / 1e9:.1f} | |", flush=True)
     if args.programs == list(PROGRAMS) and not args.max_batch:
       return
-  if not args.no_header:
+  if not args.no_header and args.programs:
     print(TABLE_HEADER, flush=True)
-  reports = compile_config(config, tpu, tuple(args.programs), each=lambda r: print(table_row(r, tpu), flush=True))
+  reports = compile_config(config, tpu, tuple(args.programs), each=lambda r: print(table_row(r, tpu), flush=True)) \
+      if args.programs else []
   if args.max_batch:
     print("Largest global batch whose train step fits:", flush=True)
     best = max_batch(config, tpu, 8 * n, next((r for r in reports if r.program == "train"), None))

@@ -13,9 +13,10 @@ import pathlib
 # (libtpu version prefix, device kind prefix) -> what was seen. Found by compiling emim's
 # programs ahead of time for each slice (benchmarks/tpu_compile.py; BENCHMARKS.md, "Cloud
 # TPU"): libtpu 0.0.42.1, the version jax 0.10.2's tpu extra pins, crashed with SIGSEGV (a
-# stack overflow in its LLO scheduler, MigrateInstructionUsers recursing) 2-12 minutes into
-# compiling every ResNet train step (ResNet-18 and ResNet-50, the network's forward and
-# backward alone too) for a v6e, where v4, v5e and v5p compile; libtpu 0.0.52 compiles them.
+# stack overflow: MigrateInstructionUsers recursing until LloRegion::AppendInstruction
+# overflows) 2.5 to 12 minutes into compiling the ResNet train steps (ResNet-18 and
+# ResNet-50; the network's forward and backward alone too) for a v6e, where v4, v5e and
+# v5p compile them; libtpu 0.0.52 compiles them for a v6e.
 KNOWN_COMPILER_CRASHES = {
     ("0.0.42.", "TPU v6"): ("libtpu {version} crashes (SIGSEGV, minutes into compiling) on emim's ResNet-18 and "
                             "ResNet-50 train steps for this chip ({kind}); libtpu 0.0.52 compiles them: "

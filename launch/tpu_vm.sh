@@ -14,15 +14,23 @@ set -euo pipefail
 dry_run=0
 libtpu=""
 usage="usage: launch/tpu_vm.sh [--dry_run] [--libtpu=VERSION] TPU_NAME ZONE CONFIG gs://BUCKET/WORKDIR [--config.FIELD=VALUE ...]"
-while [[ "${1:-}" == --dry_run || "${1:-}" == --libtpu=* ]]; do
+while [[ "${1:-}" == --dry_run || "${1:-}" == --libtpu || "${1:-}" == --libtpu=* ]]; do
   case "$1" in
     --dry_run) dry_run=1 ;;
-    --libtpu=*) libtpu=${1#--libtpu=}
-      if [[ ! "$libtpu" =~ ^[0-9][0-9.]*$ ]]; then echo "--libtpu wants a version, e.g. --libtpu=0.0.52, not '$libtpu'." >&2; exit 2; fi ;;
+    --libtpu) libtpu=${2:-}; shift ;;
+    --libtpu=*) libtpu=${1#--libtpu=} ;;
   esac
   shift
 done
+if [[ -n "$libtpu" && ! "$libtpu" =~ ^[0-9][0-9.]*$ ]]; then
+  echo "--libtpu wants a version, e.g. --libtpu=0.0.52, not '$libtpu'." >&2; exit 2
+fi
 if (($# < 4)); then echo "$usage" >&2; exit 2; fi
+for arg in "${@:5}"; do  # the script's own options, given after the config, would reach emim.main
+  case "$arg" in
+    --dry_run|--libtpu|--libtpu=*) echo "$arg is launch/tpu_vm.sh's option: put it before TPU_NAME. $usage" >&2; exit 2 ;;
+  esac
+done
 tpu=$1; zone=$2; config=$3; workdir=$4
 shift 4
 case "$workdir" in

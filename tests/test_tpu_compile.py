@@ -7,6 +7,7 @@ the CPU choice of a machine without an accelerator.
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -118,55 +119,100 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
   def train_memory(config, tpu, batch):
     tried.append(batch)
     used = int(memory(batch))
-    if used > 18 * GiB:  # far over: the compiler refuses it, saying the temporaries it asked for
-      return tpu_compile.Fit(None, used - GiB, 16 * GiB, "RESOURCE_EXHAUSTED")
-    return tpu_compile.Fit(used, used - GiB, None, "" if used <= 16 * GiB else "does not fit")
+    if used > 15.75 * GiB:  # over what the compiler has: it refuses, saying what it asked for (as XLA's TPU does)
+      return tpu_compile.Fit(None, used, int(15.75 * GiB), "RESOURCE_EXHAUSTED")
+    return tpu_compile.Fit(used, None, None, "")
 
   monkeypatch.setattr(tpu_compile, "train_memory", train_memory)
-  config = load_config("synthetic", "runlocal")
-  with config.unlocked():
-    config.train.batch_size, config.data.num_train = 256, 50_000
+  config = _large_set(load_config("synthetic", "runlocal"))
   best = tpu_compile.max_batch(config, tpu, 64)
   cap = config.data.num_train // 64 * 64  # no batch beyond the training set
-  brute = max([b for b in range(64, cap + 1, 64) if memory(b) <= 16 * GiB] or [0])
+  brute = max([b for b in range(64, cap + 1, 64) if memory(b) <= 15.75 * GiB] or [0])
   assert best == brute, (best, brute, tried)
   assert all(b % 64 == 0 for b in tried) and len(set(tried)) == len(tried), tried
   bisection = 2 + int(np.ceil(np.log2(max(brute, 64) / 64)))
   assert len(tried) <= (4 if model.startswith("linear") else bisection + 3), tried
 
 
+def test_max_batch_stops_on_a_compile_error_that_is_not_memory(tpu_compile, monkeypatch):
+  """A step that does not compile at all would fail at every batch: the search says so
+  instead of bisecting down to 0."""
+  tried = []
+  monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: tried.append(batch) or tpu_compile.Fit(
+      None, None, None, "INTERNAL: RET_CHECK failure"))
+  tpu = type("Slice", (), {"chip": type("Chip", (), {"hbm_gib": 16})})
+  with pytest.raises(SystemExit, match="at batch 256 failed to compile, not for want of HBM: INTERNAL: RET_CHECK"):
+    tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), tpu, 64)
+  assert tried == [256]
+
+
+def _large_set(config):
+  """The config at batch 256 on a training set of 50,000 (the search goes no further)."""
+  with config.unlocked():
+    config.train.batch_size, config.data.num_train = 256, 50_000
+  return config
+
+
+# A stand-in for the compiling child: it notes each program as tpu_compile's child does,
+# and dies of a signal where FAKE_PLAN says (the programs to crash on, the signal, a crash
+# at its exit instead); given --max_batch it "compiles" the train step at a batch too.
 FAKE_COMPILER = """
 import json, os, signal, sys, time
+plan = json.loads(os.environ["FAKE_PLAN"])
 programs = [a for a in sys.argv[1:] if not a.startswith("--")]
-if "--no_header" not in sys.argv:
+def note(program, **extra):
+  with open(os.environ["EMIM_TPU_COMPILE_STATUS"], "w") as f:
+    json.dump({"program": program, "images": 256, "devices": 8, "libtpu": "0.0.42.1", "since": time.time(), **extra}, f)
+if "--no_header" not in sys.argv and programs:
   print("| program | images/call (per chip) |")
 for program in programs:
-  with open(os.environ["EMIM_TPU_COMPILE_STATUS"], "w") as f:
-    json.dump({"program": program, "images": 256, "devices": 8, "libtpu": "0.0.42.1", "since": time.time()}, f)
-  if program in ("train", "probe"):  # the compiler crashes on these, as libtpu 0.0.42.1 on the v6e ResNet steps
-    os.kill(os.getpid(), signal.SIGSEGV)
+  note(program)
+  if program in plan["crash"]:
+    os.kill(os.getpid(), getattr(signal, plan["signal"]))
   print(f"| {program} | 256 (32) | compiled |", flush=True)
+  note(None)
+if "--max_batch" in sys.argv:
+  note("train", max_batch=True)
+  if "max_batch" in plan["crash"]:
+    os.kill(os.getpid(), getattr(signal, plan["signal"]))
+  print("max_batch 512 (64 per chip) on v6e-8", flush=True)
+  note(None)
+if plan.get("at_exit"):
+  os.kill(os.getpid(), getattr(signal, plan["signal"]))
 """
 
 
-def test_a_compiler_crash_is_a_row_and_the_programs_after_it_still_compile(tpu_compile, tmp_path, capsys):
+@pytest.fixture
+def fake_compile(tpu_compile, tmp_path, monkeypatch, capsys):
+  """run(argv, crash=..., signal=..., at_exit=...) -> (exit status, printed lines, the
+  children's (programs, first, max_batch)): tpu_compile's supervisor over FAKE_COMPILER."""
+  script = tmp_path / "fake_compiler.py"
+  script.write_text(FAKE_COMPILER)
+
+  def run(argv, crash=(), signal="SIGSEGV", at_exit=False):
+    monkeypatch.setenv("FAKE_PLAN", json.dumps({"crash": list(crash), "signal": signal, "at_exit": at_exit}))
+    calls = []
+
+    def child_argv(args, programs, first, max_batch):
+      calls.append((list(programs), first, max_batch))
+      return [sys.executable, str(script), *programs] + ([] if first else ["--no_header"]) + (
+          ["--max_batch"] if max_batch else [])
+
+    args = tpu_compile.parse_args(["--config=configs/cifar10.py", "--topology=v6e:2x4", *argv])
+    status = tpu_compile.supervise(args, child_argv)
+    return status, capsys.readouterr().out.splitlines(), calls
+
+  return run
+
+
+def test_a_compiler_crash_is_a_row_and_the_programs_after_it_still_compile(fake_compile):
   """The compiles run in a child process; a child killed by a signal (libtpu's compiler
   crashing, which no try/except can catch) becomes the row of the program it was
   compiling, and the rest are compiled in a fresh child."""
-  script = tmp_path / "fake_compiler.py"
-  script.write_text(FAKE_COMPILER)
-  calls = []
-
-  def child_argv(args, programs, first):
-    calls.append((list(programs), first))
-    return [sys.executable, str(script), *programs] + ([] if first else ["--no_header"])
-
-  args = tpu_compile.parse_args(["--config=configs/cifar10.py", "--topology=v6e:2x4", "--programs", "train", "mi",
-                                 "probe", "features"])
-  assert tpu_compile.supervise(args, child_argv) == 1
-  rows = capsys.readouterr().out.splitlines()
-  assert calls == [(["train", "mi", "probe", "features"], True), (["mi", "probe", "features"], False),
-                   (["features"], False)]
+  status, rows, calls = fake_compile(["--programs", "train", "mi", "probe", "features"], crash=("train", "probe"))
+  assert status == 1
+  assert calls == [(["train", "mi", "probe", "features"], True, False), (["mi", "probe", "features"], False, False),
+                   (["features"], False, False)]
   assert rows[0].startswith("| program |") and len(rows) == 5, rows
   for row, program in zip(rows[1:], ("train", "mi", "probe", "features")):
     assert row.startswith(f"| {program} | 256 (32) | "), row
@@ -174,8 +220,35 @@ def test_a_compiler_crash_is_a_row_and_the_programs_after_it_still_compile(tpu_c
     assert "failed: libtpu 0.0.42.1 crashed compiling it (SIGSEGV, " in crashed and "TPU_LIBRARY_PATH" in crashed
   assert rows[2] == "| mi | 256 (32) | compiled |" and rows[4] == "| features | 256 (32) | compiled |"
   # A child that ends on its own passes its exit status on.
-  args = tpu_compile.parse_args(["--config=configs/cifar10.py", "--topology=v6e:2x4", "--programs", "mi"])
-  assert tpu_compile.supervise(args, child_argv) == 0
+  assert fake_compile(["--programs", "mi"])[0] == 0
+
+
+def test_a_crash_of_the_train_step_skips_max_batch_and_others_still_search(fake_compile):
+  # The train step crashed: --max_batch would compile it again, so it is not searched.
+  status, rows, calls = fake_compile(["--programs", "train", "mi", "--max_batch"], crash=("train",))
+  assert status == 1 and calls == [(["train", "mi"], True, True), (["mi"], False, False)]
+  assert "--max_batch: not searched, the train step crashed the compiler." in rows
+  assert not any(r.startswith("max_batch") for r in rows)
+  # The last program crashed, not the train step: the search still runs, in a fresh child.
+  status, rows, calls = fake_compile(["--programs", "train", "probe", "--max_batch"], crash=("probe",))
+  assert status == 1 and calls == [(["train", "probe"], True, True), ([], False, True)]
+  assert rows[-1] == "max_batch 512 (64 per chip) on v6e-8"
+  # A crash inside the search is its line, and ends it.
+  status, rows, calls = fake_compile(["--programs", "mi", "--max_batch"], crash=("max_batch",))
+  assert status == 1 and len(calls) == 1 and rows[-1].startswith("  batch 256: failed: libtpu 0.0.42.1 crashed")
+
+
+def test_crashes_outside_a_compile_and_the_oom_killer_are_told_apart(fake_compile):
+  # After the last compile: the rows stand, nothing is compiled again.
+  status, rows, calls = fake_compile(["--programs", "mi", "features"], at_exit=True)
+  assert status == 1 and len(calls) == 1
+  assert rows[1:] == ["| mi | 256 (32) | compiled |", "| features | 256 (32) | compiled |",
+                      "libtpu 0.0.42.1 crashed (SIGSEGV) after the last compile; the rows above stand."]
+  # SIGKILL is this machine's out-of-memory killer, not libtpu: said so, and the rest go on.
+  status, rows, calls = fake_compile(["--programs", "train", "mi"], crash=("train",), signal="SIGKILL")
+  assert status == 1 and len(calls) == 2
+  assert rows[1].startswith("| train | 256 (32) | failed: killed (SIGKILL: most often this machine's out-of-memory")
+  assert "libtpu" not in rows[1] and rows[2] == "| mi | 256 (32) | compiled |"
 
 
 def test_the_libtpu_in_use_is_named_and_a_known_crash_comes_with_its_fix(tmp_path):
@@ -258,9 +331,15 @@ def test_the_launch_script_dry_run_prints_the_gcloud_commands(tmp_path):
   assert bare.stdout.splitlines()[2].endswith(
       "pip install -q '\\''.[gcs,tpu]'\\'' && pip install -q libtpu==0.0.52 && python -m emim.main --distributed "
       "--config=configs/cifar10.py --workdir=gs://bkt/runs/c10'"), bare.stdout
+  spaced = subprocess.run(["bash", script, "--dry_run", "--libtpu", "0.0.52", "my-v6e", "us-east5-b",
+                           "configs/cifar10.py", "gs://bkt/runs/c10"], capture_output=True, text=True, env=env)
+  assert spaced.returncode == 0 and spaced.stdout == bare.stdout, spaced.stderr
   wrong = subprocess.run(["bash", script, "--libtpu=latest", "t", "z", "configs/cifar10.py", "gs://b/r"],
                          capture_output=True, text=True, env=env)
   assert wrong.returncode == 2 and "--libtpu wants a version" in wrong.stderr
+  late = subprocess.run(["bash", script, "t", "z", "configs/cifar10.py", "gs://b/r", "--libtpu=0.0.52"],
+                        capture_output=True, text=True, env=env)
+  assert late.returncode == 2 and "--libtpu=0.0.52 is launch/tpu_vm.sh's option: put it before TPU_NAME" in late.stderr
   # Without --dry_run gcloud is called; a local work directory or a missing config is refused.
   local = subprocess.run(["bash", script, "t", "z", "configs/imagenet1k.py", "/tmp/run"], capture_output=True,
                          text=True, env=env)
