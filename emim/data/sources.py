@@ -66,9 +66,10 @@ def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None 
   if data_cfg.source == "image_folder":
     size, subset = data_cfg.decode_size or None, class_subset(data_cfg)
     # Decoded into memory by at most config.data.workers processes, no more than the
-    # cores this process may use (0 or 1: in this process).
+    # cores this process may use (0 or 1: in this process); a data config without the
+    # field, one per core.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(data_cfg.workers, cores))
+    workers = 0 if data_cfg.get("workers") is None else max(1, min(data_cfg.workers, cores))
     if split == "train":
       return image_folder(data_cfg.path, data_cfg.train_split, size, data_cfg.cache_dir or cache_dir, workers,
                           subset=subset)
