@@ -427,7 +427,9 @@ def train_memory(config, tpu: Slice, batch: int, report: Report | None = None) -
   memory per chip, and whether it fits in the chip's HBM."""
   report = report or compile_config(with_batch(config, batch), tpu, ("train",), note={"max_batch": True})[0]
   ok = not report.error and report.total <= tpu.chip.hbm_gib * GiB
-  why = report.error or f"{report.total / GiB:.2f} GiB"
+  # The FLOPs per image show what fitting costs: XLA recomputes activations to fit a batch.
+  why = report.error or (f"{report.total / GiB:.2f} GiB, "
+                         f"{report.flops * len(tpu.devices) / batch / 1e9:.3g} GFLOP per image")
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s)", flush=True)
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
