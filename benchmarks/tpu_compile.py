@@ -409,16 +409,19 @@ class Fit:
   asked: int | None  # where the compiler ran out of HBM: the bytes per chip it asked for
   available: int | None  # the HBM the compiler said a chip has, where it said (a v5e's 15.75 of 16 GiB)
   why: str = ""  # why it does not fit; "" when it does
+  out_of_memory: bool = False  # the compiler refused it for want of HBM (with or without figures)
 
 
-_OUT_OF_HBM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
+# XLA's TPU out-of-HBM errors, in the two wordings libtpu has: (asked for, available).
+_OUT_OF_HBM = (re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)"),
+               re.compile(r"Used ([\d.]+)G of ([\d.]+)G hbm"))
 
 
 def out_of_hbm(error: str) -> tuple[int, int] | None:
   """(bytes per chip asked for, HBM available) from XLA's TPU out-of-memory error; None for
   any other error. The figure it calls "HLO temporaries" counts the arguments and outputs
   too (measured: 12 GiB of arguments and 6.25 of outputs were "18.25G")."""
-  m = _OUT_OF_HBM.search(error)
+  m = next((m for m in (p.search(error) for p in _OUT_OF_HBM) if m), None)
   return (int(float(m.group(1)) * GiB), int(float(m.group(2)) * GiB)) if m else None
 
 
@@ -433,7 +436,8 @@ def train_memory(config, tpu: Slice, batch: int, report: Report | None = None) -
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s)", flush=True)
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
-    return Fit(None, asked, available, why)
+    refused = asked is not None or "RESOURCE_EXHAUSTED" in report.error or "out of memory" in report.error.lower()
+    return Fit(None, asked, available, why, out_of_memory=refused)
   return Fit(report.total, None, None, "" if ok else why)
 
 
@@ -463,7 +467,7 @@ def max_batch(config, tpu: Slice, multiple: int, compiled: Report | None = None)
       fit, compiled = train_memory(config, tpu, batch, compiled), None
     else:
       fit = train_memory(config, tpu, batch)
-    if fit.why and fit.used is None and fit.asked is None:
+    if fit.why and fit.used is None and not fit.out_of_memory:
       raise SystemExit(f"--max_batch: the train step at batch {batch} failed to compile, not for want of HBM: "
                        f"{fit.why}")
     if fit.used is not None or fit.asked is not None:
@@ -603,6 +607,10 @@ def _child_argv(args, programs: list[str], first: bool, max_batch: bool) -> list
   return argv
 
 
+# The signals a crash of native code dies of; any other came from outside the process.
+_CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+
+
 def crash_line(status: dict, returncode: int, table: bool) -> str:
   """A child that died of a signal, in one line: a table row (``table``) or a line of
   ``--max_batch``'s when it died compiling a program, else a sentence."""
@@ -614,6 +622,8 @@ def crash_line(status: dict, returncode: int, table: bool) -> str:
   if -returncode == signal.SIGKILL:  # no crash of libtpu's sends it: most often the kernel's out-of-memory killer
     what = ("killed (SIGKILL: most often this machine's out-of-memory killer; a ResNet-50 step takes up to 10 GiB "
             "of it to compile)")
+  elif -returncode not in _CRASHES:  # sent from outside (SIGTERM, SIGHUP): not the compiler's doing
+    what = f"stopped by {name}, sent from outside"
   elif not status:
     return f"The compiling process died of {name} before its first compile."
   elif program is None:
@@ -660,11 +670,12 @@ def supervise(args, child_argv=_child_argv) -> int:
     crashed = True
     print(crash_line(status, returncode, table or not first), flush=True)
     program = status.get("program")
-    if program == "train" and max_batch:  # its search would compile the step that crashed, again
-      if not status.get("max_batch"):
-        print("--max_batch: not searched, the train step crashed the compiler.", flush=True)
+    if status.get("max_batch"):  # in the search, after the table: nothing is left to compile
+      return 1
+    if program == "train" and max_batch:  # its search would compile the step that died, again
+      print("--max_batch: not searched, the train step's compile died.", flush=True)
       max_batch = False
-    if program not in programs:  # before the first compile, after the last, or in --max_batch's search
+    if program not in programs:  # before the first compile or after the last
       return 1
     programs, first = programs[programs.index(program) + 1:], False
     if not programs and not max_batch:

@@ -17,9 +17,10 @@ usage="usage: launch/tpu_vm.sh [--dry_run] [--libtpu=VERSION] TPU_NAME ZONE CONF
 while [[ "${1:-}" == --dry_run || "${1:-}" == --libtpu || "${1:-}" == --libtpu=* ]]; do
   case "$1" in
     --dry_run) dry_run=1 ;;
-    --libtpu) libtpu=${2:-}; shift ;;
+    --libtpu) libtpu=${2:-}; shift $(($# > 1)) ;;
     --libtpu=*) libtpu=${1#--libtpu=} ;;
   esac
+  [[ "$1" == --libtpu* ]] && libtpu=${libtpu:-none}  # given, with no version: refused below
   shift
 done
 if [[ -n "$libtpu" && ! "$libtpu" =~ ^[0-9][0-9.]*$ ]]; then

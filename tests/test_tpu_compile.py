@@ -89,9 +89,15 @@ def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile)
   report = tpu_compile.analyse("big", jax.jit(lambda x: jax.numpy.sin(x) @ x.T).lower(x), 8, 4)  # 20 GiB > 16
   assert report.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM" in report.error
   assert "\n" not in report.error and "failed: RESOURCE_EXHAUSTED" in tpu_compile.table_row(report, tpu)
-  # What --max_batch reads off the refusal: the temporaries asked for, the HBM available.
+  # What --max_batch reads off the refusal: the memory asked for, the HBM available.
   assert tpu_compile.out_of_hbm(report.error) == (20 * 2**30, int(15.75 * 2**30))
+  fit = tpu_compile.train_memory(None, tpu, 8, report)
+  assert fit == tpu_compile.Fit(None, 20 * 2**30, int(15.75 * 2**30), report.error, out_of_memory=True)
   assert tpu_compile.out_of_hbm("INTERNAL: something else") is None
+  # libtpu's other wording of it.
+  other = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 17.50G of "
+           "15.75G hbm. Exceeded hbm capacity by 1.75G.")
+  assert tpu_compile.out_of_hbm(other) == (int(17.5 * 2**30), int(15.75 * 2**30))
 
 
 GiB, MiB = 2**30, 2**20
@@ -120,7 +126,7 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
     tried.append(batch)
     used = int(memory(batch))
     if used > 15.75 * GiB:  # over what the compiler has: it refuses, saying what it asked for (as XLA's TPU does)
-      return tpu_compile.Fit(None, used, int(15.75 * GiB), "RESOURCE_EXHAUSTED")
+      return tpu_compile.Fit(None, used, int(15.75 * GiB), "RESOURCE_EXHAUSTED", out_of_memory=True)
     return tpu_compile.Fit(used, None, None, "")
 
   monkeypatch.setattr(tpu_compile, "train_memory", train_memory)
@@ -136,7 +142,13 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
 
 def test_max_batch_stops_on_a_compile_error_that_is_not_memory(tpu_compile, monkeypatch):
   """A step that does not compile at all would fail at every batch: the search says so
-  instead of bisecting down to 0."""
+  instead of bisecting down to 0. An out-of-memory refusal without figures narrows it."""
+  refusals = []
+  monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: refusals.append(batch) or (
+      tpu_compile.Fit(GiB + batch * 10 * MiB, None, None) if batch <= 640 else
+      tpu_compile.Fit(None, None, None, "RESOURCE_EXHAUSTED: out of memory", out_of_memory=True)))
+  chip16 = type("Slice", (), {"chip": type("Chip", (), {"hbm_gib": 16})})
+  assert tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), chip16, 64) == 640, refusals
   tried = []
   monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: tried.append(batch) or tpu_compile.Fit(
       None, None, None, "INTERNAL: RET_CHECK failure"))
@@ -227,15 +239,16 @@ def test_a_crash_of_the_train_step_skips_max_batch_and_others_still_search(fake_
   # The train step crashed: --max_batch would compile it again, so it is not searched.
   status, rows, calls = fake_compile(["--programs", "train", "mi", "--max_batch"], crash=("train",))
   assert status == 1 and calls == [(["train", "mi"], True, True), (["mi"], False, False)]
-  assert "--max_batch: not searched, the train step crashed the compiler." in rows
+  assert "--max_batch: not searched, the train step's compile died." in rows
   assert not any(r.startswith("max_batch") for r in rows)
   # The last program crashed, not the train step: the search still runs, in a fresh child.
   status, rows, calls = fake_compile(["--programs", "train", "probe", "--max_batch"], crash=("probe",))
   assert status == 1 and calls == [(["train", "probe"], True, True), ([], False, True)]
   assert rows[-1] == "max_batch 512 (64 per chip) on v6e-8"
-  # A crash inside the search is its line, and ends it.
-  status, rows, calls = fake_compile(["--programs", "mi", "--max_batch"], crash=("max_batch",))
+  # A crash inside the search is its line, and ends it: the table's programs are not compiled again.
+  status, rows, calls = fake_compile(["--programs", "train", "mi", "--max_batch"], crash=("max_batch",))
   assert status == 1 and len(calls) == 1 and rows[-1].startswith("  batch 256: failed: libtpu 0.0.42.1 crashed")
+  assert rows.count("| mi | 256 (32) | compiled |") == 1
 
 
 def test_crashes_outside_a_compile_and_the_oom_killer_are_told_apart(fake_compile):
@@ -249,6 +262,9 @@ def test_crashes_outside_a_compile_and_the_oom_killer_are_told_apart(fake_compil
   assert status == 1 and len(calls) == 2
   assert rows[1].startswith("| train | 256 (32) | failed: killed (SIGKILL: most often this machine's out-of-memory")
   assert "libtpu" not in rows[1] and rows[2] == "| mi | 256 (32) | compiled |"
+  # A signal from outside (SIGTERM to the child alone) is not blamed on libtpu either.
+  status, rows, calls = fake_compile(["--programs", "train"], crash=("train",), signal="SIGTERM")
+  assert status == 1 and rows[1].startswith("| train | 256 (32) | failed: stopped by SIGTERM, sent from outside")
 
 
 def test_the_libtpu_in_use_is_named_and_a_known_crash_comes_with_its_fix(tmp_path):

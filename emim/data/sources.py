@@ -69,7 +69,7 @@ def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None 
     # cores this process may use (0 or 1: in this process); a data config without the
     # field, one per core.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = 0 if data_cfg.get("workers") is None else max(1, min(data_cfg.workers, cores))
+    workers = cores if data_cfg.get("workers") is None else max(1, min(data_cfg.workers, cores))
     if split == "train":
       return image_folder(data_cfg.path, data_cfg.train_split, size, data_cfg.cache_dir or cache_dir, workers,
                           subset=subset)
