@@ -53,7 +53,6 @@ import argparse
 import collections
 import dataclasses
 import importlib.util
-import itertools
 import json
 import os
 import pathlib
@@ -430,7 +429,7 @@ def train_memory(config, tpu: Slice, batch: int, report: Report | None = None) -
   memory per chip, and whether it fits in the chip's HBM."""
   report = report or compile_config(with_batch(config, batch), tpu, ("train",), note={"max_batch": True})[0]
   ok = not report.error and report.total <= tpu.chip.hbm_gib * GiB
-  # The FLOPs per image show what fitting costs: XLA recomputes activations to fit a batch.
+  # The FLOPs per image show what fitting costs, where XLA recomputes activations to fit.
   why = report.error or (f"{report.total / GiB:.2f} GiB, "
                          f"{report.flops * len(tpu.devices) / batch / 1e9:.3g} GFLOP per image")
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s)", flush=True)
@@ -462,7 +461,9 @@ def max_batch(config, tpu: Slice, multiple: int, compiled: Report | None = None)
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)
   batch = min(cap, max(multiple, config.train.batch_size - config.train.batch_size % multiple))
-  for attempt in itertools.count(1):
+  attempt = 0
+  while True:
+    attempt += 1
     if compiled is not None and compiled.images == batch:
       fit, compiled = train_memory(config, tpu, batch, compiled), None
     else:
@@ -492,7 +493,6 @@ def max_batch(config, tpu: Slice, multiple: int, compiled: Report | None = None)
     else:
       batch = guess
     batch = max(lo + multiple, min(batch, hi - multiple)) if hi is not None else batch
-  raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------------

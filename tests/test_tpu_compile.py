@@ -101,6 +101,7 @@ def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile)
 
 
 GiB, MiB = 2**30, 2**20
+SLICE_OF_16_GIB = type("Slice", (), {"chip": type("Chip", (), {"hbm_gib": 16})})  # all max_batch reads of a slice
 MEMORY_MODELS = {  # bytes per chip of a train step at global batch b, against a 16 GiB chip
     "linear": lambda b: 2 * GiB + b * 10 * MiB,
     "linear, steep": lambda b: 12 * GiB + b * 40 * MiB,
@@ -118,8 +119,6 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
   compile (minutes for ResNet-50), so it must land on the answer in few of them, and the
   answer must be the one a try of every multiple would give."""
   memory = MEMORY_MODELS[model]
-  chip = type("Chip", (), {"hbm_gib": 16})
-  tpu = type("Slice", (), {"chip": chip})
   tried = []
 
   def train_memory(config, tpu, batch):
@@ -131,7 +130,7 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
 
   monkeypatch.setattr(tpu_compile, "train_memory", train_memory)
   config = _large_set(load_config("synthetic", "runlocal"))
-  best = tpu_compile.max_batch(config, tpu, 64)
+  best = tpu_compile.max_batch(config, SLICE_OF_16_GIB, 64)
   cap = config.data.num_train // 64 * 64  # no batch beyond the training set
   brute = max([b for b in range(64, cap + 1, 64) if memory(b) <= 15.75 * GiB] or [0])
   assert best == brute, (best, brute, tried)
@@ -143,18 +142,16 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
 def test_max_batch_stops_on_a_compile_error_that_is_not_memory(tpu_compile, monkeypatch):
   """A step that does not compile at all would fail at every batch: the search says so
   instead of bisecting down to 0. An out-of-memory refusal without figures narrows it."""
-  refusals = []
-  monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: refusals.append(batch) or (
+  tried = []
+  monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: tried.append(batch) or (
       tpu_compile.Fit(GiB + batch * 10 * MiB, None, None) if batch <= 640 else
       tpu_compile.Fit(None, None, None, "RESOURCE_EXHAUSTED: out of memory", out_of_memory=True)))
-  chip16 = type("Slice", (), {"chip": type("Chip", (), {"hbm_gib": 16})})
-  assert tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), chip16, 64) == 640, refusals
-  tried = []
+  assert tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64) == 640, tried
+  tried.clear()
   monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: tried.append(batch) or tpu_compile.Fit(
       None, None, None, "INTERNAL: RET_CHECK failure"))
-  tpu = type("Slice", (), {"chip": type("Chip", (), {"hbm_gib": 16})})
   with pytest.raises(SystemExit, match="at batch 256 failed to compile, not for want of HBM: INTERNAL: RET_CHECK"):
-    tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), tpu, 64)
+    tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64)
   assert tried == [256]
 
 
