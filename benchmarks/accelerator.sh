@@ -7,7 +7,7 @@
 #                                          # batch 256/512, then EMMI, Barlow Twins and BYOL side by
 #                                          # side for as many equal epochs as fit, kNN and linear probe,
 #                                          # beside the untrained network (benchmarks/evidence.py)
-#   bash benchmarks/accelerator.sh evidence2 # about 4 minutes (BUDGET_S=230): the ResNet-50 step at 224,
+#   bash benchmarks/accelerator.sh evidence2 # about 6 minutes (BUDGET_S=360): the ResNet-50 step at 224,
 #                                          # EMMI and BYOL beside torch.compile's, then CIFAR-100 EMMI
 #                                          # and Barlow Twins at equal epochs if its data is in .accel/
 #   bash benchmarks/accelerator.sh bench   # objective cost; train step vs torch_reference.py
@@ -54,25 +54,27 @@ case "$stage" in
       | grep -v "^W" | tee "$OUT/evidence.log"
     ;;
   evidence2)
-    # What a lease has left after `evidence` (15 minutes less a minute's start and its 9:
-    # about 4.5), inside BUDGET_S. First the ResNet-50 step at 224 (EMMI and BYOL, batch
-    # 256, beside torch.compile's), each command with its own limit; then, if CIFAR-100 is
-    # here (an image folder or archive in .accel/cifar100*: no machine here can download
-    # it) and 150 s are left, EMMI and Barlow Twins at equal epochs at the rate `evidence`
-    # measured (no second breakdown).
+    # What a lease has left after `evidence` (on 2026-12-04: 456 s of device time, with a
+    # warm machine), inside BUDGET_S. First the ResNet-50 step at 224: emim's own EMMI and
+    # BYOL steps at batch 256 (the `emim` rows alone: with the `model` row first, the
+    # 90-second limit of 2026-12-04 ended each process before its emim row), beside
+    # torch.compile's BYOL step (its eager step was measured then: 159.67 ms); then, if
+    # CIFAR-100 is here (an image folder or archive in .accel/cifar100*: no machine here
+    # can download it) and 150 s are left, EMMI and Barlow Twins at equal epochs at the
+    # rate `evidence` measured (no second breakdown).
     SECONDS=0
-    budget=${BUDGET_S:-230}
-    step=(--batch 256 --steps 20); configs=(configs/imagenet1k.py configs/imagenet1k.py:byol)
+    budget=${BUDGET_S:-360}
+    step=(--batch 256 --steps 20 --rows emim); configs=(configs/imagenet1k.py configs/imagenet1k.py:byol)
     if [ "${SMOKE:-0}" = 1 ]; then
-      step=(--batch 32 --steps 3); configs=(configs/imagenet1k.py:runlocal configs/imagenet1k.py:byol,runlocal)
+      step=(--batch 32 --steps 3 --rows emim); configs=(configs/imagenet1k.py:runlocal configs/imagenet1k.py:byol,runlocal)
     fi
     for config in "${configs[@]}"; do
-      timeout "${STEP_LIMIT:-90}" python3 benchmarks/train_step.py --config="$config" "${step[@]}" 2>&1 | grep -v "^W" \
+      timeout "${STEP_LIMIT:-110}" python3 benchmarks/train_step.py --config="$config" "${step[@]}" 2>&1 | grep -v "^W" \
         | tee -a "$OUT/resnet50_train_step.txt"
     done
     if [ -f .accel/torch_reference.py ] && python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
-      timeout "${TORCH_LIMIT:-100}" python3 .accel/torch_reference.py --arch resnet50 --image 224 --method byol \
-        --batch 256 --compile both 2>&1 | tee "$OUT/resnet50_torch_reference.txt"
+      timeout "${TORCH_LIMIT:-130}" python3 .accel/torch_reference.py --arch resnet50 --image 224 --method byol \
+        --batch 256 --compile yes --steps 20 --warmup 5 2>&1 | tee "$OUT/resnet50_torch_reference.txt"
     fi
     CIFAR100=${CIFAR100:-$(ls -d .accel/cifar100* 2> /dev/null | head -1)}
     left=$((budget - SECONDS))

@@ -190,24 +190,29 @@ def random_dataset(config, n: int) -> ImageDataset:
                       tuple(str(i) for i in range(config.data.num_classes)))
 
 
-def whole_steps(path: str, variant: str, batches: list[int], mesh, steps: int) -> dict[int, dict[str, float]]:
+def whole_steps(path: str, variant: str, batches: list[int], mesh, steps: int, done=None) -> dict[int, dict[str, float]]:
   """Seconds a step of the loop's program, with a forward per view and with the views
-  fused, at each batch size: every program compiled at once in threads (compiling
-  releases the GIL; on a many-core host the compiles overlap), then each timed alone."""
-  jobs = {}
+  fused, batch by batch in the order given: a batch's two programs compiled at once in
+  threads (compiling releases the GIL; on a many-core host the compiles overlap), then
+  each timed alone. ``done(batch, rows)`` is called as each batch is timed, so a caller
+  with a time limit keeps the batches that finished (on an H200 the four programs of
+  batch 256 and 512 together did not finish in 100 s, 2026-12-04)."""
+  rows = {}
   for batch in batches:
     config = load_config_file(path, variant or None)
     with config.unlocked():
       config.train.batch_size = batch
     dataset = random_dataset(config, max(4 * batch, 1024))
-    jobs[(batch, "whole step (the loop's program)")] = (config, dataset)
-    jobs[(batch, "whole step, views fused")] = (_with(config, fused_views=True), dataset)
-  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-    compiled = {key: pool.submit(compiled_full_step, config, dataset, mesh) for key, (config, dataset) in jobs.items()}
-    compiled = {key: future.result() for key, future in compiled.items()}
-  rows = {batch: {} for batch in batches}
-  for (batch, name), (config, dataset) in jobs.items():
-    rows[batch][name] = full_step_seconds(config, dataset, mesh, steps, compiled[(batch, name)])
+    jobs = {"whole step (the loop's program)": config, "whole step, views fused": _with(config, fused_views=True)}
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+      compiled = {name: pool.submit(compiled_full_step, c, dataset, mesh) for name, c in jobs.items()}
+      compiled = {name: future.result() for name, future in compiled.items()}
+    print(f"batch {batch}: {len(jobs)} programs compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+    rows[batch] = {name: full_step_seconds(c, dataset, mesh, steps, compiled[name]) for name, c in jobs.items()}
+    del compiled
+    if done is not None:
+      done(batch, rows[batch])
   return rows
 
 
@@ -230,34 +235,39 @@ def main():
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
   print(f"device: {device}, jax {jax.__version__}", flush=True)
   report, lines = {"device": device, "config": args.config, "rows": {}, "pairs_per_s": {}}, []
-  whole_rows = whole_steps(path, variant, args.batch, mesh, args.steps) if args.parts == "whole" else {}
+
+  def add(batch: int, rows: dict[str, float], method: str, model: str) -> None:
+    """One batch's table into the report, written at once (a later batch may not finish)."""
+    whole = rows["whole step (the loop's program)"]
+    report["rows"][batch] = {k: v * 1e3 for k, v in rows.items()}
+    report["pairs_per_s"][batch] = {"per_view": batch / whole, "fused": batch / rows["whole step, views fused"]}
+    lines.extend([f"\n{method}, {model}, batch {batch} on {device}\n",
+                  "| component | ms | share of the whole step |", "|---|---|---|"])
+    lines.extend(f"| {name} | {s * 1e3:.3f} | {s / whole:.2f} |" for name, s in rows.items())
+    lines.append(f"\npairs/s of one process: {batch / whole:.0f} with a forward per view, "
+                 f"{batch / rows['whole step, views fused']:.0f} with the views fused")
+    print("\n".join(lines[-len(rows) - 4:]), flush=True)
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, "breakdown.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+      with open(os.path.join(args.out, "breakdown.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+  config = load_config_file(path, variant or None)
+  names = (config.method.name, f"{config.model.backbone} {config.model.dtype}")
+  if args.parts == "whole":
+    whole_steps(path, variant, args.batch, mesh, args.steps, done=lambda batch, rows: add(batch, rows, *names))
+    return
   for batch in args.batch:
     config = load_config_file(path, variant or None)
     with config.unlocked():
       config.train.batch_size = batch
-    if args.parts == "whole":
-      rows = whole_rows[batch]
-    else:
-      dataset = random_dataset(config, max(4 * batch, 1024))
-      rows = component_seconds(config, dataset, mesh, args.steps)
-      rows["whole step (the loop's program)"] = full_step_seconds(config, dataset, mesh, args.steps)
-      rows["whole step, views fused"] = full_step_seconds(_with(config, fused_views=True), dataset, mesh, args.steps)
-    whole = rows["whole step (the loop's program)"]
-    report["rows"][batch] = {k: v * 1e3 for k, v in rows.items()}
-    report["pairs_per_s"][batch] = {"per_view": batch / whole, "fused": batch / rows["whole step, views fused"]}
-    lines += [f"\n{config.method.name}, {config.model.backbone} {config.model.dtype}, batch {batch} on {device}\n",
-              "| component | ms | share of the whole step |", "|---|---|---|"]
-    lines += [f"| {name} | {s * 1e3:.3f} | {s / whole:.2f} |" for name, s in rows.items()]
-    lines.append(f"\npairs/s of one process: {batch / whole:.0f} with a forward per view, "
-                 f"{batch / rows['whole step, views fused']:.0f} with the views fused")
-  text = "\n".join(lines)
-  print(text, flush=True)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "breakdown.md"), "w") as f:
-      f.write(text + "\n")
-    with open(os.path.join(args.out, "breakdown.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    dataset = random_dataset(config, max(4 * batch, 1024))
+    rows = component_seconds(config, dataset, mesh, args.steps)
+    rows["whole step (the loop's program)"] = full_step_seconds(config, dataset, mesh, args.steps)
+    rows["whole step, views fused"] = full_step_seconds(_with(config, fused_views=True), dataset, mesh, args.steps)
+    add(batch, rows, *names)
 
 
 if __name__ == "__main__":

@@ -161,19 +161,23 @@ def main():
   parser.add_argument("--emim_dtypes", nargs="+", default=None,
                       help="compute dtypes of the emim row, one row each (default: the config's model.dtype)")
   parser.add_argument("--augment_row", action="store_true", help="also time the gather + augmentation alone")
+  parser.add_argument("--rows", nargs="+", choices=("model", "emim"), default=["model", "emim"],
+                      help="which rows to time (emim alone: the config's own step, e.g. for a short lease)")
   args = parser.parse_args()
   path, _, variant = args.config.partition(":")
   mesh = sharding.make_mesh()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}", flush=True)
   for batch in args.batch:
     config = load_config_file(path, variant or None)
-    compile_s, dt = model_step_row(config, batch, args.steps, args.dtype, mesh)
-    print(f"model batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s (compile {compile_s:.1f}s)", flush=True)
+    if "model" in args.rows:
+      compile_s, dt = model_step_row(config, batch, args.steps, args.dtype, mesh)
+      print(f"model[{config.model.backbone}, barlow_twins, {args.dtype}] batch={batch}: {dt * 1e3:.2f} ms/step, "
+            f"{batch / dt:.0f} pairs/s (compile {compile_s:.1f}s)", flush=True)
     if args.augment_row:
       compile_s, dt = emim_step_row(config, batch, args.steps, mesh, augment_only=True)
       print(f"augment batch={batch}: {dt * 1e3:.2f} ms/step, {batch / dt:.0f} pairs/s (compile {compile_s:.1f}s)",
             flush=True)
-    for dtype in args.emim_dtypes or [config.model.dtype]:
+    for dtype in (args.emim_dtypes or [config.model.dtype]) if "emim" in args.rows else []:
       with config.unlocked():
         config.model.dtype = dtype
       compile_s, dt = emim_step_row(config, batch, args.steps, mesh)
