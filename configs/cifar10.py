@@ -3,8 +3,11 @@
     python -m emim.main --config=configs/cifar10.py --workdir=runs/cifar10
     python -m emim.main --config=configs/cifar10.py:byol --workdir=runs/cifar10_byol
 
-Reads the image folder at data.path (here the shared CIFAR-10 archive, relative to the
-repository root); for TFDS use --config.data.source=tfds --config.data.tfds_name=cifar10.
+Reads the image folder at data.path, ~/emim_data/cifar10, which
+``python -m emim.data.prepare cifar10`` writes (it downloads the official archive; no
+TensorFlow). Another copy: --config.data.path=DIR (the archive beside this repository:
+--config.data.path=../shared/data/cifar10-jpeg.tar.gz); a prepared TFDS dataset:
+--config.data.source=tfds (docs/getting-data.md).
 """
 
 from emim.config_base import CIFAR_MEAN, CIFAR_STD, apply_variants, base_config, cifar_recipe
@@ -12,6 +15,6 @@ from emim.config_base import CIFAR_MEAN, CIFAR_STD, apply_variants, base_config,
 
 def get_config(arg=None):
   c = base_config()
-  c.data.source, c.data.path, c.data.tfds_name = "image_folder", "../shared/data/cifar10-jpeg.tar.gz", "cifar10"
+  c.data.source, c.data.path, c.data.tfds_name = "image_folder", "~/emim_data/cifar10", "cifar10"
   c.data.image_size, c.data.num_classes, c.data.mean, c.data.std = 32, 10, CIFAR_MEAN, CIFAR_STD
   return apply_variants(c, arg, recipe=cifar_recipe)

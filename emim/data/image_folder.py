@@ -221,7 +221,7 @@ def image_folder(path: str, split: str, image_size: int | None, cache_dir: str |
   if not src.exists():
     raise DatasetError(
         f"Image folder {src} does not exist. Point config.data.path at a directory or .tar.gz "
-        "laid out as split/class/*.jpg (for CIFAR-10 here: ../shared/data/cifar10-jpeg.tar.gz).")
+        "laid out as split/class/*.jpg (CIFAR-10 and CIFAR-100: python -m emim.data.prepare cifar10 writes one).")
   cache, dataset = None, None
   if cache_dir:
     prefix = _cache_prefix(src, split, image_size, subset)

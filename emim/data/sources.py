@@ -19,6 +19,7 @@ from emim.data import mixture
 from emim.data.dataset import DatasetError, ImageDataset
 from emim.data.image_folder import IMAGE_SUFFIXES, decode_image, directory_classes, folder_class_names, image_folder
 from emim.data.labels import class_subset, label_index, split_is_train
+from emim.data.prepare import check_image_folder
 from emim.data.synthetic import synthetic
 from emim.data.tfds_source import SubsetRecords, tfds_class_names, tfds_examples, tfds_source, tfds_stream_records
 
@@ -64,6 +65,7 @@ def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None 
     n = data_cfg.num_train if split == "train" else data_cfg.num_test
     return synthetic(n, data_cfg.image_size, data_cfg.num_classes, seed=0 if split == "train" else 1)
   if data_cfg.source == "image_folder":
+    check_image_folder(data_cfg)  # a missing folder: the command that prepares it
     size, subset = data_cfg.decode_size or None, class_subset(data_cfg)
     # Decoded into memory by at most config.data.workers processes, no more than the
     # cores this process may use (0 or 1: in this process); a data config without the

@@ -34,6 +34,7 @@ from PIL import Image
 from emim.data.dataset import DatasetError
 from emim.data.image_folder import directory_classes
 from emim.data.labels import class_subset, label_index
+from emim.data.prepare import check_image_folder
 from emim.data.tfds_source import tfds_stream_records
 
 
@@ -154,6 +155,7 @@ def stream_source(data_cfg: ml_collections.ConfigDict, split: str) -> tuple[Any,
   split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
   subset = class_subset(data_cfg)
   if data_cfg.source == "image_folder":
+    check_image_folder(data_cfg)  # a missing folder: the command that prepares it
     train_classes = None
     if split != "train":
       _, train_classes = image_folder_records(data_cfg.path, data_cfg.train_split, subset=subset)
