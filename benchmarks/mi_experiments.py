@@ -1,7 +1,7 @@
 """Seed 002's three experiments and the SDMI prototype's study, one command each: a table
 (markdown and JSON) and figures.
 
-    python benchmarks/mi_experiments.py tracking   --out=/tmp/mi_tracking    # ~1 min a method, 2-core CPU
+    python benchmarks/mi_experiments.py tracking   --out=/tmp/mi_tracking    # 8 methods, 4-7 min on a 2-core CPU
     python benchmarks/mi_experiments.py ablation   --out=/tmp/mi_ablation
     python benchmarks/mi_experiments.py comparison --out=/tmp/mi_comparison
     python benchmarks/mi_experiments.py comparison --config=configs/cifar100.py --out=...   # an accelerator
@@ -44,8 +44,10 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import os
 import pathlib
+import re
 import sys
 import time
 from typing import NamedTuple
@@ -206,8 +208,9 @@ def run_experiment(experiment: str, config_path: str, out: pathlib.Path, setting
 
   path, _, config_variants = config_path.partition(":")
   rows = []
-  for setting in settings:
+  for i, setting in enumerate(settings):
     name = setting.name
+    print(f"[{i + 1}/{len(settings)}] {name}: training, then evaluating (runs/{name})", flush=True)
     workdir = out / "runs" / name
     variant = ",".join(v for v in (setting.variant, config_variants, "runlocal" if runlocal else "") if v)
     config = load_config_file(REPO / path if not os.path.isabs(path) else path, variant)
@@ -334,5 +337,34 @@ def main(argv=None) -> list[dict]:
   return rows
 
 
+def show_progress(stream=None, lines_a_run: int = 5) -> logging.Handler:
+  """About ``lines_a_run`` of each run's progress lines ("step 300/1500 ... ETA ..."), and
+  warnings, on ``stream`` (stderr): the runs log through Python's logging, which shows
+  nothing below a warning without a handler (the programs' absl ``app.run`` installs
+  one; this script has none), and every line of a run would be 30."""
+
+  def shown(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    m = PROGRESS_LINE.match(record.getMessage())
+    return bool(m) and int(m[1]) % max(int(m[2]) // lines_a_run, 1) == 0
+
+  handler = logging.StreamHandler(stream)
+  handler.setFormatter(logging.Formatter("  %(asctime)s %(message)s", "%H:%M:%S"))
+  handler.addFilter(shown)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  if root.level > logging.INFO:  # (NOTSET, 0, already passes everything)
+    root.setLevel(logging.INFO)
+  return handler
+
+
+PROGRESS_LINE = re.compile(r"step (\d+)/(\d+) ")
+
+
 if __name__ == "__main__":
+  from emim import cli
+
+  cli.cpu_without_accelerator()  # (as the emim programs do: no probe for a TPU that is not there)
+  show_progress()
   main()

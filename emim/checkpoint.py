@@ -55,6 +55,12 @@ def quiet_orbax_logs() -> None:
     logger.addFilter(_OrbaxInfoFilter())
 
 
+# On import: every program that opens checkpoints through this module (emim.plots, the MI
+# experiments, a notebook), not only those that ask, whose own lines Orbax's chatter
+# (a hundred lines a restore) would bury.
+quiet_orbax_logs()
+
+
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be restored; the message names the path and the fix."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import sys
 
@@ -97,13 +98,30 @@ def explain(error: BaseException) -> str | None:
 _GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
+def _libtpu_installed() -> bool:
+  try:
+    return importlib.util.find_spec("libtpu") is not None
+  except (ImportError, ValueError):  # a module that cannot be found or imported
+    return False
+
+
+def _drop_tpu_probe(record: logging.LogRecord) -> bool:
+  """A logging filter: False for JAX's line about the TPU backend it could not start."""
+  return "Unable to initialize backend 'tpu'" not in record.getMessage()
+
+
 def cpu_without_accelerator() -> None:
   """Run JAX on the CPU, without first trying a TPU, where libtpu is installed (the tpu
   extra, which CI and benchmarks/tpu_compile.py use) but this machine has no TPU and no
   GPU. Otherwise JAX, with ``JAX_PLATFORMS`` unset, starts libtpu first: it prints errors
   about the TPU it cannot find and holds /tmp/libtpu_lockfile for the whole process.
-  Acts only before JAX starts its backends, and never when ``JAX_PLATFORMS`` is set."""
-  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+  Acts only before JAX starts its backends, and never when ``JAX_PLATFORMS`` is set.
+  Without libtpu no TPU is meant: JAX's probe for one still logs "Unable to initialize
+  backend 'tpu': ... libtpu.so", which reads like a failure, and that line is dropped."""
+  if os.environ.get("JAX_PLATFORMS"):
+    return
+  if not _libtpu_installed():
+    logging.getLogger("jax._src.xla_bridge").addFilter(_drop_tpu_probe)
     return
   if any(os.path.exists(path) for path in _GPU_DEVICE_FILES):
     return

@@ -75,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=256, num_epochs=100, num_steps=0,  # num_steps > 0 overrides num_epochs
       log_every=50, probe_lr=1e-3,
+      # The values the progress lines show: "" a few (emim/console.py's SHOWN: loss, mi,
+      # probe_acc, the MI estimates mi_infonce and mi_gaussian, ...), "all" every one, or
+      # names, comma-separated. metrics.jsonl and TensorBoard hold every value regardless.
+      progress_metrics="",
       # GPU: XLA's deterministic kernels (--xla_gpu_deterministic_ops), so that a resumed
       # run equals an uninterrupted one to the bit there too. On an H100 (BENCHMARKS.md)
       # XLA's default kernels left a restarted CIFAR run's params 0.1 away from the

@@ -22,6 +22,8 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, batch_size: int, step
   """base_lr * batch/256, linear warm-up for warmup_epochs, then cosine to 0."""
   peak = cfg.base_lr * batch_size / 256.0
   warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  if warmup == 0:  # the same cosine, without optax's log line about a warm-up of 0 steps
+    return optax.cosine_decay_schedule(init_value=peak, decay_steps=max(total_steps, 1), alpha=0.0)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0)
 

@@ -30,7 +30,7 @@ import optax
 from clu import parameter_overview
 
 from emim import checkpoint as ckpt_lib
-from emim import compiled, config_base, fs, methods, models, optim, sharding, step_metrics
+from emim import compiled, config_base, console, fs, metric_writer, methods, models, optim, sharding, step_metrics
 from emim import workdir as workdir_lib
 from emim.data import sources
 from emim.data.pipeline import make_train_data
@@ -195,8 +195,10 @@ class ProgressLine:
   line (time spent in evaluators and checkpoint saves excluded, see ``paused``), ETA, and
   the interval's mean loss terms."""
 
-  def __init__(self, start_step: int, last_step: int, total_steps: int, steps_per_epoch: int, batch_size: int):
+  def __init__(self, start_step: int, last_step: int, total_steps: int, steps_per_epoch: int, batch_size: int,
+               shown: str = ""):
     self.last_step, self.total_steps, self.steps_per_epoch, self.batch_size = last_step, total_steps, steps_per_epoch, batch_size
+    self.shown = shown  # config.train.progress_metrics: which terms the line shows (emim.console)
     self._time, self._step, self._paused = time.perf_counter(), start_step, 0.0
     self.paused_total = {}
 
@@ -220,7 +222,7 @@ class ProgressLine:
     rate = (done - self._step) / max(now - self._time - self._paused, 1e-9)
     self._time, self._step, self._paused = now, done, 0.0
     eta = (self.last_step - done) / max(rate, 1e-9)
-    terms = " ".join(f"{k}={float(v):.4g}" for k, v in host_metrics.items() if is_loss_term(k))
+    terms = console.values({k: v for k, v in host_metrics.items() if is_loss_term(k)}, self.shown)
     logging.info("step %d/%d epoch %.2f | %.2f steps/s %.0f pairs/s | ETA %s | %s", done, self.total_steps,
                  done / self.steps_per_epoch, rate, rate * self.batch_size, _format_eta(eta), terms)
     return {"epoch": done / self.steps_per_epoch, "steps_per_s": rate, "pairs_per_s": rate * self.batch_size}
@@ -457,6 +459,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
       _log_parameter_overview(state)
 
     # --- Evaluators, built before compiling: a missing test split is reported at once --
+    logging.info("Compiling the evaluators' and the train step's programs (once; a ResNet takes a while on a CPU).")
     t0 = time.perf_counter()
     evaluators = make_evaluators(config, EvalContext(parts, data, mesh, state, program_key))
     timings["eval_setup_s"] = time.perf_counter() - t0
@@ -487,11 +490,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
       t = time.perf_counter()
       metrics = evaluator.run(state)
       logging.info("step %d | %s (%.1fs): %s", step, evaluator.name, time.perf_counter() - t,
-                   " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()))
+                   console.values(metrics, shown))
       writer.write(step, metrics)
       return metrics
 
     # --- Loop -------------------------------------------------------------------------
+    shown = config.train.get("progress_metrics", "")
+    if writes_files and shown != "all":
+      logging.info("The progress lines show %s; %s holds every value (--config.train.progress_metrics=all shows "
+                   "them; docs/outputs.md says what each means).", ", ".join(console.SHOWN[:3]) + ", ...",
+                   workdir / "metrics.jsonl")
     final = {}
     if start_step == 0:
       for evaluator in evaluators:
@@ -501,7 +509,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     log_every = config.train.log_every
     interval = empty_interval
     t_train = time.perf_counter()
-    progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size)
+    progress = ProgressLine(start_step, last_step, total_steps, steps_per_epoch, batch_size, shown)
+    first_steps = console.FirstSteps(start_step, last_step, total_steps, jax.default_backend())
     profiler = StepProfiler(config.train.profile_steps if writes_files else (0, 0), workdir, start_step, last_step)
     cleanup.callback(profiler.close)
     in_flight = DispatchWindow.for_backend()
@@ -512,6 +521,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
           state, interval = step_fn(state, data.next_input(), interval)
         in_flight.dispatched(interval)
         profiler.after(done, state)
+        first_steps.after(done, state)
         if done % log_every == 0 or done == last_step:
           host = step_metrics.compute(interval)
           interval = empty_interval
@@ -540,5 +550,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
                  timings["train_s"], timings.get("evaluators_s", 0.0), timings.get("checkpoint_s", 0.0))
     if writes_files:  # while the lock is held
       workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
+      logging.info(console.summary(str(workdir), int(state.step), total_steps, int(state.step) < total_steps,
+                                   metric_writer.EventFileWriter is not None))
   return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings,
                    stopped_by_signal=stop.signum)
