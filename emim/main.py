@@ -1,7 +1,8 @@
 """Entry point: python -m emim.main --config=configs/synthetic.py --workdir=/tmp/run
 
 Any config field can be overridden (``--config.train.batch_size=512``); unknown fields
-are rejected. Several processes (a TPU pod, a multi-host GPU job) call
+are rejected. ``--print_config`` prints the resolved config, every field with what it does
+and the code's comments on it, and exits without training (emim/config_doc.py). Several processes (a TPU pod, a multi-host GPU job) call
 ``jax.distributed.initialize()`` first.
 """
 
@@ -22,12 +23,26 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this
 _STOP_AT_STEP = flags.DEFINE_integer(
     "stop_at_step", None, "Stop with a checkpoint after this step (a job under a time limit); the schedule stays "
     "that of the whole run, and the same command without it resumes.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the config (variants and --config.x=y overrides applied), every field with what it "
+    "does and the code's comments on it, and exit without training.")
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["workdir", "print_config"], lambda f: f["workdir"] is not None or f["print_config"],
+    "--workdir is required: the run's directory (checkpoints, metrics.jsonl), e.g. --workdir=runs/x")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _PRINT_CONFIG.value:  # before JAX is imported: this prints and exits at once
+    from emim import config_doc
+
+    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+    overrides = [a for a in sys.argv if a.startswith("--config.")]
+    print(config_doc.describe(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]),
+                              " ".join([config_arg, *overrides])), end="")
+    return
   import jax
 
   from emim import train
