@@ -40,13 +40,16 @@ setup(
         # programs ahead of time for TPU slices (benchmarks/tpu_compile.py, the TPU compile
         # tests). jax's own tpu extra pins the libtpu built for the installed jax.
         "tpu": ["jax[tpu]"],
+        # Every metric to Weights & Biases as well (config.train.wandb_project).
+        "wandb": ["wandb"],
         # python -m emim.plots and the experiments' figures.
         "plots": ["matplotlib"],
         # The GCS emulator lets the tests run a gs:// work directory without the network.
         # setuptools: the wheel test; matplotlib and the Jupyter packages: the figures and the
         # notebook, executed top to bottom.
         # pytest-xdist: the suite runs in two processes (pytest.ini).
+        # wandb: the W&B writer's test, in its offline mode.
         "test": ["pytest", "pytest-xdist", "tensorboard", "gcsfs", "gcp-storage-emulator", "setuptools>=70.1",
-                 "matplotlib", "jupytext", "nbclient", "nbformat", "ipykernel"],
+                 "matplotlib", "jupytext", "nbclient", "nbformat", "ipykernel", "wandb"],
     },
 )

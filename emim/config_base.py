@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
       # probe_acc, the MI estimates mi_infonce and mi_gaussian, ...), "all" every one, or
       # names, comma-separated. metrics.jsonl and TensorBoard hold every value regardless.
       progress_metrics="",
+      # A Weights & Biases project that every metric also goes to ("": none; pip install
+      # "emim[wandb]"; WANDB_MODE=offline keeps it on disk), beside metrics.jsonl and TensorBoard.
+      wandb_project="",
       # GPU: XLA's deterministic kernels (--xla_gpu_deterministic_ops), so that a resumed
       # run equals an uninterrupted one to the bit there too. On an H100 (BENCHMARKS.md)
       # XLA's default kernels left a restarted CIFAR run's params 0.1 away from the
@@ -284,6 +287,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                       "classes (set --config.data.num_classes instead); subsets are of image folders and TFDS datasets.")
   if vectors and c.data.stream:
     raise ConfigError("--config.data.stream=True: the Gaussian mixture is generated in memory; set it False.")
+  if c.train.get("wandb_project") and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"--config.train.wandb_project={c.train.wandb_project!r} logs to Weights & Biases, which is not "
+                      "installed: pip install \"emim[wandb]\" (or pip install wandb), or leave the field empty.")
   if c.data.source == "image_folder" and not c.data.path:
     raise ConfigError("--config.data.path is empty: point it at the image folder (a directory or .tar.gz laid out "
                       "as split/class/*.jpg).")

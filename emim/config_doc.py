@@ -113,6 +113,7 @@ FIELDS = {
     "train.num_steps": "the run's length in steps (> 0 overrides train.num_epochs)",
     "train.log_every": "steps between progress lines (metrics.jsonl gets every line)",
     "train.probe_lr": "the learning rate of the online linear probe (probe_acc), trained beside on stopped features",
+    "train.wandb_project": "a Weights & Biases project to log every metric to as well ('': none)",
     "train.progress_metrics": "the values a progress line shows: '' a few, 'all', or names, comma-separated",
     "train.deterministic": "GPU: deterministic kernels, so that a resumed run equals an uninterrupted one",
     "train.max_nonfinite_in_a_row": "non-finite updates refused in a row before the run stops",

@@ -6,7 +6,9 @@
 installed). clu 0.0.12's ``metric_writers`` package imports TensorFlow, which emim does
 not need, so the interface is matched (tests/test_metric_writer.py compares the two)
 rather than inherited. TensorBoard event files are written with the ``tensorboard`` package's own
-writer and protos (``pip install tensorboard``), without TensorFlow.
+writer and protos (``pip install tensorboard``), without TensorFlow. With
+``config.train.wandb_project`` set, the same scalars go to Weights & Biases too
+(``pip install "emim[wandb]"``; ``wandb_run``).
 
 One writer per job: only process 0 writes (``active``); the others' calls do nothing,
 so a multi-host run's files hold each line once.
@@ -21,6 +23,7 @@ JSON lines and the current event file, never the run's whole event history again
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -58,7 +61,8 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: fs.PathLike, filename: str = "metrics.jsonl", *, active: bool | None = None,
-               sync_every_s: float = 30.0, resume_step: int | None = None, tb_file_bytes: int = 1 << 20):
+               sync_every_s: float = 30.0, resume_step: int | None = None, tb_file_bytes: int = 1 << 20,
+               wandb_project: str = "", wandb_config: Mapping[str, Any] | None = None):
     if active is None:
       import jax  # deferred: the writer itself needs no JAX
 
@@ -68,7 +72,7 @@ class MetricWriter:
     self._remote = fs.is_remote(workdir)
     self._sync_every_s, self._last_sync = sync_every_s, time.monotonic()
     self._tb_file_bytes = tb_file_bytes
-    self._file = self._tb = self._staging = None
+    self._file = self._tb = self._staging = self._wandb = None
     if not active:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,8 @@ class MetricWriter:
       self._tb = EventFileWriter(self._tb_dir, filename_suffix=self._tb_suffix)
     else:
       logging.info("tensorboard not installed: metrics go to %s only.", self.path)
+    if wandb_project:
+      self._wandb = wandb_run(wandb_project, workdir, None if self._remote else local_dir, wandb_config)
 
   def _continue(self, resume_step: int | None) -> None:
     """Make the existing file end with a whole line, and (``resume_step``) drop the
@@ -122,6 +128,8 @@ class MetricWriter:
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self._file.write(json.dumps({"step": int(step), **values}) + "\n")
     self._file.flush()
+    if self._wandb is not None:
+      self._wandb.log(values, step=int(step))
     if self._tb is not None:
       summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
       self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
@@ -175,6 +183,9 @@ class MetricWriter:
     if self._remote:
       self._upload()
       shutil.rmtree(self._staging, ignore_errors=True)
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
   # --- emim's shorthand ------------------------------------------------------------------
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -208,6 +219,20 @@ class MetricWriter:
       size += len(data)
       fs.atomic_write_bytes(remote_tb / name, data)
     return size
+
+
+def wandb_run(project: str, workdir: fs.PathLike, local_dir: str | None, config: Mapping[str, Any] | None):
+  """A Weights & Biases run for the work directory (``pip install "emim[wandb]"``): one
+  run per work directory, named after it, so that a resumed job continues the same W&B
+  run (its id a hash of the directory's path). W&B's own environment variables apply:
+  ``WANDB_MODE=offline`` keeps it on this disk (``wandb sync`` uploads it later),
+  ``WANDB_ENTITY`` names the team. Its local files go to ``local_dir/wandb``."""
+  import wandb  # the wandb extra; config_base.validate names it when missing
+
+  where = fs.as_path(workdir)
+  key = os.fspath(where) if fs.is_remote(where) else os.path.abspath(os.fspath(where))
+  return wandb.init(project=project, name=where.name, id=hashlib.sha1(key.encode()).hexdigest()[:16], resume="allow",
+                    config=dict(config or {}), dir=local_dir)
 
 
 def read_metrics(path: fs.PathLike) -> list[dict]:

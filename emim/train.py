@@ -483,8 +483,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
       # Written now and again at the end, so a run stopped early still tells its set-up costs.
       workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
     # A fresh start (step 0) writes every line again, its step-0 estimates included.
-    writer = cleanup.enter_context(contextlib.closing(MetricWriter(workdir, active=writes_files,
-                                                                    resume_step=start_step or -1)))
+    writer = cleanup.enter_context(contextlib.closing(MetricWriter(
+        workdir, active=writes_files, resume_step=start_step or -1,
+        wandb_project=config.train.get("wandb_project", ""), wandb_config=config_dict)))
 
     def evaluate(evaluator, step):
       t = time.perf_counter()

@@ -114,3 +114,73 @@ def test_a_remote_run_uploads_a_bounded_event_file_and_leaves_no_staging_behind(
   acc.Reload()
   assert [e.step for e in acc.Scalars("mi")] == list(range(1, 201))
   assert [r["step"] for r in read_metrics(epath.Path(run) / "metrics.jsonl")] == list(range(1, 201))
+
+
+def _wandb_records(path):
+  """The records of a W&B transaction log (``run-ID.wandb``: a ":W&B" header, then
+  LevelDB-log chunks in 32 KiB blocks, each a protobuf ``Record``)."""
+  import struct
+
+  from wandb.proto import wandb_internal_pb2
+
+  data, records, chunk, pos, block = path.read_bytes(), [], b"", 7, 32768
+  assert data[:4] == b":W&B"
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if kind == 0 and length == 0:
+      break
+    chunk += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):  # a whole record, or a record's last chunk
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(chunk)
+      records.append(record)
+      chunk = b""
+  return records
+
+
+def test_with_a_wandb_project_every_scalar_also_goes_to_weights_and_biases(tmp_path, monkeypatch):
+  """Offline (WANDB_MODE=offline: no network): the run is named after the work directory,
+  its id fixed by the directory's path (a resumed job continues it), the config recorded,
+  and each written step's scalars logged at that step."""
+  pytest.importorskip("wandb", reason="the wandb extra (pip install \".[wandb]\") is not installed")
+  import json
+
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  workdir = tmp_path / "run_a"
+  writer = MetricWriter(workdir, active=True, wandb_project="emim-test", wandb_config={"train": {"batch_size": 32}})
+  writer.write(2, {"loss": 1.5, "eval/mi_infonce": np.float32(0.25)})
+  writer.write(4, {"loss": 1.25})
+  writer.close()
+  assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl")] == [2, 4]  # the JSON lines as before
+  (log,) = workdir.glob("wandb/offline-run-*/run-*.wandb")
+  records = _wandb_records(log)
+  (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+  assert run.project == "emim-test" and run.display_name == "run_a" and log.name == f"run-{run.run_id}.wandb"
+  assert json.loads({u.key: u.value_json for u in run.config.update}["train"]) == {"batch_size": 32}
+  history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
+             if r.WhichOneof("record_type") == "history"]
+  assert [{k: v for k, v in h.items() if not k.startswith("_") or k == "_step"} for h in history] == [
+      {"loss": 1.5, "eval/mi_infonce": 0.25, "_step": 2}, {"loss": 1.25, "_step": 4}]
+  again = MetricWriter(workdir, active=True, wandb_project="emim-test", resume_step=4)  # the same W&B run
+  again.close()
+  assert {p.name for p in workdir.glob("wandb/offline-run-*/run-*.wandb")} == {log.name}
+
+
+def test_a_wandb_project_without_wandb_installed_is_one_line_naming_the_extra(monkeypatch):
+  import importlib.util
+
+  from conftest import tiny_synthetic
+
+  from emim import config_base
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(config_base.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+  with pytest.raises(config_base.ConfigError, match=r"--config.train.wandb_project='emim' logs to Weights & Biases, "
+                                                    r"which is not installed: pip install \"emim\[wandb\]\""):
+    config_base.validate(tiny_synthetic(**{"train.wandb_project": "emim"}))
+  config_base.validate(tiny_synthetic())  # off by default: nothing needed
