@@ -2,8 +2,8 @@
 
 Any config field can be overridden (``--config.train.batch_size=512``); unknown fields
 are rejected. ``--print_config`` prints the resolved config, every field with what it does
-and the code's comments on it, and exits without training (emim/config_doc.py). Several processes (a TPU pod, a multi-host GPU job) call
-``jax.distributed.initialize()`` first.
+and the code's comments on it, and exits without training (emim/config_doc.py). Several
+processes (a TPU pod, a multi-host GPU job) call ``jax.distributed.initialize()`` first.
 """
 
 import sys

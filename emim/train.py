@@ -487,6 +487,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
         workdir, active=writes_files, resume_step=start_step or -1,
         wandb_project=config.train.get("wandb_project", ""), wandb_config=config_dict)))
 
+    shown = config.train.get("progress_metrics", "")  # which values the console's lines show (emim.console)
+
     def evaluate(evaluator, step):
       t = time.perf_counter()
       metrics = evaluator.run(state)
@@ -496,7 +498,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
       return metrics
 
     # --- Loop -------------------------------------------------------------------------
-    shown = config.train.get("progress_metrics", "")
     if writes_files and shown != "all":
       logging.info("The progress lines show %s; %s holds every value (--config.train.progress_metrics=all shows "
                    "them; docs/outputs.md says what each means).", ", ".join(console.SHOWN[:3]) + ", ...",
