@@ -71,7 +71,7 @@ def test_a_long_run_on_a_cpu_says_its_time_and_the_tiny_variant(monkeypatch, cap
   assert messages(caplog, logging.WARNING) == [
       "A step takes 24.8 s here (cpu): the 194,998 steps left of 195,000 should take about 55 d 23 h (measured on the "
       "second step; the progress lines' ETA refines it). This config is sized for an accelerator (the README says "
-      "which config suits which hardware). To try it on this CPU in seconds, stop this run (Ctrl-C) and run its tiny "
+      "which config suits which hardware). To try it on this CPU in a minute or so, stop this run (Ctrl-C) and run its tiny "
       "variant: --config=configs/cifar10.py:byol,runlocal."]
   # The same run on an accelerator is told its time only; a short run, nothing.
   line, warn = console.estimate_message(0.05, 194998, 195000, "gpu")
