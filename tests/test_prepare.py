@@ -93,7 +93,7 @@ def test_offline_download_bad_archive_and_foreign_folder_are_one_line_fixes(tmp_
   monkeypatch.setattr(prepare.urllib.request, "urlopen", offline)
   with pytest.raises(prepare.DatasetError, match=r"Cannot download https://www\.cs\.toronto\.edu/~kriz/"
                      r"cifar-10-python\.tar\.gz \(.*name resolution\)\. Without internet here, download it elsewhere "
-                     r"and run: python -m emim\.data\.prepare cifar10 --from=PATH/cifar-10-python\.tar\.gz"):
+                     rf"and run: python -m emim\.data\.prepare cifar10 --to={tmp_path}/out --from=PATH/cifar-10-python\.tar\.gz"):
     prepare.prepare("cifar10", tmp_path / "out")
   assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # nothing half written
 

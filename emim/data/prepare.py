@@ -155,8 +155,9 @@ def write_image_folder(names: tuple[str, ...], splits: dict[str, tuple[np.ndarra
       Image.fromarray(image).save(to / split / names[label] / f"{i:05d}.png", compress_level=1)
 
 
-def download(name: str, directory: pathlib.Path) -> pathlib.Path:
-  """The official archive of ``name``, downloaded into ``directory`` and its MD5 checked."""
+def download(name: str, directory: pathlib.Path, to: str | None = None) -> pathlib.Path:
+  """The official archive of ``name``, downloaded into ``directory`` and its MD5 checked
+  (``to``: the folder being prepared, for the command an error repeats)."""
   spec = DATASETS[name]
   target = directory / pathlib.PurePosixPath(spec.url).name
   print(f"Downloading {spec.url} ({spec.size_mb} MB) ...", file=sys.stderr, flush=True)
@@ -166,7 +167,7 @@ def download(name: str, directory: pathlib.Path) -> pathlib.Path:
   except (urllib.error.URLError, OSError) as e:
     reason = getattr(e, "reason", e)
     raise DatasetError(f"Cannot download {spec.url} ({reason}). Without internet here, download it elsewhere and "
-                       f"run: {prepare_command(name)} --from=PATH/{target.name}") from e
+                       f"run: {prepare_command(name, to)} --from=PATH/{target.name}") from e
   md5 = hashlib.md5(target.read_bytes()).hexdigest()
   if md5 != spec.md5:
     raise DatasetError(f"The download of {spec.url} has MD5 {md5}, not the official {spec.md5}: it is incomplete or "
@@ -190,7 +191,7 @@ def prepare(name: str, to: str | os.PathLike | None = None, archive: str | os.Pa
   with tempfile.TemporaryDirectory(prefix=f".{to.name}.partial-", dir=to.parent) as tmp:
     tmp = pathlib.Path(tmp)
     if archive is None:
-      archive = download(name, tmp)
+      archive = download(name, tmp, str(to))
     elif not pathlib.Path(archive).expanduser().is_file():
       raise DatasetError(f"--from={archive} is not a file: give the official {pathlib.PurePosixPath(spec.url).name} "
                          f"(from {spec.url}), or leave --from out to download it.")
