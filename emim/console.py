@@ -78,7 +78,7 @@ def estimate_message(step_s: float, steps_left: int, total_steps: int, backend: 
     return line, False
   config_arg = config_arg or config_argument()
   return (f"{line} This config is sized for an accelerator (the README says which config suits which hardware). To try it "
-          f"on this CPU in seconds, stop this run (Ctrl-C) and run its tiny variant: "
+          f"on this CPU in a minute or so, stop this run (Ctrl-C) and run its tiny variant: "
           f"--config={runlocal_variant(config_arg)}."), True
 
 
