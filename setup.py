@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["emim", "emim.*"]),
+    license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=[
         # Lower bounds only: the accelerator machines run newer jax/flax than CPU CI.
@@ -42,6 +43,8 @@ setup(
         "tpu": ["jax[tpu]"],
         # Every metric to Weights & Biases as well (config.train.wandb_project).
         "wandb": ["wandb"],
+        # The documentation site (mkdocs.yml): mkdocs build --strict, as CI runs it.
+        "docs": ["mkdocs>=1.6", "mkdocs-material"],
         # python -m emim.plots and the experiments' figures.
         "plots": ["matplotlib"],
         # The GCS emulator lets the tests run a gs:// work directory without the network.
