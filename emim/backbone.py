@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,19 @@ def _tuples(value):
 _SHAPE_FIELDS = ("backbone", "width", "cifar_stem")
 
 
+def latest_run_config(workdir: fs.PathLike, tries: int = 3) -> tuple[int | None, ml_collections.ConfigDict]:
+  """(the latest step, the config saved with it): read again when the run still training
+  deletes that step (``checkpoint.keep``) before its config is read."""
+  directory = checkpoint_dir(workdir)
+  for attempt in range(tries):
+    step = ckpt_lib.latest_step(directory)
+    try:
+      return step, load_run_config(workdir, step)
+    except ckpt_lib.CheckpointError:
+      if step is None or attempt == tries - 1 or not ckpt_lib.deleted_soon(directory / str(step)):
+        raise
+
+
 def check_same_model(workdir: fs.PathLike, config: ml_collections.ConfigDict, step: int | None = None) -> None:
   """Refuse a config whose model is not the one checkpoint ``step`` of the run in
   ``workdir`` holds (a config file given without the run's overrides), before any
@@ -163,13 +177,30 @@ def check_same_model(workdir: fs.PathLike, config: ml_collections.ConfigDict, st
         "--config.eval.probe_epochs=10), or repeat the training run's --config.model overrides.")
 
 
-def restore_backbone(workdir: fs.PathLike, config: ml_collections.ConfigDict, step: int | None = None) -> tuple[int, Backbone]:
+def restore_backbone(workdir: fs.PathLike, config: ml_collections.ConfigDict, step: int | None = None,
+                     newest_if_deleted: bool | None = None, tries: int = 3) -> tuple[int, Backbone]:
   """Only the online backbone's params and batch statistics, from the latest or a given
-  step; safe while training is still writing newer checkpoints."""
-  if step is None:  # fixed now: a newer checkpoint may land while this one is read
-    step = ckpt_lib.latest_step(checkpoint_dir(workdir))
-  check_same_model(workdir, config, step)
-  step, tree = ckpt_lib.restore_subtree(checkpoint_dir(workdir), step, ("params", "batch_stats"))
+  step; safe while training is still writing newer checkpoints, and deleting older ones
+  (``checkpoint.keep``): with ``newest_if_deleted`` (the default when ``step`` is None:
+  the latest was asked for, perhaps fixed earlier by the caller) a step deleted before it
+  was read gives way to the newest one then."""
+  if newest_if_deleted is None:
+    newest_if_deleted = step is None
+  directory = checkpoint_dir(workdir)
+  for attempt in range(tries):
+    if step is None:  # fixed now: a newer checkpoint may land while this one is read
+      step = ckpt_lib.latest_step(directory)
+    try:
+      check_same_model(workdir, config, step)
+      step, tree = ckpt_lib.restore_subtree(directory, step, ("params", "batch_stats"))
+      break
+    except ckpt_lib.CheckpointError:
+      if not newest_if_deleted or step is None or attempt == tries - 1:
+        raise
+      if not ckpt_lib.deleted_soon(directory / str(step)):  # still there: it cannot be read
+        raise
+      logging.info("The checkpoint of step %d was deleted by the run still training; reading the newest one.", step)
+      step = None
   variables = {"params": tree["params"]["encoder"]["backbone"], "batch_stats": tree["batch_stats"]["encoder"]["backbone"]}
   return step, backbone_from_model_config(model_config_of(config), variables)
 

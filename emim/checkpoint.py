@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import grain  # its iterator handler registers with Orbax on import
 import jax
 import orbax.checkpoint as ocp
 
 from emim import fs
-from emim.errors import UserError
+from emim.errors import UserError, is_disk_full
 
 STATE_ITEM = "state"
 CONFIG_ITEM = "config"
@@ -34,25 +35,107 @@ DATA_ITEM = "data"
 # Orbax's warnings about options emim sets on purpose: a read-only manager (evaluation,
 # export, a fork's source) "setting save_interval_steps=0", "setting create=False".
 _CHOSEN_OPTION_WARNINGS = ("read_only=True, setting", "Given directory is read only")
+# Orbax's error on listing a step that a run still training deleted meanwhile (keep):
+# the listing goes on without it.
+_DELETED_STEP_ERRORS = ("Failed to read Metadata file",)
 
 
 class _OrbaxInfoFilter(logging.Filter):
-  """Drops the INFO chatter of Orbax's every save and restore, and its warnings about
-  the options emim chose (other warnings pass)."""
+  """Drops the INFO chatter of Orbax's every save and restore, its warnings about the
+  options emim chose (other warnings pass), and its tracebacks of a save that failed on
+  a full disk (``Checkpointer.save`` reports that in one line)."""
 
   def filter(self, record):
     if "orbax" not in record.pathname:
       return True
+    if record.levelno >= logging.ERROR and _says_disk_full(record):
+      return False
+    message = record.getMessage()
+    if message.startswith(_DELETED_STEP_ERRORS) and "No such file or directory" in message:
+      return False
     return record.levelno >= logging.WARNING and not any(w in record.getMessage() for w in _CHOSEN_OPTION_WARNINGS)
+
+
+def _says_disk_full(record: logging.LogRecord) -> bool:
+  if record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]):
+    return True
+  return is_disk_full(Exception(record.getMessage()))
+
+
+class _AbandonedOrbaxTasks(logging.Filter):
+  """asyncio's "Task (or Future) exception was never retrieved" for the Orbax coroutines
+  and TensorStore futures a failed save or restore left behind (one traceback per array);
+  the error itself is reported once."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+                and any(w in message for w in ("orbax", "OCDBT", "TensorStore", "tensorstore")))
 
 
 def quiet_orbax_logs() -> None:
   """Keep the programs' logs readable: progress lines, not Orbax's I/O statistics. On
   the "absl" logger itself, so that every handler (absl's, or the root logger's that
-  prints "WARNING:absl:") sees the filtered records; once, however often called."""
+  prints "WARNING:absl:") sees the filtered records; once, however often called. Also
+  drops the asyncio leftovers of a failed read or write (``drop_orbax_asyncio_leftovers``)."""
   logger = logging.getLogger("absl")
   if not any(isinstance(f, _OrbaxInfoFilter) for f in logger.filters):
     logger.addFilter(_OrbaxInfoFilter())
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedOrbaxTasks) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedOrbaxTasks())
+  drop_orbax_asyncio_leftovers()
+
+
+def _is_asyncio_leftover(exc_type, exc, tb) -> bool:
+  """A TensorStore future's callback scheduling onto the event loop of an Orbax call that
+  has already ended (it ended with the error the program reports): asyncio's
+  ``RuntimeError('Event loop is closed')`` raised in ``call_soon_threadsafe``."""
+  if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+    return False
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and tb.tb_frame.f_code.co_filename.endswith(("asyncio/base_events.py", "asyncio\\base_events.py"))
+
+
+def _is_orbax_coroutine(obj) -> bool:
+  """A coroutine of Orbax or TensorStore that an error left unfinished, collected (with
+  "coroutine ... was never awaited" or an error of interpreter shutdown)."""
+  code = getattr(obj, "cr_code", None)
+  name = getattr(code, "co_filename", "") or ""
+  return any(part in name for part in ("/orbax/", "/tensorstore/", "\\orbax\\", "\\tensorstore\\"))
+
+
+_HOOKS_INSTALLED = []
+
+
+def drop_orbax_asyncio_leftovers() -> None:
+  """When an Orbax read or write fails (a damaged checkpoint, a full disk), TensorStore's
+  callbacks still arrive for the event loop Orbax ran it on, after that loop closed, and
+  the coroutines still pending are collected: each prints a traceback ("RuntimeError:
+  Event loop is closed", "Exception ignored in: <coroutine ...>"), thousands of lines
+  around the one-line error the program gives. Only those two kinds are dropped, by
+  wrapping ``sys.excepthook`` (which TensorStore's threads report through) and
+  ``sys.unraisablehook``; everything else prints as before. Once per process."""
+  import sys
+
+  if _HOOKS_INSTALLED:
+    return
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_asyncio_leftover(exc_type, exc, tb):
+      previous_excepthook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    leftover = _is_orbax_coroutine(unraisable.object) or (
+        unraisable.exc_type is not None and _is_asyncio_leftover(unraisable.exc_type, unraisable.exc_value,
+                                                                 unraisable.exc_traceback))
+    if not leftover:
+      previous_unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  _HOOKS_INSTALLED.append(True)
 
 
 # On import: every program that opens checkpoints through this module (emim.plots, the MI
@@ -82,7 +165,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_decision_policy=save_policy, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = (_open_manager(self.directory, options=options) if read_only else
+                     ocp.CheckpointManager(self.directory, options=options))
+    self._last_save = None
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -149,10 +234,33 @@ class Checkpointer:
       items[CONFIG_ITEM] = ocp.args.JsonSave(config)
     if data_iterator is not None:
       items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # this save failed, or (asynchronous saves) the previous one
+      self._raise_if_disk_full(e, step)
+      raise
+    if saved:
+      self._last_save = step
+    return saved
+
+  def _raise_if_disk_full(self, error: Exception, step: int) -> None:
+    if not is_disk_full(error):
+      return
+    complete = self.all_steps()
+    raise CheckpointError(
+        f"The disk holding {self.directory} is full (No space left on device): a checkpoint save failed (reported at "
+        f"step {step}). Nothing already saved was lost: " +
+        (f"the run resumes from step {complete[-1]}, its newest complete checkpoint. " if complete else "") +
+        "Free space on that disk (or lower --config.checkpoint.keep, or move the work directory to a disk with "
+        "room) and run the same command.") from error
 
   def close(self):
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # an asynchronous save that failed
+      self._manager.close()
+      self._raise_if_disk_full(e, self._last_save)
+      raise
     self._manager.close()
 
 
@@ -212,6 +320,19 @@ def check_can_continue(checkpointer: Checkpointer, restore_step: int | None) -> 
         f"python -m emim.evaluate --checkpoint_step={restore_step}.)")
 
 
+def _open_manager(directory: fs.Path, tries: int = 5, **kwargs) -> ocp.CheckpointManager:
+  """A read-only ``ocp.CheckpointManager``. Orbax lists the steps as it opens, reading each
+  step's time; a run still training there deletes its older steps meanwhile (``keep``),
+  and a step gone between the listing and the read raises FileNotFoundError: list again."""
+  for attempt in range(tries):
+    try:
+      return ocp.CheckpointManager(directory, **kwargs)
+    except FileNotFoundError:
+      if attempt == tries - 1 or not directory.is_dir():
+        raise
+      time.sleep(0.05 * (attempt + 1))
+
+
 def _single_device():
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -221,7 +342,7 @@ def _read_only_manager(directory: fs.Path, step: int | None):
   latest when ``step`` is None); a clear error when there is none."""
   if not directory.is_dir():
     raise CheckpointError(f"No checkpoints in {directory}: train first, or point --workdir at a training run.")
-  manager = ocp.CheckpointManager(
+  manager = _open_manager(
       directory, item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
@@ -239,53 +360,101 @@ def latest_step(directory: fs.PathLike) -> int | None:
   directory = fs.as_path(directory)
   if not directory.is_dir():
     return None
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = _open_manager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     return manager.latest_step()
   finally:
     manager.close()
 
 
-def restore_config(directory: fs.PathLike, step: int | None) -> tuple[int, dict | None]:
+def restore_config(directory: fs.PathLike, step: int | None, tries: int = 3) -> tuple[int, dict | None]:
   """(step, the config saved with that checkpoint), the latest step by default; the
-  config is None for a checkpoint written before checkpoints held their config."""
-  manager, step = _read_only_manager(fs.as_path(directory), step)
-  try:
-    if not (manager.directory / str(step) / CONFIG_ITEM).is_dir():
-      return step, None
-    restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
-    return step, json.loads(json.dumps(restored[CONFIG_ITEM]))
-  except Exception as e:
-    raise CheckpointError(f"Cannot read the config saved in {directory}/{step} ({type(e).__name__}: {e}).") from e
-  finally:
-    manager.close()
+  config is None for a checkpoint written before checkpoints held their config. The
+  latest is read again when a run still training deletes it meanwhile (see
+  ``restore_subtree``)."""
+  directory = fs.as_path(directory)
+  for attempt in range(tries):
+    manager, chosen = _read_only_manager(directory, step)
+    try:
+      if not (manager.directory / str(chosen) / CONFIG_ITEM).is_dir():
+        return chosen, None
+      restored = manager.restore(chosen, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+      return chosen, json.loads(json.dumps(restored[CONFIG_ITEM]))
+    except Exception as e:
+      if step is None and attempt < tries - 1 and deleted_soon(directory / str(chosen)):
+        continue  # deleted by the run still saving: read the latest again
+      raise CheckpointError(f"Cannot read the config saved in {directory}/{chosen} ({type(e).__name__}: {e}).") from e
+    finally:
+      manager.close()
 
 
-def restore_subtree(directory: fs.PathLike, step: int | None, keys: tuple[str, ...] | None):
+def restore_subtree(directory: fs.PathLike, step: int | None, keys: tuple[str, ...] | None, tries: int = 3):
   """Only ``keys`` of a saved state (e.g. params and batch_stats for evaluation; None:
   every saved field), on the default device, from the latest or a given step, without
-  building the full state."""
+  building the full state.
+
+  A run still training in ``directory`` deletes its older checkpoints as it saves new
+  ones (``checkpoint.keep``), possibly the one being read: the latest is then read again,
+  up to ``tries`` times; a step asked for by number is reported as deleted, not as
+  corrupt."""
   directory = fs.as_path(directory)
-  manager, step = _read_only_manager(directory, step)
+  for attempt in range(tries):
+    manager, chosen = _read_only_manager(directory, step)
+    try:
+      restored = _restore_keys(manager, chosen, keys)
+    except Exception as e:
+      if not deleted_soon(directory / str(chosen)):  # still there: it cannot be read
+        others = [s for s in manager.all_steps() if s != chosen]
+        choose = (f" Evaluate another with --checkpoint_step (this run has {others[-5:]})." if others else
+                  " It is the run's only checkpoint.")
+        text = " ".join(str(e).split())
+        detail = text if len(text) <= 300 else text[:300] + " ..."
+        raise CheckpointError(f"Cannot read {keys} from the checkpoint at {directory / str(chosen)}: it is truncated "
+                              f"or corrupt.{choose} The error: {type(e).__name__}: {detail}") from e
+      if step is not None or attempt == tries - 1:
+        raise CheckpointError(
+            f"The checkpoint at {directory / str(chosen)} was deleted while it was being read, by the job still "
+            f"training there (it keeps its newest --config.checkpoint.keep). Evaluate the latest "
+            f"(--checkpoint_step=-1), a newer step ({_steps_now(directory)}), or after the run ends.") from e
+      logging.info("The checkpoint of step %d was deleted while being read (the run is still saving); reading the "
+                   "latest again.", chosen)
+      continue
+    finally:
+      manager.close()
+    logging.info("Restored %s from %s at step %d.", keys, directory, chosen)
+    return chosen, restored
+
+
+def deleted_soon(path: fs.Path, wait_s: float = 1.0) -> bool:
+  """Whether a checkpoint that failed to read is gone, or goes within ``wait_s``: a run
+  still training deletes an old step (``keep``) file by file, so a read can fail while
+  its folder is still there."""
+  deadline = time.monotonic() + wait_s
+  while path.exists():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.05)
+  return True
+
+
+def _steps_now(directory: fs.Path) -> list[int]:
   try:
-    metadata = manager.item_metadata(step)[STATE_ITEM]
-    tree = metadata.tree if hasattr(metadata, "tree") else metadata
-    # Only the wanted subtrees are read (partial_restore); the optimiser state, target
-    # and the rest stay on disk.
-    keys = tuple(tree) if keys is None else keys
-    abstract = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[k]) for k in keys}
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=_single_device()), abstract)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)}))[STATE_ITEM]
-  except Exception as e:
-    others = [s for s in manager.all_steps() if s != step]
-    choose = (f" Evaluate another with --checkpoint_step (this run has {others[-5:]})." if others else
-              " It is the run's only checkpoint.")
-    text = " ".join(str(e).split())
-    detail = text if len(text) <= 300 else text[:300] + " ..."
-    raise CheckpointError(f"Cannot read {keys} from the checkpoint at {directory / str(step)}: it is truncated or "
-                          f"corrupt.{choose} The error: {type(e).__name__}: {detail}") from e
+    manager = _open_manager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  except Exception:  # reporting another error: list none rather than raise a third
+    return []
+  try:
+    return sorted(manager.all_steps())
   finally:
     manager.close()
-  logging.info("Restored %s from %s at step %d.", keys, directory, step)
-  return step, restored
+
+
+def _restore_keys(manager, step: int, keys: tuple[str, ...] | None):
+  metadata = manager.item_metadata(step)[STATE_ITEM]
+  tree = metadata.tree if hasattr(metadata, "tree") else metadata
+  # Only the wanted subtrees are read (partial_restore); the optimiser state, target
+  # and the rest stay on disk.
+  keys = tuple(tree) if keys is None else keys
+  abstract = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[k]) for k in keys}
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=_single_device()), abstract)
+  return manager.restore(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)}))[STATE_ITEM]

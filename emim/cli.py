@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from emim.errors import UserError
+from emim.errors import UserError, explain_os_error
 
 
 def fail(message: str, status: int = 2) -> None:
@@ -80,8 +80,13 @@ _REMOTE_CLIENTS = ("aiohttp", "gcsfs", "google.auth", "google.api_core", "s3fs",
 
 def explain(error: BaseException) -> str | None:
   """One line for an error a user can fix; None for anything else (a bug: a traceback)."""
-  if isinstance(error, user_errors()):
+  if isinstance(error, UserError):
     return " ".join(str(error).split())  # one line, whatever the error it quotes spans
+  os_error = explain_os_error(error)  # a full disk, a read-only one, a name too long
+  if os_error is not None:
+    return os_error
+  if isinstance(error, user_errors()):
+    return " ".join(str(error).split())
   chain, e = [], error
   while e is not None and len(chain) < 10:
     chain.append(e)

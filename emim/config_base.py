@@ -290,9 +290,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.get("wandb_project") and importlib.util.find_spec("wandb") is None:
     raise ConfigError(f"--config.train.wandb_project={c.train.wandb_project!r} logs to Weights & Biases, which is not "
                       "installed: pip install \"emim[wandb]\" (or pip install wandb), or leave the field empty.")
+  _check_choices(c)
   if c.data.source == "image_folder" and not c.data.path:
     raise ConfigError("--config.data.path is empty: point it at the image folder (a directory or .tar.gz laid out "
                       "as split/class/*.jpg).")
+
+
+def _check_choices(c: ml_collections.ConfigDict) -> None:
+  """The fields that name one of a list (a data source, a backbone, an optimiser...),
+  checked against the modules' own lists. Imported here, not at the top: loading a config
+  imports no JAX, and ``validate`` runs only where training does."""
+  from emim import models, optim
+  from emim.data import sources
+
+  for field, value, choices in (("data.source", c.data.source, sources.SOURCES),
+                                ("model.backbone", c.model.backbone, models.ARCHITECTURES),
+                                ("model.dtype", c.model.dtype, tuple(models.DTYPES)),
+                                ("optim.name", c.optim.name, optim.OPTIMIZERS)):
+    if value not in choices:
+      raise ConfigError(f"--config.{field}={value!r}: choose one of {', '.join(choices)}.")
 
 
 PROBE_MODES, PROBE_OPTIMIZERS = ("augmented", "features"), ("sgd", "lars")

@@ -32,8 +32,8 @@ from ml_collections import config_flags
 from emim import checkpoint as ckpt_lib
 from emim import cli
 from emim import fs, sharding, workdir as workdir_lib
-from emim.backbone import (checkpoint_dir, features_and_labels, init_backbone, load_run_config, model_config_of,
-                           restore_backbone)
+from emim.backbone import (checkpoint_dir, features_and_labels, init_backbone, latest_run_config, load_run_config,
+                           model_config_of, restore_backbone)
 from emim.checkpoint import quiet_orbax_logs
 from emim.config_base import ConfigError, validate_eval
 from emim.data import sources, streaming
@@ -45,10 +45,11 @@ MODES = ("all", "linear", "knn")
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, mode: str = "all",
-             random_init: bool = False, results_dir: str | None = None) -> dict:
+             random_init: bool = False, results_dir: str | None = None, newest_if_deleted: bool | None = None) -> dict:
   """Evaluate one checkpoint of the run in ``workdir`` (or, with ``random_init``, the
   untrained backbone); returns (and records, in ``results_dir``, by default ``workdir``)
-  the results."""
+  the results. ``newest_if_deleted``: ``step`` stands for the latest (by default when it
+  is None), so if the run still training deletes it first, the newest one is evaluated."""
   if mode not in MODES:
     raise ConfigError(f"Unknown --mode {mode!r}; choose one of {MODES}.")
   if random_init and step is not None:
@@ -62,7 +63,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   if random_init:
     step, backbone = 0, init_backbone(model_config_of(config), config.seed)
   else:
-    step, backbone = restore_backbone(workdir, config, step)
+    step, backbone = restore_backbone(workdir, config, step, newest_if_deleted)
   if config.data.stream:  # decoded on host workers batch by batch (ImageNet)
     train, test = streaming.stream_split(config.data, "train"), streaming.stream_split(config.data, "test")
   else:
@@ -168,8 +169,9 @@ def define_config_flag(argv: list[str]) -> None:
   try:
     step = int(steps[-1]) if steps and int(steps[-1]) >= 0 else None
     if step is None and "--random_init" not in argv:
-      step = ckpt_lib.latest_step(checkpoint_dir(workdirs[-1]))
-    config = load_run_config(workdirs[-1], step)
+      step, config = latest_run_config(workdirs[-1])
+    else:
+      config = load_run_config(workdirs[-1], step)
   except Exception as e:  # a missing run, an unreadable checkpoint, an unreachable bucket
     message = cli.explain(e)
     if message is None:
@@ -195,9 +197,10 @@ def main(argv):
     # same checkpoint give the same numbers there. Acts only before JAX starts.
     from emim.train import use_deterministic_gpu_ops
     use_deterministic_gpu_ops()
-  if step is None and not FLAGS.random_init:  # the one whose config was read; else the latest now
+  latest = step is None
+  if latest and not FLAGS.random_init:  # the one whose config was read; else the latest now
     step = _CONFIG_STEP if _CONFIG_STEP is not None else ckpt_lib.latest_step(checkpoint_dir(FLAGS.workdir))
-  evaluate(config, FLAGS.workdir, step, FLAGS.mode, FLAGS.random_init, FLAGS.results_dir)
+  evaluate(config, FLAGS.workdir, step, FLAGS.mode, FLAGS.random_init, FLAGS.results_dir, newest_if_deleted=latest)
 
 
 if __name__ == "__main__":

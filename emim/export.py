@@ -110,13 +110,16 @@ def check_output(output: fs.PathLike, overwrite: bool, workdir: fs.PathLike | No
   if workdir is not None and os.fspath(output).rstrip("/") == os.fspath(fs.as_path(workdir)).rstrip("/"):
     raise ExportError(f"--output {output} is the run's work directory: choose a directory of its own.")
   names = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
-  if names and not overwrite:
-    raise ExportError(f"--output {output} is not empty (it holds {names[:5]}). Choose a new directory, or add "
-                      "--overwrite to replace the export that is there.")
   foreign = [n for n in names if n not in EXPORT_FILES]
-  if foreign:
-    raise ExportError(f"--output {output} holds files that are not an emim export ({foreign[:5]}): --overwrite "
-                      "replaces an earlier export only. Choose a new directory.")
+  if foreign:  # --overwrite would be refused too: suggest what works
+    inside = output / "emim_export"
+    suggestion = (f"--output={inside} (a new folder inside it)" if not inside.exists() else
+                  "a new or empty directory")
+    raise ExportError(f"--output {output} holds files that are not an emim export ({foreign[:5]}); an export is "
+                      f"written only to a new or empty directory, or over an earlier export. Choose {suggestion}.")
+  if names and not overwrite:
+    raise ExportError(f"--output {output} holds an earlier export ({names}). Add --overwrite to replace it, or "
+                      "choose a new directory.")
   return output
 
 
@@ -160,8 +163,9 @@ def export_backbone(backbone: Backbone, output: fs.PathLike, info: dict | None =
 def load_backbone(path: fs.PathLike):
   """Load an exported backbone: returns (Backbone, jitted features(images) -> (N, D)).
 
-  Images are (N, H, W, 3), uint8 or float in [0, 1]; they are centre-cropped to the
-  training size when larger and normalised as in training.
+  Images are (N, H, W, 3), uint8 or float in [0, 1] (floats outside it, e.g. 0-255, are
+  refused: ``ExportError``); they are centre-cropped to the training size when larger
+  (said once) and normalised as in training.
   """
   path = fs.as_path(path)
   if not (path / MODEL_FILE).exists():
@@ -185,7 +189,44 @@ def load_backbone(path: fs.PathLike):
                       f"({meta.get('backbone')}, width {meta.get('width')}): the two files are of different exports. "
                       "Export the run again.")
   backbone = backbone_from_model_config(meta, variables)
-  return backbone, backbone.features_fn()
+  return backbone, checked_features(backbone, backbone.features_fn())
+
+
+# Float images are taken as [0, 1]; a little beyond it (a resize's overshoot) is allowed.
+_FLOAT_RANGE_SLACK = 1e-3
+
+
+def checked_features(backbone: Backbone, features):
+  """``features`` that refuses float images outside [0, 1] (0-255 floats would give
+  features hundreds of times too large, silently) and says, once, when the images are not
+  the size the backbone was trained at. Vectors (the MLP backbone) pass as they are."""
+  said_size = []
+
+  def checked(images):
+    if len(backbone.input_shape) == 1:
+      return features(images)
+    if not hasattr(images, "dtype"):  # a list
+      images = np.asarray(images)
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[-1] != 3:
+      raise ExportError(f"The images are of shape {shape}: give a batch (N, H, W, 3), uint8 in 0-255 or float in "
+                        "[0, 1].")
+    if np.dtype(images.dtype) != np.uint8:
+      lo, hi = (float(v) for v in jax.device_get((images.min(), images.max())))
+      if lo < -_FLOAT_RANGE_SLACK or hi > 1 + _FLOAT_RANGE_SLACK:
+        hint = " (they look like 0-255: divide by 255, or pass uint8)" if hi > 2 else ""
+        raise ExportError(f"Float images must be in [0, 1]; these range from {lo:.4g} to {hi:.4g}{hint}. (The "
+                          "backbone normalises them with the training mean and std itself.)")
+    size = backbone.image_size
+    if shape[1:3] != (size, size) and not said_size:
+      said_size.append(shape[1:3])
+      logging.warning("The images are %dx%d; this backbone was trained at %dx%d: %s. Features of images of the "
+                      "training size are those the evaluation measured. (Said once.)", shape[1], shape[2], size, size,
+                      f"they are centre-cropped to {size}x{size} (not resized)" if shape[1] > size else
+                      f"they are resized up to {size}x{size}")
+    return features(images)
+
+  return checked
 
 
 def main(argv):

@@ -63,7 +63,8 @@ def main(argv):
     advice = libtpu_advice(jax.devices()[0].device_kind, libtpu_in_use()[0])
     if advice:
       logging.warning(advice)
-  result = train.run(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+  # A second Ctrl-C ends the process at once (the first asks for a checkpoint and a stop).
+  result = train.run(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value, second_signal_ends_process=True)
   if result.stopped_by_signal is not None:
     # The shell's convention for a process ended by a signal, so schedulers see a stop,
     # not a finished job (the checkpoint is saved: the same command resumes).

@@ -10,6 +10,8 @@ import jax
 import ml_collections
 import optax
 
+from emim.config_base import ConfigError
+
 OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
@@ -51,7 +53,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTr
   elif cfg.name == "adamw":
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
   else:
-    raise ValueError(f"Unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}.")
+    raise ConfigError(f"--config.optim.name={cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}.")
   if cfg.clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
   return tx

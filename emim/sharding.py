@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from emim.config_base import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -35,7 +37,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   devices = mesh.devices.size
   if batch_size % devices:
     lower = batch_size - batch_size % devices
-    raise ValueError(
+    raise ConfigError(
         f"The global batch size {batch_size} is not divisible by the {devices} devices. Set "
         f"--config.train.batch_size to a multiple of {devices} (e.g. {lower or devices} or {lower + devices}).")
 

@@ -48,6 +48,7 @@ class RunResult:
   final_metrics: dict
   timings: dict
   stopped_by_signal: int | None = None  # SIGTERM/SIGINT: saved at the step reached, resumable
+  nothing_to_do: bool = False  # the run had already reached the steps asked for: nothing trained or written
 
 
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -72,8 +73,14 @@ def _check_deterministic(config: ml_collections.ConfigDict) -> None:
 class StopRequest:
   """Turns SIGTERM and SIGINT (a preempted VM, a Slurm time limit, Ctrl-C) into a request
   the loop honours between steps: it saves a checkpoint at the step reached and stops, so
-  a preemption costs no training. A second signal acts as usual (the handlers are
-  restored on the first).
+  a preemption costs no training. The loop keeps at most ``DispatchWindow.LIMIT`` steps in
+  flight, so the stop comes within a step or two on every backend (a TPU VM's SIGTERM
+  leaves a short grace period). With ``second_ends_process`` (the command line), a second
+  signal ends the process at once, without that save: the first one sets the signals'
+  default action (the kernel's, which acts even while the process waits inside a
+  computation); the checkpoints already saved stay. Otherwise (a notebook, whose kernel
+  a second interrupt must not kill) the first restores the previous handlers: a second
+  Ctrl-C raises KeyboardInterrupt between steps.
 
   Installed only in the main thread of a single-process job. With several processes,
   JAX's preemption service (``jax.distributed.initialize``) tells every process, through
@@ -82,15 +89,23 @@ class StopRequest:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, second_ends_process: bool = False):
     self.signum: int | None = None
+    self.second_ends_process = second_ends_process
     self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
-    self._restore()
-    logging.warning("Received %s: saving a checkpoint after the current step, then stopping.", signal.Signals(signum).name)
+    if self.second_ends_process:
+      for sig in self._previous:
+        signal.signal(sig, signal.SIG_DFL)
+      then = "stops at once without it (the checkpoints already saved are kept)"
+    else:
+      self._restore()
+      then = "stops without it"
+    logging.warning("Received %s: saving a checkpoint after the current step, then stopping. A second %s %s.",
+                    signal.Signals(signum).name, "Ctrl-C" if signum == signal.SIGINT else "signal", then)
 
   def _restore(self):
     for sig, handler in self._previous.items():
@@ -362,18 +377,25 @@ class DispatchWindow:
   dispatch, wait for the step ``limit`` steps back (``None``: no limit, asynchronous
   dispatch as JAX does it).
 
-  Needed on a CPU backend with several devices. XLA's CPU client runs a program of
-  several devices by handing each device's launch to a pool of max(cores, devices)
-  threads, and a launch waits there, holding its thread, while its device already has
-  32 computations in flight; the computations in flight need pool threads to run. With
-  some 40 steps dispatched ahead, the pool's threads all hold waiting launches or
-  participants of a collective whose other participants can no longer get a thread:
-  a deadlock (benchmarks/xla_cpu_inflight_deadlock.py reproduces it in a second, with
-  every thread's stack; the 8-device test suite on 2 cores hung on it in 3 of 4 runs).
-  The loop dispatches up to a progress line ahead, so a CPU run with several devices
-  keeps at most 8 steps in flight; an accelerator's client has no such limit."""
+  The loop dispatches up to a progress line ahead. Unbounded, the host would queue a
+  whole progress interval of steps and then wait for all of them: a stop (Ctrl-C, a
+  preemption's SIGTERM) is acted on only when the host gets back to Python, so it waited
+  for the whole interval (9 minutes on a CPU run of configs/cifar10.py). With ``LIMIT``
+  steps in flight it waits for at most that many, on every backend; two keep an
+  accelerator fed (the host dispatches the next step while the device runs the last).
 
-  CPU_LIMIT = 8
+  A CPU backend with several devices needs a bound for a second reason. XLA's CPU client
+  runs a program of several devices by handing each device's launch to a pool of
+  max(cores, devices) threads, and a launch waits there, holding its thread, while its
+  device already has 32 computations in flight; the computations in flight need pool
+  threads to run. With some 40 steps dispatched ahead, the pool's threads all hold
+  waiting launches or participants of a collective whose other participants can no
+  longer get a thread: a deadlock (benchmarks/xla_cpu_inflight_deadlock.py reproduces it
+  in a second, with every thread's stack; the 8-device test suite on 2 cores hung on it
+  in 3 of 4 runs). Up to ``CPU_LIMIT`` steps in flight never deadlocked there."""
+
+  LIMIT = 2
+  CPU_LIMIT = 8  # the most a multi-device CPU run may keep in flight (LIMIT is below it)
 
   def __init__(self, limit: int | None):
     self.limit = limit
@@ -381,8 +403,7 @@ class DispatchWindow:
 
   @classmethod
   def for_backend(cls) -> "DispatchWindow":
-    several_cpus = jax.default_backend() == "cpu" and jax.local_device_count() > 1
-    return cls(cls.CPU_LIMIT if several_cpus else None)
+    return cls(cls.LIMIT)
 
   def dispatched(self, outputs) -> None:
     """Record a dispatched step by its outputs (not donated to the next step); wait for
@@ -399,7 +420,8 @@ def _log_parameter_overview(state: TrainState) -> None:
   logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(shapes, include_stats=False))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> RunResult:
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
+        second_signal_ends_process: bool = False) -> RunResult:
   """Train (or resume) the run in ``workdir``.
 
   Args:
@@ -408,6 +430,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
       config.json and metrics.jsonl go here (process 0 writes the files).
     stop_at_step: stop (with a checkpoint) after this many steps, as a preemption would;
       the schedule is still that of the full run, which a later call resumes.
+    second_signal_ends_process: after a first SIGINT/SIGTERM (a stop with a checkpoint),
+      a second one ends the process at once (the command line); else it raises
+      KeyboardInterrupt in the loop (a notebook keeps its kernel). See ``StopRequest``.
   """
   config_base.validate(config)
   workdir = fs.as_path(workdir)
@@ -450,6 +475,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh))
     checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
+    last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    latest = checkpointer.latest_step()
+    if latest is not None and latest >= last_step and config.checkpoint.restore_step < 0:
+      # A finished run asked for no more steps: say so, compile nothing, write nothing
+      # (its config.json and timings.json stay those of the run).
+      asked = (f"--stop_at_step={stop_at_step}" if last_step == stop_at_step else
+               f"{total_steps} steps" + (f" (--config.train.num_steps={config.train.num_steps})"
+                                         if config.train.num_steps else ""))
+      logging.warning("%s already finished at step %d; this command asks for %s: nothing to train, no file changed. "
+                      "To train longer, raise --config.train.num_steps (or num_epochs); to evaluate it: python -m "
+                      "emim.evaluate --workdir=%s", workdir, latest, asked, workdir)
+      state, _ = checkpointer.restore(ckpt_lib.abstract_like(abstract, state_sharding))
+      return RunResult(state=state, final_metrics={}, timings={}, nothing_to_do=True)
     state = restore_or_init(config, checkpointer, ckpt_lib.abstract_like(abstract, state_sharding), data)
     if state is None:
       state = compiled.once("init_state", program_key,
@@ -503,11 +541,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
                    "them; docs/outputs.md says what each means).", ", ".join(console.SHOWN[:3]) + ", ...",
                    workdir / "metrics.jsonl")
     final = {}
+    # From here a stop (Ctrl-C, SIGTERM) is a request the loop honours between steps;
+    # before, nothing of this start is worth saving and KeyboardInterrupt ends it.
+    stop = cleanup.enter_context(StopRequest(second_signal_ends_process))
     if start_step == 0:
       for evaluator in evaluators:
         if evaluator.at_start:
           final.update(evaluate(evaluator, 0))
-    last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    if stop.signum is not None:
+      logging.warning("Stopped before the first step of this start: nothing new to save%s. Run the same command to "
+                      "%s.", f" (the checkpoint of step {start_step} is kept)" if start_step else "",
+                      "resume" if start_step else "start")
+      last_step = start_step
     log_every = config.train.log_every
     interval = empty_interval
     t_train = time.perf_counter()
@@ -516,35 +561,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     profiler = StepProfiler(config.train.profile_steps if writes_files else (0, 0), workdir, start_step, last_step)
     cleanup.callback(profiler.close)
     in_flight = DispatchWindow.for_backend()
-    with StopRequest() as stop:
-      for step in range(start_step, last_step):
-        done = step + 1
-        with profiler.step(done):
-          state, interval = step_fn(state, data.next_input(), interval)
-        in_flight.dispatched(interval)
-        profiler.after(done, state)
-        first_steps.after(done, state)
-        if done % log_every == 0 or done == last_step:
-          host = step_metrics.compute(interval)
-          interval = empty_interval
-          writer.write(done, {**host, **progress(done, host)})
-          _check_finite(state, host, done, config, checkpointer)
-          if lock is not None:
-            lock.check()
-          final = dict(host)
-        for evaluator in evaluators:
-          if evaluator_due(evaluator, done, last_step):
-            with progress.paused("evaluators_s", state):
-              final.update(evaluate(evaluator, done))
-        preempted = stop.signum is not None or checkpointer.reached_preemption(done)
-        force = preempted or done == last_step
-        if force or checkpointer.due(done):
-          with progress.paused("checkpoint_s", state):
-            checkpointer.save(done, state, data.iterator, force=force, config=config_dict)
-        if preempted:
-          logging.warning("Stopped at step %d of %d; the checkpoint is in %s. Run the same command to resume.",
-                          done, total_steps, checkpointer.directory)
-          break
+    for step in range(start_step, last_step):
+      done = step + 1
+      with profiler.step(done):
+        state, interval = step_fn(state, data.next_input(), interval)
+      in_flight.dispatched(interval)
+      profiler.after(done, state)
+      first_steps.after(done, state)
+      if done % log_every == 0 or done == last_step:
+        host = step_metrics.compute(interval)
+        interval = empty_interval
+        writer.write(done, {**host, **progress(done, host)})
+        _check_finite(state, host, done, config, checkpointer)
+        if lock is not None:
+          lock.check()
+        final = dict(host)
+      for evaluator in evaluators:
+        if evaluator_due(evaluator, done, last_step):
+          with progress.paused("evaluators_s", state):
+            final.update(evaluate(evaluator, done))
+      preempted = stop.signum is not None or checkpointer.reached_preemption(done)
+      force = preempted or done == last_step
+      if force or checkpointer.due(done):
+        with progress.paused("checkpoint_s", state):
+          checkpointer.save(done, state, data.iterator, force=force, config=config_dict)
+      if preempted:
+        logging.warning("Stopped at step %d of %d; the checkpoint is in %s. Run the same command to resume.",
+                        done, total_steps, checkpointer.directory)
+        break
     timings["train_s"] = time.perf_counter() - t_train
     timings.update(progress.paused_total)  # spent inside train_s, not counted in steps/s
     logging.info("Timings: decode %.1fs, evaluator set-up %.1fs, compile %.1fs, train %.1fs (evaluators %.1fs, "

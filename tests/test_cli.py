@@ -44,3 +44,28 @@ def test_a_user_error_exits_with_one_line_and_a_bug_with_its_traceback(capsys, m
 
   with pytest.raises(KeyError):
     cli.run(buggy)
+
+
+def test_what_the_file_system_refuses_is_one_line_naming_the_fix(tmp_path):
+  """A full disk, a read-only one and a name too long: real errors of the OS (the name
+  too long, the read-only disk as the kernel reports it) and TensorStore's wording."""
+  import errno
+  import os
+
+  with pytest.raises(OSError) as too_long:
+    os.makedirs(tmp_path / ("a" * 300))
+  line = cli.explain(too_long.value)
+  assert "is longer than the file system allows (300 bytes; most allow 255 a name): choose a shorter --workdir" in line
+  read_only = OSError(errno.EROFS, "Read-only file system", "/mnt/runs/cifar/lock.json")
+  assert cli.explain(read_only).startswith("/mnt/runs/cifar/lock.json is on a read-only file system, and training "
+                                           "writes its checkpoints and lock there: choose a --workdir on a writable disk.")
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:
+      raise ValueError("RESOURCE_EXHAUSTED: Failed writing: [os_error_code='28']") from e
+  except ValueError as e:
+    full = cli.explain(e)
+  assert full.startswith("the disk is full (No space left on device): free space on it") and "nothing already saved" \
+      " was lost" in full
+  assert cli.explain(ValueError("a bug")) is None

@@ -163,7 +163,7 @@ def test_knn_on_hand_made_features():
 
 
 @pytest.mark.slow
-def test_export_round_trip_jax(trained_run, tmp_path):
+def test_export_round_trip_jax(trained_run, tmp_path, caplog):
   config, workdir = trained_run
   step, backbone = restore_backbone(workdir, config)
   out = export.export_backbone(backbone, tmp_path / "export", {"step": step})
@@ -172,6 +172,23 @@ def test_export_round_trip_jax(trained_run, tmp_path):
   np.testing.assert_allclose(features(images), backbone.features_fn()(images), rtol=1e-6, atol=1e-6)
   assert features(images).shape == (16, model.feature_dim)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary left beside it
+  # Float images are [0, 1]: the same features as uint8; 0-255 floats are refused, not
+  # turned silently into features hundreds of times too large.
+  assert images.dtype == np.uint8
+  np.testing.assert_allclose(features(images.astype(np.float32) / 255), features(images), rtol=1e-5, atol=1e-5)
+  with pytest.raises(export.ExportError, match=r"Float images must be in \[0, 1\]; these range from 0 to 2\d\d.*"
+                                               r"look like 0-255: divide by 255"):
+    features(images.astype(np.float32))
+  # Images of another size than the training one: said once.
+  size = model.image_size
+  larger = np.tile(images, (1, 2, 2, 1))
+  with caplog.at_level(logging.WARNING):
+    features(larger)
+    features(larger)
+  said = [r.getMessage() for r in caplog.records if "this backbone was trained at" in r.getMessage()]
+  assert said == [f"The images are {2 * size}x{2 * size}; this backbone was trained at {size}x{size}: they are "
+                  f"centre-cropped to {size}x{size} (not resized). Features of images of the training size are those "
+                  "the evaluation measured. (Said once.)"]
 
 
 @pytest.mark.slow
@@ -181,7 +198,7 @@ def test_export_refuses_a_non_empty_directory_and_replaces_it_only_when_asked(tr
   step, new = restore_backbone(workdir, config)
   out = export.export_backbone(old, tmp_path / "export", {"step": 100})
   before = {p.name: p.read_bytes() for p in out.iterdir()}
-  with pytest.raises(export.ExportError, match="not empty.*--overwrite"):
+  with pytest.raises(export.ExportError, match="holds an earlier export.*Add --overwrite"):
     export.export_backbone(new, out, {"step": step})
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # another run's export is untouched
   export.export_backbone(new, out, {"step": step}, overwrite=True)
@@ -203,9 +220,15 @@ def test_overwrite_replaces_an_export_only_never_a_run_or_a_project(trained_run,
   project = tmp_path / "project"
   project.mkdir()
   (project / "important.py").write_text("keep me")
-  with pytest.raises(export.ExportError, match=r"not an emim export \(\['important.py'\]\).*replaces an earlier export"):
+  with pytest.raises(export.ExportError, match=r"not an emim export \(\['important.py'\]\).*Choose --output=.*emim_export"):
     export.export_backbone(backbone, project, overwrite=True)
   assert (project / "important.py").read_text() == "keep me"
+  # Without --overwrite too, the advice is one that works (not --overwrite, refused above).
+  with pytest.raises(export.ExportError) as refused:
+    export.check_output(project, False)
+  assert "--overwrite" not in str(refused.value) and f"Choose --output={project / 'emim_export'}" in str(refused.value)
+  export.export_backbone(backbone, project / "emim_export")
+  assert sorted(p.name for p in project.iterdir()) == ["emim_export", "important.py"]
   with pytest.raises(export.ExportError, match="is the run's work directory"):
     export.check_output(workdir, True, workdir)
   link = tmp_path / "link"

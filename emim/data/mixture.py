@@ -21,6 +21,8 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
+from emim.config_base import ConfigError
+
 _MEANS_SEED = 1234  # the cluster means are fixed: train and test splits share them
 
 
@@ -72,8 +74,8 @@ def views_mutual_information(num_classes: int, dim: int, separation: float, inst
   of closed forms; the expectation is over exact samples.
   """
   if min(noise_std) <= 0:
-    raise ValueError("Both views' noise_std must be positive: a view without noise determines the instance, and the "
-                     "MI of a continuous distribution with it is infinite.")
+    raise ConfigError("--config.augment.view1.noise_std and view2.noise_std must both be positive: a view without "
+                      "noise determines the instance, and the MI of a continuous distribution with it is infinite.")
   rng = np.random.default_rng(seed)
   means = cluster_means(num_classes, dim, separation)
   a1, a2, b = instance_std**2 + noise_std[0] ** 2, instance_std**2 + noise_std[1] ** 2, instance_std**2

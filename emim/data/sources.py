@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from emim.config_base import VECTOR_SOURCES
+from emim.config_base import VECTOR_SOURCES, ConfigError
 from emim.data import mixture
 from emim.data.dataset import DatasetError, ImageDataset
 from emim.data.image_folder import IMAGE_SUFFIXES, decode_image, directory_classes, folder_class_names, image_folder
@@ -83,4 +83,4 @@ def load(data_cfg: ml_collections.ConfigDict, split: str, cache_dir: str | None 
     split_name = data_cfg.train_split if split == "train" else data_cfg.test_split
     return tfds_source(data_cfg.tfds_name, split_name, data_cfg.tfds_data_dir, data_cfg.decode_size or None,
                        class_subset(data_cfg))
-  raise ValueError(f"Unknown data source {data_cfg.source!r}; choose one of {SOURCES}.")
+  raise ConfigError(f"--config.data.source={data_cfg.source!r}: choose one of {', '.join(SOURCES)}.")

@@ -31,6 +31,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from emim.config_base import ConfigError
 from emim.data.dataset import DatasetError
 from emim.data.image_folder import directory_classes
 from emim.data.labels import class_subset, label_index
@@ -212,7 +213,8 @@ def make_stream(records, decode: grain.transforms.Map, global_batch_size: int, s
   """
   processes, index = jax.process_count(), jax.process_index()
   if global_batch_size % processes:
-    raise ValueError(f"The global batch size {global_batch_size} is not divisible by the {processes} processes.")
+    raise ConfigError(f"--config.train.batch_size={global_batch_size} is not divisible by the {processes} processes: "
+                      f"set a multiple of {processes}.")
   ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(decode, seed=seed) if isinstance(decode, grain.transforms.RandomMap) else ds.map(decode)
   ds = _ProcessRows(ds, global_batch_size, processes, index)

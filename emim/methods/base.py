@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from emim.config_base import ConfigError
 from emim.methods import defaults
 
 Array = jax.Array
@@ -105,7 +106,7 @@ def register(name: str):
 
 def make_method(method_cfg: ml_collections.ConfigDict) -> Method:
   if method_cfg.name not in _BUILDERS:
-    raise ValueError(f"Unknown method {method_cfg.name!r}; registered methods: {', '.join(sorted(_BUILDERS))}.")
+    raise ConfigError(f"--config.method.name={method_cfg.name!r}: registered methods: {', '.join(sorted(_BUILDERS))}.")
   return _BUILDERS[method_cfg.name](method_cfg)
 
 

@@ -7,14 +7,18 @@ import jax
 import ml_collections
 
 from emim import objectives as O
+from emim.config_base import ConfigError
 from emim.methods.base import Method, Views, register
 
 
 def emmi_config(cfg: ml_collections.ConfigDict) -> O.EmmiConfig:
-  logdet = O.LogdetConfig(
-      backend=cfg.backend, eps=cfg.eps, order=cfg.order, rescale=cfg.rescale, rescale_c=cfg.rescale_c,
-      eig_momentum=cfg.eig_momentum, power_iters=cfg.power_iters)
-  return O.EmmiConfig(form=cfg.form, logdet=logdet, w_inv=cfg.w_inv, smoothing=cfg.smoothing)
+  try:  # the objectives check their own values; here they are config fields
+    logdet = O.LogdetConfig(
+        backend=cfg.backend, eps=cfg.eps, order=cfg.order, rescale=cfg.rescale, rescale_c=cfg.rescale_c,
+        eig_momentum=cfg.eig_momentum, power_iters=cfg.power_iters)
+    return O.EmmiConfig(form=cfg.form, logdet=logdet, w_inv=cfg.w_inv, smoothing=cfg.smoothing)
+  except ValueError as e:
+    raise ConfigError(f"--config.method (backend, eps, order, rescale, rescale_c, form, smoothing): {e}") from e
 
 
 NORMALIZATIONS = {"none": lambda z: z, "l2": O.l2_normalize}
@@ -24,7 +28,7 @@ NORMALIZATIONS = {"none": lambda z: z, "l2": O.l2_normalize}
 def build(cfg: ml_collections.ConfigDict) -> Method:
   loss_cfg = emmi_config(cfg)
   if cfg.normalize not in NORMALIZATIONS:
-    raise ValueError(f"Unknown emmi normalize {cfg.normalize!r}; choose one of {tuple(NORMALIZATIONS)}.")
+    raise ConfigError(f"--config.method.normalize={cfg.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}.")
   norm = lambda pair: tuple(map(NORMALIZATIONS[cfg.normalize], pair))
 
   def loss_fn(views: Views, state):

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from emim.config_base import ConfigError
 from emim.models import resnet
 from emim.models.heads import MLP, MLPBackbone
 from emim.models.resnet import ResNet
@@ -35,13 +36,13 @@ def make_backbone(name: str, width: int = 64, cifar_stem: bool = False, dtype: A
   if name == "mlp":
     return MLPBackbone(width, depth=2, dtype=dtype, bn_groups=bn_groups)
   if name not in resnet.ARCHITECTURES:
-    raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(ARCHITECTURES)}.")
+    raise ConfigError(f"--config.model.backbone={name!r}: choose one of {', '.join(sorted(ARCHITECTURES))}.")
   return resnet.make_backbone(name, width, cifar_stem, dtype, bn_groups)
 
 
 def parse_dtype(name: str) -> Any:
   if name not in DTYPES:
-    raise ValueError(f"Unknown dtype {name!r}; choose one of {sorted(DTYPES)}.")
+    raise ConfigError(f"--config.model.dtype={name!r}: choose one of {', '.join(sorted(DTYPES))}.")
   return DTYPES[name]
 
 

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from emim.config_base import ConfigError
+
 from emim.models.norm import GroupedBatchNorm
 
 ModuleDef = Any
@@ -131,6 +133,6 @@ class ResNet(nn.Module):
 def make_backbone(name: str, width: int = 64, cifar_stem: bool = False, dtype: Any = jnp.float32,
                   bn_groups: int = 1) -> ResNet:
   if name not in ARCHITECTURES:
-    raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(ARCHITECTURES)}.")
+    raise ConfigError(f"--config.model.backbone={name!r}: choose one of {', '.join(sorted(ARCHITECTURES))}.")
   block, stages = ARCHITECTURES[name]
   return ResNet(stage_sizes=stages, block=block, width=width, cifar_stem=cifar_stem, dtype=dtype, bn_groups=bn_groups)
