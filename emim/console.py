@@ -106,10 +106,11 @@ class FirstSteps:
       (logging.warning if warn else logging.info)(line)
 
 
-def summary(workdir: str, step: int, total_steps: int, stopped: bool, tensorboard: bool) -> str:
+def summary(workdir: str, step: int, total_steps: int, stopped: bool, tensorboard: bool,
+            by_stop_at_step: bool = False) -> str:
   """The run's last line: where its results are and the command that evaluates it."""
-  state = (f"Stopped at step {step:,} of {total_steps:,} (the same command, without --stop_at_step, resumes it)"
-           if stopped
+  resume = "the same command without --stop_at_step" if by_stop_at_step else "the same command"
+  state = (f"Stopped at step {step:,} of {total_steps:,} ({resume} resumes it)" if stopped
            else f"Finished: {step:,} steps")
   board = f"; TensorBoard: tensorboard --logdir={workdir}" if tensorboard else ""
   return (f"{state}. Results in {workdir}: metrics.jsonl (every value of every progress line{board}), "

@@ -597,6 +597,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     if writes_files:  # while the lock is held
       workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
       logging.info(console.summary(str(workdir), int(state.step), total_steps, int(state.step) < total_steps,
-                                   metric_writer.EventFileWriter is not None))
+                                   metric_writer.EventFileWriter is not None,
+                                   by_stop_at_step=stop.signum is None and stop_at_step is not None))
   return RunResult(state=state, final_metrics={k: float(np.asarray(v)) for k, v in final.items()}, timings=timings,
                    stopped_by_signal=stop.signum)

@@ -130,3 +130,13 @@ def test_the_mi_experiments_show_a_few_progress_lines_a_run():
   assert shown[:-1] == [f"step {s}/1500 epoch 1 | 100 steps/s 25600 pairs/s | ETA 0m10s | loss=-1"
                         for s in (300, 600, 900, 1200, 1500)]
   assert stream.getvalue().splitlines()[-1].endswith("a warning")
+
+
+def test_the_last_line_of_a_stopped_run_says_how_to_resume_it():
+  from emim import console
+  by_signal = console.summary("/w", 40, 100, stopped=True, tensorboard=False)
+  assert "Stopped at step 40 of 100 (the same command resumes it)" in by_signal
+  assert "--stop_at_step" not in by_signal  # a Ctrl-C'd run was given no such flag
+  by_flag = console.summary("/w", 40, 100, stopped=True, tensorboard=False, by_stop_at_step=True)
+  assert "(the same command without --stop_at_step resumes it)" in by_flag
+  assert console.summary("/w", 100, 100, stopped=False, tensorboard=True).startswith("Finished: 100 steps.")
