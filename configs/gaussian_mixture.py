@@ -1,4 +1,4 @@
-"""Seed 002's synthetic experiment: a labelled Gaussian mixture of vectors, MLP encoders.
+"""The SDMI/JMI paper's synthetic experiment: a labelled Gaussian mixture of vectors, MLP encoders.
 
 Ten clusters in R^16, x = mu_k + s; each view adds fresh Gaussian noise (and masks
 coordinates, with augment.view*.mask_p > 0). Without masking the MI between two views is

@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from emim.errors import UserError, explain_os_error
+from emim.errors import UserError, explain_os_error, missing_config_file
 
 
 def fail(message: str, status: int = 2) -> None:
@@ -38,8 +38,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1].split(":", 1)[0]
       if not os.path.isfile(path):
-        _fail(f"the config file {path} does not exist (the configs are configs/*.py, e.g. "
-              "--config=configs/cifar10.py:byol).")
+        _fail(missing_config_file(path))
       with open(path, encoding="utf-8", errors="replace") as f:
         if "def get_config" not in f.read():
           _fail(f"{path} defines no get_config(arg): it is not an emim config (the configs are configs/*.py).")

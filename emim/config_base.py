@@ -13,7 +13,7 @@ import pathlib
 
 import ml_collections
 
-from emim.errors import UserError
+from emim.errors import UserError, missing_config_file
 from emim.methods import defaults as method_defaults
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -156,7 +156,7 @@ def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -> ml_collections.ConfigDict:
   """Apply comma-separated variants: a method name (``byol``, ``simclr``, ...), seed
   002's ablations of it (``no_predictor``, ``no_stop_gradient``, ``no_regularizer``) and/or
-  ``runlocal`` (a tiny model and schedule that runs on a laptop CPU in seconds).
+  ``runlocal`` (a tiny model and schedule that runs on a laptop CPU in about a minute).
 
   The method comes first, then its ablations, then ``recipe(c)`` (a dataset's recipe,
   which may set fields for one method), then ``runlocal``, which shrinks whatever the
@@ -221,8 +221,8 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
   if path.is_dir():
     raise ConfigError(f"{path} is a folder: give a config file in it, e.g. configs/cifar10.py.")
   if not path.is_file():
-    raise ConfigError(f"The config file {path} does not exist (the configs are configs/*.py, e.g. "
-                      "configs/cifar10.py:byol).")
+    message = missing_config_file(str(path))
+    raise ConfigError(message[0].upper() + message[1:])
   if path.suffix != ".py":
     raise ConfigError(f"{path} is not a Python config file: a config is a .py file with get_config(arg), "
                       "e.g. configs/cifar10.py.")

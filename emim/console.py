@@ -38,6 +38,22 @@ def shown(metrics: dict, setting: str = "") -> dict:
   return {n: short[n] for n in dict.fromkeys(names) if n in short}
 
 
+def requested(setting: str) -> tuple[str, ...]:
+  """The names a progress_metrics setting asks for by name (none for "" and "all")."""
+  return () if setting in ("", "all") else tuple(dict.fromkeys(n.strip() for n in setting.split(",") if n.strip()))
+
+
+def unknown_names(setting: str, seen: set[str]) -> str | None:
+  """A warning when progress_metrics names values this run has none of (after its first
+  progress line and evaluators: a misspelt name would otherwise show nothing, silently)."""
+  short = {k.split("/")[-1] for k in seen}
+  unknown = [n for n in requested(setting) if n not in short]
+  if not unknown:
+    return None
+  return (f"--config.train.progress_metrics: this run has no value named {', '.join(map(repr, unknown))}; its "
+          f"values are: {', '.join(sorted(short))} (or 'all').")
+
+
 def values(metrics: dict, setting: str = "") -> str:
   return " ".join(f"{k}={float(v):.4g}" for k, v in shown(metrics, setting).items())
 

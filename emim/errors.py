@@ -55,3 +55,13 @@ def explain_os_error(error: BaseException) -> str | None:
       return (f"a name in the path {e.filename} is longer than the file system allows ({len(name.encode())} "
               "bytes; most allow 255 a name): choose a shorter --workdir (or --output).")
   return None
+
+
+def missing_config_file(path: str) -> str:
+  """The line for a --config file that does not exist: a relative configs/NAME.py run from
+  outside the repository is the usual cause, so name the repository's own file."""
+  ours = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  if not os.path.isabs(path) and os.path.isfile(ours):
+    return (f"the config file {path} does not exist in {os.getcwd()}: the paths of configs are relative to the "
+            f"repository's root; run from there, or give --config={ours}.")
+  return f"the config file {path} does not exist (the configs are configs/*.py, e.g. --config=configs/cifar10.py:byol)."

@@ -205,7 +205,10 @@ def main(argv):
 
 if __name__ == "__main__":
   # Flags are defined only when run as a program, so importing this module (tests,
-  # notebooks, emim.export) defines none.
+  # notebooks, emim.export) defines none. Reading the checkpoint's config for the flag
+  # starts JAX (Orbax), so the CPU-only choice comes first: else libtpu's probe for a TPU
+  # prints its errors on every CPU evaluation.
+  cli.cpu_without_accelerator()
   define_config_flag(sys.argv)
   flags.DEFINE_string("workdir", None, "The training run's work directory.")
   flags.DEFINE_integer("checkpoint_step", -1, "Checkpoint step to evaluate; -1 for the latest.")

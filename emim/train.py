@@ -527,9 +527,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
 
     shown = config.train.get("progress_metrics", "")  # which values the console's lines show (emim.console)
 
+    seen_names: set[str] = set()  # every value's name so far, to check progress_metrics against
+
     def evaluate(evaluator, step):
       t = time.perf_counter()
       metrics = evaluator.run(state)
+      seen_names.update(metrics)
       logging.info("step %d | %s (%.1fs): %s", step, evaluator.name, time.perf_counter() - t,
                    console.values(metrics, shown))
       writer.write(step, metrics)
@@ -538,8 +541,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     # --- Loop -------------------------------------------------------------------------
     if writes_files and shown != "all":
       logging.info("The progress lines show %s; %s holds every value (--config.train.progress_metrics=all shows "
-                   "them; docs/outputs.md says what each means).", ", ".join(console.SHOWN[:3]) + ", ...",
+                   "them; docs/outputs.md says what each means).",
+                   ", ".join(console.requested(shown) or console.SHOWN[:3]) + ("" if shown else ", ..."),
                    workdir / "metrics.jsonl")
+    names_checked = not console.requested(shown)
     final = {}
     # From here a stop (Ctrl-C, SIGTERM) is a request the loop honours between steps;
     # before, nothing of this start is worth saving and KeyboardInterrupt ends it.
@@ -576,10 +581,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
         if lock is not None:
           lock.check()
         final = dict(host)
+        seen_names.update(host)
       for evaluator in evaluators:
         if evaluator_due(evaluator, done, last_step):
           with progress.paused("evaluators_s", state):
             final.update(evaluate(evaluator, done))
+      if not names_checked and seen_names and (done % log_every == 0 or done == last_step):
+        names_checked = True
+        if warning := console.unknown_names(shown, seen_names):
+          logging.warning("%s", warning)
       preempted = stop.signum is not None or checkpointer.reached_preemption(done)
       force = preempted or done == last_step
       if force or checkpointer.due(done):

@@ -221,7 +221,7 @@ def _target_update(parts, state, x1, x2):
 
 
 def _joint_update(parts, state, x1, x2):
-  """Both branches at once, no stop-gradient between them (seed 002's ablation of the
+  """Both branches at once, no stop-gradient between them (the SDMI/JMI paper's ablation of the
   alternation: direct joint ascent). Where the method gives the target an objective of its
   own (``Method.target_loss_fn``), each branch takes its objective's gradient at the same
   point, the alternation's two steps made simultaneous."""

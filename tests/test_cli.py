@@ -1,7 +1,12 @@
 """What the programs print for what a user can fix: one line naming it, not a traceback;
 and a traceback for anything else (a bug)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+from conftest import REPO
 
 from emim import cli
 from emim.config_base import ConfigError
@@ -69,3 +74,12 @@ def test_what_the_file_system_refuses_is_one_line_naming_the_fix(tmp_path):
   assert full.startswith("the disk is full (No space left on device): free space on it") and "nothing already saved" \
       " was lost" in full
   assert cli.explain(ValueError("a bug")) is None
+
+
+def test_a_relative_config_path_from_outside_the_repository_names_the_repositorys_file(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "emim.main", "--config=configs/cifar10.py:runlocal",
+                           f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert result.returncode == 2 and "Traceback" not in result.stderr  # a usage error, as absl's
+  assert result.stderr.strip().endswith(f"the paths of configs are relative to the repository's root; run from there, "
+                                        f"or give --config={REPO / 'configs' / 'cifar10.py'}.")

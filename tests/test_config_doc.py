@@ -38,7 +38,7 @@ def test_the_codes_comments_are_printed_above_their_field():
   assert comments["data.separation"] == "cluster means ~ N(0, separation^2 I)"  # the config file's own
   assert comments["checkpoint.restore_step"] == "-1: the latest"  # a trailing comment in base_config
   assert comments["model.fused_views"].startswith("Both views (and the target's two) through one forward")  # above
-  assert comments["method.order"] == "Taylor order K (seed 001, Figure 3)"  # emim/methods/defaults.py
+  assert comments["method.order"] == "Taylor order K (the EMMI paper, Figure 3)"  # emim/methods/defaults.py
   # A variant's branch (cluster_views) and a recipe's lines say why they change a field:
   # not what the field is wherever they do not apply.
   assert "Views share the cluster alone" not in comments["data.instance_std"]

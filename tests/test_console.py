@@ -140,3 +140,13 @@ def test_the_last_line_of_a_stopped_run_says_how_to_resume_it():
   by_flag = console.summary("/w", 40, 100, stopped=True, tensorboard=False, by_stop_at_step=True)
   assert "(the same command without --stop_at_step resumes it)" in by_flag
   assert console.summary("/w", 100, 100, stopped=False, tensorboard=True).startswith("Finished: 100 steps.")
+
+
+def test_a_progress_metric_name_the_run_lacks_is_named_with_the_ones_it_has():
+  from emim import console
+  seen = {"loss", "mi", "probe_acc", "eval/mi_infonce", "knn/knn_top1_k20"}
+  assert console.unknown_names("", seen) is None and console.unknown_names("all", seen) is None
+  assert console.unknown_names("loss, mi_infonce", seen) is None
+  warning = console.unknown_names("loss,bogus_metric", seen)
+  assert "'bogus_metric'" in warning and "'loss'" not in warning
+  assert "knn_top1_k20, loss, mi, mi_infonce, probe_acc" in warning

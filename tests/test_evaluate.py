@@ -3,6 +3,7 @@ checkpoint, deterministic re-runs, and the JAX/PyTorch export round trip."""
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -247,9 +248,14 @@ def test_evaluate_reports_a_missing_run_and_takes_tuple_overrides(trained_run, t
   assert "Unknown command line flag" not in missing.stderr and "Traceback" not in missing.stderr
   run = tmp_path / "run"
   shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("evaluation.json"))
+  # As a user runs it, JAX_PLATFORMS unset: where libtpu is installed (CI), reading the
+  # checkpoint's config must not start JAX before the CPU is chosen, or libtpu's probe for
+  # a TPU prints its errors first.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   knn = subprocess.run([sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--mode=knn",
-                        "--config.eval.knn_k=(5,)"], capture_output=True, text=True, timeout=300, cwd=REPO)
+                        "--config.eval.knn_k=(5,)"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
   assert knn.returncode == 0, knn.stderr[-2000:]
+  assert "TPU_WORKER_HOSTNAMES" not in knn.stderr and "host bounds" not in knn.stderr, knn.stderr[:2000]
   assert "knn_top1_k5" in json.loads((run / "evaluation.json").read_text())["192"]
   zero = subprocess.run([sys.executable, "-m", "emim.evaluate", f"--workdir={run}", "--config.eval.probe_epochs=0"],
                         capture_output=True, text=True, timeout=300, cwd=REPO)

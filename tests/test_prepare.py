@@ -119,11 +119,41 @@ def test_the_command_prepares_once_and_says_how_to_train(tmp_path):
   cmd = [sys.executable, "-m", "emim.data.prepare", "cifar10", f"--from={tmp_path}/c10.tar.gz", f"--to={tmp_path}/d"]
   first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert first.returncode == 0, first.stderr
-  assert first.stdout.strip() == (f"cifar10 is ready in {tmp_path}/d. Train on it: python -m emim.main "
-                                  f"--config=configs/cifar10.py --config.data.path={tmp_path}/d --workdir=runs/cifar10")
+  assert first.stdout.strip() == (
+      f"cifar10 is ready in {tmp_path}/d. From the repository's root, try it on a CPU in a minute or so: python -m "
+      f"emim.main --config=configs/cifar10.py:runlocal --config.data.path={tmp_path}/d --workdir=/tmp/cifar10_tiny; "
+      f"the full run (an accelerator): python -m emim.main --config=configs/cifar10.py --config.data.path={tmp_path}/d "
+      "--workdir=runs/cifar10")
   assert len(list((tmp_path / "d" / "train").rglob("*.png"))) == 20
   again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert again.returncode == 0 and "already holds cifar10 (prepared by emim); nothing to do" in again.stderr
   wrong = subprocess.run([*cmd[:3], "cifar1000"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert wrong.returncode == 1 and wrong.stderr.strip() == ("error: Unknown dataset 'cifar1000': this prepares "
                                                             "cifar10, cifar100.")
+
+
+def test_archives_whose_labels_do_not_fit_and_folders_of_another_dataset_are_refused(tmp_path):
+  spec = prepare.DATASETS["cifar10"]
+  rng = np.random.default_rng(3)
+
+  def archive(path, labels_of):  # labels_of(batch index, image count) -> that batch's labels
+    with tarfile.open(path, "w:gz") as tar:
+      _add(tar, spec.meta, {spec.names_key.encode(): [f"c{c}".encode() for c in range(10)]})
+      for i, f in enumerate(sum(spec.splits.values(), ())):
+        _add(tar, f, {b"data": _rows(rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)),
+                      spec.labels_key.encode(): labels_of(i, 3)})
+
+  archive(tmp_path / "short.tar.gz", lambda i, n: [0] * (n - 1 if i == 0 else n))  # zip would shift every label
+  with pytest.raises(prepare.DatasetError, match="data_batch_1 has 3 images and 2 labels"):
+    prepare.prepare("cifar10", tmp_path / "a", tmp_path / "short.tar.gz")
+  archive(tmp_path / "range.tar.gz", lambda i, n: [10] * n)
+  with pytest.raises(prepare.DatasetError, match="labels from 10 to 10 .*each below 10"):
+    prepare.prepare("cifar10", tmp_path / "a", tmp_path / "range.tar.gz")
+  assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.partial-*"))
+  # A preparation killed by SIGTERM leaves its temporary folder: the next one removes it.
+  (tmp_path / ".a.partial-killed" / "folder").mkdir(parents=True)
+  archive(tmp_path / "good.tar.gz", lambda i, n: list(range(n)))
+  prepare.prepare("cifar10", tmp_path / "a", tmp_path / "good.tar.gz")
+  assert not list(tmp_path.glob(".a.partial-*"))
+  with pytest.raises(prepare.DatasetError, match="holds cifar10, prepared by emim, not cifar100"):
+    prepare.prepare("cifar100", tmp_path / "a", tmp_path / "good.tar.gz")

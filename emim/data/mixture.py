@@ -1,6 +1,6 @@
 """A labelled Gaussian mixture of vectors, and the exact MI of its two views.
 
-Seed 002's first experiment tracks MI estimates on a Gaussian mixture. Here a point is
+The SDMI/JMI paper's first experiment tracks MI estimates on a Gaussian mixture. Here a point is
 its cluster's mean plus an instance part, x = mu_k + s, s ~ N(0, instance_std^2 I), in
 R^dim; a view adds fresh noise, v = x + n, n ~ N(0, noise_std^2 I), and may zero each
 coordinate with probability mask_p (emim/data/augment.py, ``augment_vectors``). The views

@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import pickle
+import shlex
 import shutil
 import sys
 import tarfile
@@ -133,6 +134,13 @@ def read_archive(name: str, archive: str | os.PathLike) -> tuple[tuple[str, ...]
       splits = {}
       for split, files in spec.splits.items():
         batches = [read(f) for f in files]
+        for f, b in zip(files, batches):  # a label per image, each naming a class of the meta file
+          count, found = len(b["data"]), np.asarray(b[spec.labels_key], np.int64)
+          if len(found) != count or (count and (found.min() < 0 or found.max() >= len(names))):
+            raise DatasetError(f"{archive}: {f} has {count} images and {len(found)} labels"
+                               + (f" from {found.min()} to {found.max()}" if len(found) else "")
+                               + f" (an official batch has one label per image, each below {len(names)}): it is "
+                               f"not the official {name} archive. Download it again from {spec.url}.")
         data = np.concatenate([np.asarray(b["data"], np.uint8) for b in batches])
         labels = np.concatenate([np.asarray(b[spec.labels_key], np.int64) for b in batches])
         # Each row: the red plane, then green, then blue, each 32x32 row-major.
@@ -183,8 +191,18 @@ def prepare(name: str, to: str | os.PathLike | None = None, archive: str | os.Pa
   spec = DATASETS[name]
   to = pathlib.Path(to or spec.default_dir).expanduser()
   if (to / MARKER).exists():
+    try:
+      held = json.loads((to / MARKER).read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+      held = None
+    if held != name:
+      raise DatasetError(f"{to} holds {held or 'an unreadable marker'}, prepared by emim, not {name}: give another "
+                         "--to.")
     print(f"{to} already holds {name} (prepared by emim); nothing to do.", file=sys.stderr)
     return to
+  for stale in to.parent.glob(f".{to.name}.partial-*") if to.parent.is_dir() else ():
+    # What a preparation killed before its end left (SIGTERM, a machine gone): never used.
+    shutil.rmtree(stale, ignore_errors=True)
   if to.exists() and (not to.is_dir() or any(to.iterdir())):
     raise DatasetError(f"{to} exists and is not a {name} folder prepared by emim: give another --to, or remove it.")
   to.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +242,9 @@ if __name__ == "__main__":
     name = argv[1]
     to = prepare(name, _TO.value, _FROM.value)
     config = f"configs/{name}.py"
-    where = "" if _TO.value is None else f" --config.data.path={to}"
-    print(f"{name} is ready in {to}. Train on it: python -m emim.main --config={config}{where} --workdir=runs/{name}")
+    where = "" if _TO.value is None else f" --config.data.path={shlex.quote(str(to))}"
+    print(f"{name} is ready in {to}. From the repository's root, try it on a CPU in a minute or so: python -m "
+          f"emim.main --config={config}:runlocal{where} --workdir=/tmp/{name}_tiny; the full run (an accelerator): "
+          f"python -m emim.main --config={config}{where} --workdir=runs/{name}")
 
   cli.run(main)

@@ -1,4 +1,4 @@
-"""MI estimates on a fixed evaluation batch, tracked during training (spec section 2).
+"""MI estimates on a fixed evaluation batch, tracked during training (docs/objective.md).
 
 The same examples and the same augmentation keys every time, the encoder in inference
 mode and no gradient, so the curve shows how the encoder's MI between two views evolves:

@@ -36,7 +36,7 @@ class Method:
 
   Attributes:
     name: registry name.
-    paradigm: "emmi", "sdmi" or "jmi" (seed 002's families).
+    paradigm: "emmi", "sdmi" or "jmi" (the SDMI/JMI paper's families).
     uses_target: keep an EMA target encoder (its own field of the train state).
     uses_predictor: put a predictor MLP on the online branch.
     loss_fn: (views, objective_state) -> (loss, objective_state, metrics).

@@ -12,7 +12,7 @@ def _emmi() -> dict:
       form="symmetric",  # "symmetric" (three d x d log-dets) or "joint" (one 2d x 2d)
       backend="taylor",  # "taylor" | "cholesky" | "eigh"
       eps=1e-4,
-      order=4,  # Taylor order K (seed 001, Figure 3)
+      order=4,  # Taylor order K (the EMMI paper, Figure 3)
       # "max_eig" (tracked lambda_max) or "trace" (c tr(A)/d; it diverged on CIFAR-10: a
       # spread spectrum scaled by its mean leaves the series' region (0, 2)).
       rescale="max_eig",
@@ -21,7 +21,7 @@ def _emmi() -> dict:
       power_iters=3,
       w_inv=1.0,  # weight of the joint-entropy terms; 1 is the pure MI
       smoothing=0.0,  # covariance smoothing lam (CorInfoMax: 0.01); 0 = batch statistics
-      # "l2": each embedding on the unit sphere before the statistics (spec section 1: the
+      # "l2": each embedding on the unit sphere before the statistics (docs/objective.md: the
       # surrogate needs a fixed scale). It is not scale-invariant as the exact MI is (beta
       # is a stopped constant), and without it the embedding's scale drifts: on CIFAR-10
       # (H100, 20 epochs) kNN rose 18 points with it and a 64-d embedding; on the synthetic
@@ -37,7 +37,7 @@ def _with_target(**kw) -> dict:
   return dict(target_momentum=0.99, **kw)
 
 
-# The ablation switches of seed 002 (config variants no_predictor, no_stop_gradient and
+# The ablation switches of the SDMI/JMI paper (config variants no_predictor, no_stop_gradient and
 # no_regularizer set them False): without its predictor an SDMI method, without its
 # regulariser a JMI one, collapses.
 _SDMI_SWITCHES = dict(predictor=True)

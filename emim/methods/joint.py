@@ -1,6 +1,6 @@
-"""JMI methods (seed 002): one shared encoder, both branches get gradients, a statistical
+"""JMI methods (the SDMI/JMI paper): one shared encoder, both branches get gradients, a statistical
 regulariser in place of the DV bound's log-partition. SimCLR, Barlow Twins, VICReg and
-the canonical Taylor-DV prototype. ``regularizer=False`` (seed 002's ablation) keeps the
+the canonical Taylor-DV prototype. ``regularizer=False`` (the SDMI/JMI paper's ablation) keeps the
 joint term alone: SimCLR without its negatives, Barlow Twins without its off-diagonal
 term, VICReg without variance and covariance, Taylor-DV without its marginal term."""
 

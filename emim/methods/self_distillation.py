@@ -1,16 +1,16 @@
-"""SDMI methods (seed 002): an online branch with a predictor regressed onto a target
+"""SDMI methods (the SDMI/JMI paper): an online branch with a predictor regressed onto a target
 branch under stop-gradient. BYOL (EMA target), SimSiam (shared weights), MoCo v3 (EMA +
 InfoNCE against the target) and the canonical SDMI prototype (-cos, its target trained
 by alternating gradient steps, or an EMA).
 
-The prototype's two steps, from the DV bound (spec section 2) with the critic
+The prototype's two steps, from the DV bound (docs/objective.md) with the critic
 T = cos / tau on za = h(f_theta(x_a)) and zb = g_xi(x_b):
 
     L(theta, xi) = J - M,   J = E_p T(za, zb),   M = log E_{p(za) p(zb)} exp T(za, zb).
 
 Block-coordinate ascent alternates an E-step, theta (online encoder f and predictor h)
 ascending L with xi fixed, and an M-step, xi (target g) ascending L with theta fixed;
-L then never falls, which is the monotone ascent seed 002's proposition promises. The
+L then never falls, which is the monotone ascent the SDMI/JMI paper's proposition promises. The
 prototype as the paper writes it ascends J alone in both steps (-cos). In the E-step the
 predictor stands in for M: with g fixed and spread, the J-optimal h(f(x_a)) is the
 direction of E[g(x_b) | x_a], which cannot make g collapse. The M-step has no such
@@ -24,7 +24,7 @@ exp T): "target_step", the default, gives the M-step the marginal term it has no
 surrogate for, and the pair's MI rises near-monotonically; "none" is the paper's
 prototype as written (BENCHMARKS.md, "The SDMI prototype examined").
 
-Seed 002's ablations are switches of the method config: ``predictor=False`` regresses the
+The SDMI/JMI paper's ablations are switches of the method config: ``predictor=False`` regresses the
 online projection itself; ``stop_gradient=False`` lets the loss's gradient into the
 target branch (SimSiam's shared weights; the SDMI prototype's target, both branches then
 ascending together).

@@ -1,4 +1,4 @@
-"""Embedding diagnostics every run logs (spec section 3)."""
+"""Embedding diagnostics every run logs (docs/objective.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MI estimators tracked during training (spec section 2), cosine critic T = cos / tau.
+"""MI estimators tracked during training (docs/objective.md), cosine critic T = cos / tau.
 
 In a batch of n pairs, the joint p is the matched pairs (i, i) and the product of
 marginals p(za) p(zb) the unmatched pairs (i, j != i). All in float32 over the global

@@ -1,4 +1,4 @@
-"""Explicit second-order mutual information (EMMI, seeds 000/001; spec section 1).
+"""Explicit second-order mutual information (EMMI; docs/objective.md).
 
 Notation as in spec/objectives.md: a global batch of n pairs z1, z2 of shape (n, d);
 S11, S22, S12 their covariances; S = (S11 + S22)/2, C = (S12 + S21)/2.

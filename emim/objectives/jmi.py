@@ -1,6 +1,6 @@
 """Joint-paradigm (JMI) losses: one shared encoder, both branches get gradients, and the
 intractable log-partition of the DV bound replaced by a statistical regulariser
-(seed 002; spec section 2). Each returns (loss, metrics)."""
+(the SDMI/JMI paper; docs/objective.md). Each returns (loss, metrics)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Self-distillation (SDMI) losses: an online branch (with a predictor) regressed onto a
-target branch under stop-gradient (seed 002; spec section 2). The ``stop_gradient`` is
+target branch under stop-gradient (the SDMI/JMI paper; docs/objective.md). The ``stop_gradient`` is
 written here, where the paper puts it, so a target can never receive a gradient unless
 a method asks for it (the SDMI prototype's alternating updates, the ablations).
 Each returns (loss, metrics); symmetrise over the two views in the method."""
