@@ -106,9 +106,6 @@ def _is_orbax_coroutine(obj) -> bool:
   return any(part in name for part in ("/orbax/", "/tensorstore/", "\\orbax\\", "\\tensorstore\\"))
 
 
-_HOOKS_INSTALLED = []
-
-
 def drop_orbax_asyncio_leftovers() -> None:
   """When an Orbax read or write fails (a damaged checkpoint, a full disk), TensorStore's
   callbacks still arrive for the event loop Orbax ran it on, after that loop closed, and
@@ -116,26 +113,31 @@ def drop_orbax_asyncio_leftovers() -> None:
   Event loop is closed", "Exception ignored in: <coroutine ...>"), thousands of lines
   around the one-line error the program gives. Only those two kinds are dropped, by
   wrapping ``sys.excepthook`` (which TensorStore's threads report through) and
-  ``sys.unraisablehook``; everything else prints as before. Once per process."""
+  ``sys.unraisablehook``; everything else prints as before. Each hook is wrapped once,
+  and wrapped again if something replaced it since (a notebook, a test harness)."""
   import sys
 
-  if _HOOKS_INSTALLED:
-    return
-  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+  if not getattr(sys.excepthook, "drops_orbax_leftovers", False):
+    previous_excepthook = sys.excepthook
 
-  def excepthook(exc_type, exc, tb):
-    if not _is_asyncio_leftover(exc_type, exc, tb):
-      previous_excepthook(exc_type, exc, tb)
+    def excepthook(exc_type, exc, tb):
+      if not _is_asyncio_leftover(exc_type, exc, tb):
+        previous_excepthook(exc_type, exc, tb)
 
-  def unraisablehook(unraisable):
-    leftover = _is_orbax_coroutine(unraisable.object) or (
-        unraisable.exc_type is not None and _is_asyncio_leftover(unraisable.exc_type, unraisable.exc_value,
-                                                                 unraisable.exc_traceback))
-    if not leftover:
-      previous_unraisablehook(unraisable)
+    excepthook.drops_orbax_leftovers = True
+    sys.excepthook = excepthook
+  if not getattr(sys.unraisablehook, "drops_orbax_leftovers", False):
+    previous_unraisablehook = sys.unraisablehook
 
-  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-  _HOOKS_INSTALLED.append(True)
+    def unraisablehook(unraisable):
+      leftover = _is_orbax_coroutine(unraisable.object) or (
+          unraisable.exc_type is not None and _is_asyncio_leftover(unraisable.exc_type, unraisable.exc_value,
+                                                                   unraisable.exc_traceback))
+      if not leftover:
+        previous_unraisablehook(unraisable)
+
+    unraisablehook.drops_orbax_leftovers = True
+    sys.unraisablehook = unraisablehook
 
 
 # On import: every program that opens checkpoints through this module (emim.plots, the MI
