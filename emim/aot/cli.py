@@ -31,9 +31,10 @@ from emim.errors import UserError
 ALL_PROGRAMS = PROGRAMS + ("model",)
 
 
-def _define(fv: flags.FlagValues) -> None:
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+  # The overrides are read off ``argv`` (ml_collections reads sys.argv unless told).
   config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py[:variant].",
-                                  flag_values=fv, lock_config=True)
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("target", None, f"A TPU slice ({', '.join(TPUS)}: e.g. v5e:2x4, v4:2x2x1, v5e:8x8) or GPUs "
                       f"({', '.join(GPUS)}: e.g. h100:8, one host of 8; h100:2x8, two hosts).", flag_values=fv)
   flags.DEFINE_alias("topology", "target", flag_values=fv)  # benchmarks/tpu_compile.py's name for it
@@ -50,7 +51,7 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
   """The command line's arguments (``argv`` without the program's name), read: a mistake is
   one line on stderr and exit status 2."""
   fv = flags.FlagValues()
-  _define(fv)
+  _define(fv, ["emim.aot", *argv])
   rest = emim_cli.parse_flags(["emim.aot", *argv], fv)
   if len(rest) > 1:
     emim_cli.fail(f"unexpected arguments: {' '.join(rest[1:])} (--config.field=value sets a config field)")
