@@ -113,7 +113,7 @@ def _drop_tpu_probe(record: logging.LogRecord) -> bool:
 
 def cpu_without_accelerator() -> None:
   """Run JAX on the CPU, without first trying a TPU, where libtpu is installed (the tpu
-  extra, which CI and benchmarks/tpu_compile.py use) but this machine has no TPU and no
+  extra, which CI and python -m emim.aot use) but this machine has no TPU and no
   GPU. Otherwise JAX, with ``JAX_PLATFORMS`` unset, starts libtpu first: it prints errors
   about the TPU it cannot find and holds /tmp/libtpu_lockfile for the whole process.
   Acts only before JAX starts its backends, and never when ``JAX_PLATFORMS`` is set.
