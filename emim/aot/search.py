@@ -39,14 +39,14 @@ def out_of_hbm(error: str) -> tuple[int, int] | None:
   return (int(float(m.group(1)) * GiB), int(float(m.group(2)) * GiB)) if m else None
 
 
-def train_memory(config, tpu: Target, batch: int, report: Report | None = None) -> Fit:
+def train_memory(config, target: Target, batch: int, report: Report | None = None) -> Fit:
   """The train step compiled at global ``batch`` (or its ``report``, compiled already): its
   memory per chip, and whether it fits in the chip's HBM."""
-  report = report or compile_config(with_batch(config, batch), tpu, ("train",), note={"max_batch": True})[0]
-  ok = not report.error and report.total <= tpu.chip.hbm_gib * GiB
+  report = report or compile_config(with_batch(config, batch), target, ("train",), note={"max_batch": True})[0]
+  ok = not report.error and report.total <= target.chip.hbm_gib * GiB
   # The FLOPs per image show what fitting costs, where XLA recomputes activations to fit.
   why = report.error or (f"{report.total / GiB:.2f} GiB, "
-                         f"{report.flops * len(tpu.devices) / batch / 1e9:.3g} GFLOP per image")
+                         f"{report.flops * len(target.devices) / batch / 1e9:.3g} GFLOP per image")
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s)", flush=True)
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
@@ -55,7 +55,7 @@ def train_memory(config, tpu: Target, batch: int, report: Report | None = None) 
   return Fit(report.total, None, None, "" if ok else why)
 
 
-def max_batch(config, tpu: Target, multiple: int, compiled: Report | None = None) -> int:
+def max_batch(config, target: Target, multiple: int, compiled: Report | None = None) -> int:
   """The largest global batch, a multiple of ``multiple``, whose train step fits in HBM;
   0 when even ``multiple`` does not.
 
@@ -71,7 +71,7 @@ def max_batch(config, tpu: Target, multiple: int, compiled: Report | None = None
   there). A compile that fails for another reason than memory ends the search (SearchError:
   no batch would compile). ``compiled``: the train step at the config's batch, where the
   table compiled it already."""
-  limit = tpu.chip.hbm_gib * GiB
+  limit = target.chip.hbm_gib * GiB
   memory: dict[int, int] = {}  # batch -> bytes per chip, compiled or (out of HBM) asked for
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)
@@ -80,9 +80,9 @@ def max_batch(config, tpu: Target, multiple: int, compiled: Report | None = None
   while True:
     attempt += 1
     if compiled is not None and compiled.images == batch:
-      fit, compiled = train_memory(config, tpu, batch, compiled), None
+      fit, compiled = train_memory(config, target, batch, compiled), None
     else:
-      fit = train_memory(config, tpu, batch)
+      fit = train_memory(config, target, batch)
     if fit.why and fit.used is None and not fit.out_of_memory:
       raise SearchError(f"--max_batch: the train step at batch {batch} failed to compile, not for want of HBM: "
                        f"{fit.why}")
