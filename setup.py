@@ -38,9 +38,15 @@ setup(
         # checkpoint arrays go through TensorStore, which speaks GCS itself).
         "gcs": ["gcsfs"],
         # libtpu (about 680 MB), for a Cloud TPU VM, and on any machine for compiling emim's
-        # programs ahead of time for TPU slices (benchmarks/tpu_compile.py, the TPU compile
+        # programs ahead of time for TPU slices (python -m emim.aot, the TPU compile
         # tests). jax's own tpu extra pins the libtpu built for the installed jax.
         "tpu": ["jax[tpu]"],
+        # jax's CUDA plugin and NVIDIA's libraries (about 5 GB), for a GPU machine, and on any
+        # machine for compiling emim's programs ahead of time for GPU hosts (python -m emim.aot
+        # --target=h100:8; docs/aot.md). Best in its own virtual environment: on a machine
+        # without a GPU, a JAX process that does not set JAX_PLATFORMS=cpu (emim.aot does) prints
+        # the plugin's failure to find one before it falls back to the CPU.
+        "cuda-aot": ["jax[cuda12]"],
         # Every metric to Weights & Biases as well (config.train.wandb_project).
         "wandb": ["wandb"],
         # The documentation site (mkdocs.yml): mkdocs build --strict, as CI runs it.

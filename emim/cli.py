@@ -32,8 +32,9 @@ def _fail(message: str) -> None:
   fail(message, 2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with config-override mistakes reported in one line."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
+  """absl's flag parsing (of ``flag_values``, by default absl's global flags), with
+  config-override mistakes reported in one line."""
   for arg in argv[1:]:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1].split(":", 1)[0]
@@ -43,7 +44,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "def get_config" not in f.read():
           _fail(f"{path} defines no get_config(arg): it is not an emim config (the configs are configs/*.py).")
   try:
-    return flags.FLAGS(argv)
+    return (flags.FLAGS if flag_values is None else flag_values)(argv)
   except flags.Error as e:  # a malformed value, a missing required flag, a config that raised
     text = str(e)
     if "Traceback (most recent call last)" in text:  # a config file's error: its first and last lines
@@ -116,7 +117,7 @@ def _drop_tpu_probe(record: logging.LogRecord) -> bool:
 
 def cpu_without_accelerator() -> None:
   """Run JAX on the CPU, without first trying a TPU, where libtpu is installed (the tpu
-  extra, which CI and benchmarks/tpu_compile.py use) but this machine has no TPU and no
+  extra, which CI and python -m emim.aot use) but this machine has no TPU and no
   GPU. Otherwise JAX, with ``JAX_PLATFORMS`` unset, starts libtpu first: it prints errors
   about the TPU it cannot find and holds /tmp/libtpu_lockfile for the whole process.
   Acts only before JAX starts its backends, and never when ``JAX_PLATFORMS`` is set.

@@ -19,7 +19,7 @@ DATA_AXIS = "data"
 
 def make_mesh(devices=None) -> Mesh:
   """The data axis over ``devices`` (default: every device of every host; a TPU
-  topology's devices compile ahead of time for a slice, benchmarks/tpu_compile.py)."""
+  topology's devices compile ahead of time for a slice, python -m emim.aot)."""
   devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 

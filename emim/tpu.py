@@ -3,7 +3,7 @@
 libtpu holds XLA's TPU compiler. A crash inside it kills the process (a signal, after
 minutes of compiling) instead of raising an error, so a run on a chip where the installed
 libtpu is known to crash is told so, with the fix, before it starts compiling
-(``emim.main``); ``benchmarks/tpu_compile.py`` names the libtpu in every table it prints.
+(``emim.main``); ``python -m emim.aot`` names the libtpu in every table it prints.
 """
 
 import importlib.metadata
@@ -11,7 +11,7 @@ import os
 import pathlib
 
 # (libtpu version prefix, device kind prefix) -> what was seen. Found by compiling emim's
-# programs ahead of time for each slice (benchmarks/tpu_compile.py; BENCHMARKS.md, "Cloud
+# programs ahead of time for each slice (python -m emim.aot; BENCHMARKS.md, "Cloud
 # TPU"): libtpu 0.0.42.1, the version jax 0.10.2's tpu extra pins, crashed with SIGSEGV (a
 # stack overflow: MigrateInstructionUsers recursing until LloRegion::AppendInstruction
 # overflows) 2.5 to 12 minutes into compiling the ResNet train steps (ResNet-18 and

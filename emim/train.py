@@ -160,7 +160,7 @@ def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
   batch gathered on the device, or a streamed batch) followed by folding its metrics into
   the logging interval's (``step_metrics``), so that neither costs a host round trip.
   ``state`` and ``data.example_input()`` may be abstract (``jax.ShapeDtypeStruct``): a
-  mesh of another machine's devices compiles it ahead of time (benchmarks/tpu_compile.py).
+  mesh of another machine's devices compiles it ahead of time (python -m emim.aot).
   Returns (the lowered program, the empty interval as host arrays)."""
   replicated = sharding.replicated(mesh)
   # Jitted on its own so that it is traced once: for the metrics' shapes here, and again

@@ -327,7 +327,7 @@ def as_rows(array):
   images. On a TPU the layout of a (N, H, W, C) uint8 array puts the examples in the
   minor dimension, so gathering a batch from it copied the whole set to another layout
   every step (CIFAR-10 on a v5e: 0.58 GiB of temporaries and 1 GB of memory traffic per
-  step, benchmarks/tpu_compile.py); the rows of a 2-D array are gathered where they lie."""
+  step, python -m emim.aot); the rows of a 2-D array are gathered where they lie."""
   return array.reshape(array.shape[0], -1)
 
 

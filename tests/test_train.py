@@ -432,7 +432,7 @@ def test_the_real_configs_train_step_lowers_for_8_devices(name):
   and lowered to one program over the 8 devices, its batch split over them and the state
   kept replicated. (XLA's compile of them is left out for the suite's time, about 20 s for
   ResNet-18 and a minute for ResNet-50 on 2 cores, so no CI test compiles these two
-  configs: benchmarks/tpu_compile.py compiles them for TPU slices, tests/test_tpu_compile.py
+  configs: python -m emim.aot compiles them for TPU slices, tests/test_aot.py
   the runlocal models, and the other tests compile and run tiny ResNets through the same
   function.)"""
   from emim.data.pipeline import DataShapes

@@ -174,7 +174,7 @@ class DataShapes:
   the step (``step_fn``) and ``input_sharding`` of ``DeviceData`` or ``StreamData`` for
   ``config``, and ``example_input()`` as ``jax.ShapeDtypeStruct``s, so that a config's
   step compiles ahead of time for devices this machine does not have
-  (``train.lower_train_step``; benchmarks/tpu_compile.py)."""
+  (``train.lower_train_step``; python -m emim.aot)."""
 
   iterator = None
 

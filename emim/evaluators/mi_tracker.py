@@ -133,7 +133,7 @@ def batch_layout(num_examples: int, batch_size: int, mesh) -> tuple[int, jax.sha
   """(the size of the tracker's fixed batch, its sharding): up to ``batch_size``
   examples, split over the data axis (a multiple of the devices), so that each chip
   embeds its share. Replicated, every chip had embedded the whole batch: on a v5e-16,
-  8.8 TFLOP per chip for ImageNet's 512, 16 times the work (benchmarks/tpu_compile.py).
+  8.8 TFLOP per chip for ImageNet's 512, 16 times the work (python -m emim.aot).
   Replicated only when there are fewer examples than devices."""
   n = min(num_examples, batch_size)
   devices = mesh.devices.size

@@ -1,21 +1,29 @@
-"""emim's train step compiled ahead of time for Cloud TPU slices, on this CPU
-(benchmarks/tpu_compile.py; libtpu from the tpu extra): what a TPU run depends on,
+"""emim's programs compiled ahead of time on this CPU (python -m emim.aot): for Cloud TPU
+slices (libtpu, from the tpu extra), what a TPU run depends on,
 asserted on the compiled programs of the runlocal ImageNet step (streamed crops) and the
 synthetic step (batch gathered on the device), for a single-host slice (v5e:2x2, 4 chips)
 and a multi-host one (v5e:4x4, 16 chips on 4 hosts). Also launch/tpu_vm.sh --dry_run and
-the CPU choice of a machine without an accelerator.
+the CPU choice of a machine without an accelerator. The targets, their specs and the
+report of a compile without a cost analysis (XLA's GPU compiler gives none) are tested
+without any plugin; one real GPU compile runs where jax's CUDA plugin is installed
+(pip install -e ".[cuda-aot]"; docs/aot.md), and skips elsewhere.
 """
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 from conftest import REPO, load_config
+
+from emim import sharding, train
+from emim.aot import cli, report, search, supervisor, targets
 
 # The suite's persistent compilation cache (conftest.py) stores the TPU executables too,
 # but reading one back needs a TPU client: JAX warns and compiles again.
@@ -28,11 +36,8 @@ CONFIGS = (("imagenet1k", "runlocal"), ("synthetic", "runlocal"))
 @pytest.fixture(scope="module")
 def tpu_compile():
   pytest.importorskip("libtpu", reason="libtpu is not installed: pip install -e .[tpu] (CI's .ci/run does)")
-  spec = importlib.util.spec_from_file_location("emim_tpu_compile", REPO / "benchmarks" / "tpu_compile.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
+  return types.SimpleNamespace(**{k: getattr(m, k) for m in (report, search, targets) for k in dir(m)
+                                  if not k.startswith("__")})
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def compiled(tpu_compile):
   for name, variant in CONFIGS:
     for topology in TOPOLOGIES:
       config = load_config(name, variant)
-      tpu = tpu_compile.tpu_slice(topology)
+      tpu = tpu_compile.target_devices(topology)
       out[name, topology] = (config, tpu, tpu_compile.compile_config(config, tpu, ("train",))[0])
   return out
 
@@ -69,8 +74,8 @@ def test_the_train_step_compiles_for_a_tpu_slice_as_a_run_needs(tpu_compile, com
     assert f"f32[{batch},{size},{size},3]" not in hlo
   # The gradients are summed over the data axis: all-reduces across every chip carry at
   # least the trainable parameters' bytes (float32).
-  state, _ = tpu_compile.train.state_shapes(
-      tpu_compile.train.build_parts(config, config.data.num_classes, 10, 100), tpu_compile.sharding.make_mesh(tpu.devices))
+  state, _ = train.state_shapes(train.build_parts(config, config.data.num_classes, 10, 100),
+                                sharding.make_mesh(tpu.devices))
   grad_bytes = sum(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   reduce = report.collectives["all-reduce"]
   assert reduce.widest_group == n
@@ -83,9 +88,9 @@ def test_the_train_step_compiles_for_a_tpu_slice_as_a_run_needs(tpu_compile, com
 
 
 def test_a_program_the_chip_cannot_hold_is_one_line_not_a_traceback(tpu_compile):
-  tpu = tpu_compile.tpu_slice("v5e:2x2")
-  mesh = tpu_compile.sharding.make_mesh(tpu.devices)
-  x = jax.ShapeDtypeStruct((64 * 1024, 16 * 1024), np.float32, sharding=tpu_compile.sharding.replicated(mesh))
+  tpu = tpu_compile.target_devices("v5e:2x2")
+  mesh = sharding.make_mesh(tpu.devices)
+  x = jax.ShapeDtypeStruct((64 * 1024, 16 * 1024), np.float32, sharding=sharding.replicated(mesh))
   report = tpu_compile.analyse("big", jax.jit(lambda x: jax.numpy.sin(x) @ x.T).lower(x), 8, 4)  # 20 GiB > 16
   assert report.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM" in report.error
   assert "\n" not in report.error and "failed: RESOURCE_EXHAUSTED" in tpu_compile.table_row(report, tpu)
@@ -128,9 +133,9 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
       return tpu_compile.Fit(None, used, int(15.75 * GiB), "RESOURCE_EXHAUSTED", out_of_memory=True)
     return tpu_compile.Fit(used, None, None, "")
 
-  monkeypatch.setattr(tpu_compile, "train_memory", train_memory)
+  monkeypatch.setattr(search, "train_memory", train_memory)
   config = _large_set(load_config("synthetic", "runlocal"))
-  best = tpu_compile.max_batch(config, SLICE_OF_16_GIB, 64)
+  best = search.max_batch(config, SLICE_OF_16_GIB, 64)
   cap = config.data.num_train // 64 * 64  # no batch beyond the training set
   brute = max([b for b in range(64, cap + 1, 64) if memory(b) <= 15.75 * GiB] or [0])
   assert best == brute, (best, brute, tried)
@@ -143,15 +148,15 @@ def test_max_batch_stops_on_a_compile_error_that_is_not_memory(tpu_compile, monk
   """A step that does not compile at all would fail at every batch: the search says so
   instead of bisecting down to 0. An out-of-memory refusal without figures narrows it."""
   tried = []
-  monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: tried.append(batch) or (
+  monkeypatch.setattr(search, "train_memory", lambda config, tpu, batch: tried.append(batch) or (
       tpu_compile.Fit(GiB + batch * 10 * MiB, None, None) if batch <= 640 else
       tpu_compile.Fit(None, None, None, "RESOURCE_EXHAUSTED: out of memory", out_of_memory=True)))
-  assert tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64) == 640, tried
+  assert search.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64) == 640, tried
   tried.clear()
-  monkeypatch.setattr(tpu_compile, "train_memory", lambda config, tpu, batch: tried.append(batch) or tpu_compile.Fit(
+  monkeypatch.setattr(search, "train_memory", lambda config, tpu, batch: tried.append(batch) or search.Fit(
       None, None, None, "INTERNAL: RET_CHECK failure"))
-  with pytest.raises(SystemExit, match="at batch 256 failed to compile, not for want of HBM: INTERNAL: RET_CHECK"):
-    tpu_compile.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64)
+  with pytest.raises(search.SearchError, match="at batch 256 failed to compile, not for want of HBM: INTERNAL: RET_CHECK"):
+    search.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64)
   assert tried == [256]
 
 
@@ -171,7 +176,8 @@ plan = json.loads(os.environ["FAKE_PLAN"])
 programs = [a for a in sys.argv[1:] if not a.startswith("--")]
 def note(program, **extra):
   with open(os.environ["EMIM_TPU_COMPILE_STATUS"], "w") as f:
-    json.dump({"program": program, "images": 256, "devices": 8, "libtpu": "0.0.42.1", "since": time.time(), **extra}, f)
+    json.dump({"program": program, "images": 256, "devices": 8, "compiler": "libtpu 0.0.42.1", "since": time.time(),
+               **extra}, f)
 if "--no_header" not in sys.argv and programs:
   print("| program | images/call (per chip) |")
 for program in programs:
@@ -192,7 +198,7 @@ if plan.get("at_exit"):
 
 
 @pytest.fixture
-def fake_compile(tpu_compile, tmp_path, monkeypatch, capsys):
+def fake_compile(tmp_path, monkeypatch, capsys):
   """run(argv, crash=..., signal=..., at_exit=...) -> (exit status, printed lines, the
   children's (programs, first, max_batch)): tpu_compile's supervisor over FAKE_COMPILER."""
   script = tmp_path / "fake_compiler.py"
@@ -207,8 +213,8 @@ def fake_compile(tpu_compile, tmp_path, monkeypatch, capsys):
       return [sys.executable, str(script), *programs] + ([] if first else ["--no_header"]) + (
           ["--max_batch"] if max_batch else [])
 
-    args = tpu_compile.parse_args(["--config=configs/cifar10.py", "--topology=v6e:2x4", *argv])
-    status = tpu_compile.supervise(args, child_argv)
+    args = cli.parse_args([f"--config={REPO / 'configs' / 'cifar10.py'}", "--target=v6e:2x4", *argv])
+    status = supervisor.supervise(args, child_argv)
     return status, capsys.readouterr().out.splitlines(), calls
 
   return run
@@ -218,7 +224,7 @@ def test_a_compiler_crash_is_a_row_and_the_programs_after_it_still_compile(fake_
   """The compiles run in a child process; a child killed by a signal (libtpu's compiler
   crashing, which no try/except can catch) becomes the row of the program it was
   compiling, and the rest are compiled in a fresh child."""
-  status, rows, calls = fake_compile(["--programs", "train", "mi", "probe", "features"], crash=("train", "probe"))
+  status, rows, calls = fake_compile(["--programs=train,mi,probe,features"], crash=("train", "probe"))
   assert status == 1
   assert calls == [(["train", "mi", "probe", "features"], True, False), (["mi", "probe", "features"], False, False),
                    (["features"], False, False)]
@@ -229,38 +235,38 @@ def test_a_compiler_crash_is_a_row_and_the_programs_after_it_still_compile(fake_
     assert "failed: libtpu 0.0.42.1 crashed compiling it (SIGSEGV, " in crashed and "TPU_LIBRARY_PATH" in crashed
   assert rows[2] == "| mi | 256 (32) | compiled |" and rows[4] == "| features | 256 (32) | compiled |"
   # A child that ends on its own passes its exit status on.
-  assert fake_compile(["--programs", "mi"])[0] == 0
+  assert fake_compile(["--programs=mi"])[0] == 0
 
 
 def test_a_crash_of_the_train_step_skips_max_batch_and_others_still_search(fake_compile):
   # The train step crashed: --max_batch would compile it again, so it is not searched.
-  status, rows, calls = fake_compile(["--programs", "train", "mi", "--max_batch"], crash=("train",))
+  status, rows, calls = fake_compile(["--programs=train,mi", "--max_batch"], crash=("train",))
   assert status == 1 and calls == [(["train", "mi"], True, True), (["mi"], False, False)]
   assert "--max_batch: not searched, the train step's compile died." in rows
   assert not any(r.startswith("max_batch") for r in rows)
   # The last program crashed, not the train step: the search still runs, in a fresh child.
-  status, rows, calls = fake_compile(["--programs", "train", "probe", "--max_batch"], crash=("probe",))
+  status, rows, calls = fake_compile(["--programs=train,probe", "--max_batch"], crash=("probe",))
   assert status == 1 and calls == [(["train", "probe"], True, True), ([], False, True)]
   assert rows[-1] == "max_batch 512 (64 per chip) on v6e-8"
   # A crash inside the search is its line, and ends it: the table's programs are not compiled again.
-  status, rows, calls = fake_compile(["--programs", "train", "mi", "--max_batch"], crash=("max_batch",))
+  status, rows, calls = fake_compile(["--programs=train,mi", "--max_batch"], crash=("max_batch",))
   assert status == 1 and len(calls) == 1 and rows[-1].startswith("  batch 256: failed: libtpu 0.0.42.1 crashed")
   assert rows.count("| mi | 256 (32) | compiled |") == 1
 
 
 def test_crashes_outside_a_compile_and_the_oom_killer_are_told_apart(fake_compile):
   # After the last compile: the rows stand, nothing is compiled again.
-  status, rows, calls = fake_compile(["--programs", "mi", "features"], at_exit=True)
+  status, rows, calls = fake_compile(["--programs=mi,features"], at_exit=True)
   assert status == 1 and len(calls) == 1
   assert rows[1:] == ["| mi | 256 (32) | compiled |", "| features | 256 (32) | compiled |",
                       "libtpu 0.0.42.1 crashed (SIGSEGV) after the last compile; the rows above stand."]
   # SIGKILL is this machine's out-of-memory killer, not libtpu: said so, and the rest go on.
-  status, rows, calls = fake_compile(["--programs", "train", "mi"], crash=("train",), signal="SIGKILL")
+  status, rows, calls = fake_compile(["--programs=train,mi"], crash=("train",), signal="SIGKILL")
   assert status == 1 and len(calls) == 2
   assert rows[1].startswith("| train | 256 (32) | failed: killed (SIGKILL: most often this machine's out-of-memory")
   assert "libtpu" not in rows[1] and rows[2] == "| mi | 256 (32) | compiled |"
   # A signal from outside (SIGTERM to the child alone) is not blamed on libtpu either.
-  status, rows, calls = fake_compile(["--programs", "train"], crash=("train",), signal="SIGTERM")
+  status, rows, calls = fake_compile(["--programs=train"], crash=("train",), signal="SIGTERM")
   assert status == 1 and rows[1].startswith("| train | 256 (32) | failed: stopped by SIGTERM, sent from outside")
 
 
@@ -372,3 +378,128 @@ def test_without_an_accelerator_jax_runs_on_the_cpu_without_probing_for_a_tpu():
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "cpu"
   assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
+
+
+# ----------------------------------------------------------------------------------
+# Targets, specs and reports, without any compiler plugin.
+# ----------------------------------------------------------------------------------
+def test_targets_are_read_as_written_and_a_wrong_one_is_one_line_naming_the_forms():
+  assert targets.parse_target("v5e:2x4") == targets.TargetSpec("v5e:2x4", "v5e", (2, 4))
+  assert targets.parse_target("v4:2x2x1").devices == 4
+  assert targets.parse_target("h100:8") == targets.TargetSpec("h100:8", "h100", (1, 8))  # one host of 8
+  h100s = targets.parse_target("H100:2x8")
+  assert h100s.dims == (2, 8) and h100s.devices == 16 and h100s.platform == "cuda"
+  assert targets.parse_target("a100-40g:8").chip is targets.GPUS["a100-40g"]
+  for wrong, says in (("h100", "give a TPU generation or a GPU (v4, v5e, v5p, v6e, a100-40g, a100-80g, h100, h200)"),
+                      ("b200:8", "e.g. v5e:2x4"), ("h100:2x2x8", "hosts x GPUs per host (h100:2x8)"),
+                      ("v5e:0x4", "positive numbers"), ("v5e:2x4x1x1", "at most 3 dimensions"), ("v5e:2by4", "joined by x")):
+    with pytest.raises(targets.TargetError, match=re.escape(says)):
+      targets.parse_target(wrong)
+
+
+def test_a_gpu_target_without_the_cuda_plugin_says_how_to_install_it(monkeypatch, capsys):
+  monkeypatch.setattr(cli, "cuda_plugin_installed", lambda: False)
+  with pytest.raises(SystemExit) as exit:
+    cli.main([f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal", "--target=h100:8"])
+  assert exit.value.code == 1
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and err.startswith("error: --target=h100:8: ") and 'pip install -e ".[cuda-aot]"' in err
+  cli.check_target("v5e:2x4")  # a TPU target needs no CUDA plugin
+
+
+def test_the_gpu_specs_are_the_published_ones_and_describe_the_gpu_to_xla():
+  # NVIDIA's datasheets: dense bf16 (half the "with sparsity" figure for H100/H200), bandwidth.
+  published = {"a100-40g": (312, 1555), "a100-80g": (312, 2039), "h100": (1979 / 2, 3352), "h200": (1979 / 2, 4800)}
+  for model, (tflops, gbps) in published.items():
+    chip = targets.GPUS[model]
+    assert (chip.bf16_tflops, chip.hbm_gbps, chip.platform) == (pytest.approx(tflops, rel=1e-3), gbps, "cuda")
+    text = targets.gpu_target_config(model)
+    assert text.count("{") == text.count("}")
+    fields = dict(re.findall(r"^\s*(\w+): (\S+)$", text, re.M))
+    assert int(fields["device_memory_size"]) == round(chip.hbm_gib * 2**30)
+    assert int(fields["memory_bandwidth"]) == gbps * 10**9
+  # Memory as CUDA reports it (XLA's own specs): an "80 GB" H100 has 79.1 GiB, a 40 GB A100 39.4.
+  assert round(targets.GPUS["h100"].hbm_gib, 1) == 79.1 and round(targets.GPUS["a100-40g"].hbm_gib, 1) == 39.4
+  assert "core_count: 132" in targets.gpu_target_config("h100") and "major: 9" in targets.gpu_target_config("h100")
+  assert "core_count: 108" in targets.gpu_target_config("a100-80g") and "major: 8" in targets.gpu_target_config("a100-80g")
+
+
+class _Compiled:
+  """What a compile for a GPU gives back: memory, the HLO, and no cost analysis."""
+
+  def __init__(self, hlo):
+    self.hlo = hlo
+
+  def compile(self):
+    return self
+
+  def memory_analysis(self):
+    return types.SimpleNamespace(argument_size_in_bytes=3 * 2**30, temp_size_in_bytes=2**30,
+                                 output_size_in_bytes=2 * 2**30, alias_size_in_bytes=2 * 2**30)
+
+  def cost_analysis(self):
+    return None
+
+  def as_text(self):
+    return self.hlo
+
+
+GPU_HLO = """HloModule jit_step, entry_computation_layout={(f32[1024]{0})->f32[1024]{0}}
+ENTRY %main {
+  %all-reduce-start = f32[1024,1024]{1,0} all-reduce-start(f32[1024,1024]{1,0} %p), replica_groups={{0,1,2,3,4,5,6,7}}
+}
+"""
+
+
+def test_a_compile_without_a_cost_analysis_is_reported_with_the_lowered_flops():
+  h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
+  r = report.analyse("train", _Compiled(GPU_HLO), 256, 8, global_flops=8 * 989.5e9)
+  assert not r.error and r.cost_source == "lowered"
+  assert r.flops == 989.5e9 and r.bytes_accessed == 0 and r.total == 4 * 2**30
+  assert r.collectives["all-reduce"].count == 1 and r.collectives["all-reduce"].bytes == 4 * 2**20
+  compute, memory, binds, rate = report.roofline(r, h100.chip, 8)
+  assert compute == pytest.approx(1e-3) and memory is None and binds == "compute" and rate == pytest.approx(32_000)
+  row = report.table_row(r, h100)
+  assert row.startswith("| train | 256 (32) | 3.00 | 1.00 | 2.00 | 4.00 (5% of 79.1) | 989.5 (lowered, /8) | unknown | "
+                        "1.0 / unknown (compute only) | 32000 | all-reduce 1x 4.0 MiB |"), row
+  # No FLOPs from anywhere: the memory still, the rest said to be missing.
+  bare = report.analyse("mi", _Compiled(GPU_HLO), 64, 8)
+  assert bare.cost_source == "" and "| 4.00 (5% of 79.1) | no cost analysis |" in report.table_row(bare, h100)
+
+
+def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
+  config = f"--config={REPO / 'configs' / 'cifar10.py'}"
+  args = cli.parse_args([config, "--target=h100:8", "--config.model.fused_views=True", "--config.train.batch_size",
+                         "512", "--programs=train,model"])
+  assert args.config.model.fused_views is True and args.config.train.batch_size == 512
+  assert args.programs == ["train", "model"] and args.target == "h100:8"
+  # The compiling child gets the same config and overrides.
+  argv = supervisor._child_argv(args, ["model"], False, False)
+  assert argv[3:] == [config, "--config.model.fused_views=True", "--config.train.batch_size", "512",
+                      "--target=h100:8", "--programs=model", "--no_header"]
+  assert cli.parse_args([config, "--topology=v5e:2x4"]).target == "v5e:2x4"  # the old script's name
+  for argv, says in ((["--config.model.fused_view=True"], "cannot apply --config.model.fused_view"),
+                     (["--programs=train,gpu"], "--programs: name only programs of train,mi,features,probe,model")):
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_args([config, "--target=h100:8", *argv])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_the_train_step_compiles_for_a_host_of_h100s():
+  """A real compile for 8 H100s, where jax's CUDA plugin is installed (docs/aot.md:
+  /path/to/venv-with-the-plugin/bin/python -m pytest tests/test_aot.py -k h100s)."""
+  if not targets.cuda_plugin_installed():
+    pytest.skip('jax\'s CUDA plugin is not installed: pip install -e ".[cuda-aot]" (docs/aot.md)')
+  config = load_config("synthetic", "runlocal")
+  h100 = targets.target_devices("h100:8")
+  assert len(h100.devices) == 8 and h100.devices[0].device_kind == "NVIDIA H100 80GB HBM3"
+  r = report.compile_config(config, h100, ("train",))[0]
+  assert not r.error, r.error
+  assert 0 < r.total < h100.chip.hbm_gib * 2**30 and r.cost_source == "lowered" and r.flops > 0
+  state, _ = train.state_shapes(train.build_parts(config, config.data.num_classes, 10, 100),
+                                sharding.make_mesh(h100.devices))
+  grad_bytes = sum(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  reduce = r.collectives["all-reduce"]
+  assert reduce.widest_group == 8 and reduce.bytes >= grad_bytes
+  assert f"f32[{config.train.batch_size // 8}," in r.hlo  # each GPU its share of the batch

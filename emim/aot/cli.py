@@ -1,0 +1,140 @@
+"""The command line: ``python -m emim.aot --config=CONFIG --target=TARGET [--batch=N]
+[--max_batch] [--breakdown] [--programs=train,mi,features,probe,model]
+[--config.field=value ...]``.
+
+It takes the config and its overrides exactly as ``emim.main`` does (ml_collections'
+config flags), so what is compiled is the run that will be launched. For each program,
+a row of the table (emim/aot/report.py); a program the compiler rejects, or that does not
+fit, is its row's one line. The compiles run in a child process (emim/aot/supervisor.py).
+``--max_batch`` also finds the largest global batch whose train step fits (a multiple of
+8 per device, at most the training set; emim/aot/search.py). ``--breakdown`` prints the
+step's FLOPs piece by piece (online encoder, target, predictor, objective, probe,
+augmentation, optimiser) beside the ``model`` row's, from lowered programs only.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import types
+
+import emim.aot  # noqa: F401  (the environment libtpu reads, before JAX starts)
+from absl import flags
+from ml_collections import config_flags
+
+from emim import cli as emim_cli
+from emim.aot.programs import PROGRAMS
+from emim.aot.supervisor import _STATUS, config_args, supervise
+from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, parse_target
+from emim.errors import UserError
+
+ALL_PROGRAMS = PROGRAMS + ("model",)
+
+
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+  # The overrides are read off ``argv`` (ml_collections reads sys.argv unless told).
+  config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py[:variant].",
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("target", None, f"A TPU slice ({', '.join(TPUS)}: e.g. v5e:2x4, v4:2x2x1, v5e:8x8) or GPUs "
+                      f"({', '.join(GPUS)}: e.g. h100:8, one host of 8; h100:2x8, two hosts).", flag_values=fv)
+  flags.DEFINE_alias("topology", "target", flag_values=fv)  # benchmarks/tpu_compile.py's name for it
+  flags.DEFINE_integer("batch", 0, "Global batch (default: the config's).", flag_values=fv)
+  flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, of {','.join(ALL_PROGRAMS)}.", flag_values=fv)
+  flags.DEFINE_bool("max_batch", False, "Also find the largest global batch whose train step fits.", flag_values=fv)
+  flags.DEFINE_bool("breakdown", False, "Also the step's FLOPs piece by piece beside the model row's (lowered only: "
+                    "fast).", flag_values=fv)
+  flags.DEFINE_bool("no_header", False, "(a child after a crash)", flag_values=fv)
+  flags.mark_flags_as_required(["config", "target"], flag_values=fv)
+
+
+def parse_args(argv: list[str]) -> types.SimpleNamespace:
+  """The command line's arguments (``argv`` without the program's name), read: a mistake is
+  one line on stderr and exit status 2."""
+  fv = flags.FlagValues()
+  _define(fv, ["emim.aot", *argv])
+  rest = emim_cli.parse_flags(["emim.aot", *argv], fv)
+  if len(rest) > 1:
+    emim_cli.fail(f"unexpected arguments: {' '.join(rest[1:])} (--config.field=value sets a config field)")
+  bad = [p for p in fv.programs if p not in ALL_PROGRAMS]
+  if bad or not (fv.programs or fv.max_batch or fv.breakdown):
+    emim_cli.fail(f"--programs: name {'at least one' if not bad else 'only programs'} of {','.join(ALL_PROGRAMS)}"
+                  f"{' (not ' + ','.join(bad) + ')' if bad else ''}.")
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  return types.SimpleNamespace(config=fv.config, config_arg=config_arg, target=fv.target, batch=fv.batch,
+                               programs=list(fv.programs), max_batch=fv.max_batch, breakdown=fv.breakdown,
+                               no_header=fv.no_header, argv=list(argv))
+
+
+def check_target(text: str) -> None:
+  """The target read, and its compiler installed, before any compile (UserError)."""
+  spec = parse_target(text)
+  if spec.platform == "cuda" and not cuda_plugin_installed():
+    raise UserError(f"--target={text}: {CUDA_PLUGIN_ADVICE}.")
+
+
+def compile_and_print(args) -> int:
+  """In the compiling child: the header, the breakdown, the table, the batch search."""
+  import jax
+
+  from emim.aot.programs import flops_breakdown, num_train_examples, with_batch
+  from emim.aot.report import compile_config, table_header, table_row
+  from emim.aot.search import max_batch
+  from emim.aot.targets import target_devices
+  from emim.tpu import libtpu_advice
+
+  config = with_batch(args.config, args.batch)
+  target = target_devices(args.target)
+  n, unit = len(target.devices), target.unit
+  if config.train.batch_size % n:
+    raise UserError(f"The global batch {config.train.batch_size} does not split over the {n} {unit}s of "
+                    f"{target.name}: --batch {max(n, config.train.batch_size - config.train.batch_size % n)} would.")
+  if not args.no_header:
+    overrides = " ".join(a for a in config_args(args.argv) if not a.startswith("--config="))
+    print(f"{args.config_arg}{' ' + overrides if overrides else ''} on {target.name} ({args.target}: {n} {unit}s, "
+          f"{target.hosts} host(s), {target.devices[0].device_kind}); batch {config.train.batch_size} "
+          f"({config.train.batch_size // n} per {unit}), {config.model.backbone} {config.model.dtype}; "
+          f"jax {jax.__version__}, {target.compiler}. Memory and FLOPs are the compiler's estimates, not timings.",
+          flush=True)
+    if target.spec.platform == "tpu":
+      advice = libtpu_advice(target.devices[0].device_kind, target.compiler.split()[-1])
+      if advice:
+        print(f"Known: {advice}", file=sys.stderr, flush=True)
+  if args.breakdown:
+    pieces = flops_breakdown(config)
+    model = pieces["model row (network fwd+bwd, two views)"]
+    print("| piece of the step (global, before fusion) | GFLOP | / model row |\n|---|---|---|")
+    for name, value in pieces.items():
+      print(f"| {name} | {value / 1e9:.1f} | {value / model:.3f} |")
+    rest = pieces["whole step"] - sum(v for k, v in pieces.items()
+                                      if k not in ("whole step", "model row (network fwd+bwd, two views)"))
+    print(f"| rest (whole - pieces) | {rest / 1e9:.1f} | |", flush=True)
+    if args.programs == list(PROGRAMS) and not args.max_batch:
+      return 0
+  if not args.no_header and args.programs:
+    print(table_header(unit), flush=True)
+  reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
+      if args.programs else []
+  if args.max_batch:
+    print(f"Largest global batch whose train step fits (a multiple of 8 per {unit}):", flush=True)
+    best = max_batch(config, target, 8 * n, next((r for r in reports if r.program == "train"), None))
+    whole = best == num_train_examples(config) // (8 * n) * (8 * n)
+    print(f"max_batch {best} ({best // n} per {unit}) on {target.name}"
+          f"{' (the whole training set: no larger batch tried)' if whole else ''}", flush=True)
+  return 1 if any(r.error for r in reports) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    check_target(args.target)
+    if _STATUS not in __import__("os").environ:  # the parent: compiles in a child a compiler crash cannot take down
+      signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that it stops the child
+      sys.exit(supervise(args))
+    sys.exit(compile_and_print(args))
+  except KeyboardInterrupt:
+    sys.exit(130)
+  except Exception as e:
+    message = emim_cli.explain(e)
+    if message is None:
+      raise
+    emim_cli.fail(message, 1)
