@@ -47,7 +47,19 @@ def base_config() -> ml_collections.ConfigDict:
       # Both views (and the target's two) through one forward, each view normalised by its
       # own BatchNorm statistics (GroupedBatchNorm): the same model as a forward per view
       # (tests/test_fused_views.py), fewer, larger kernels on an accelerator.
-      fused_views=False))
+      fused_views=False,
+      # ViT backbones only (vit_tiny, vit_ti16, vit_s16, vit_b16, vit_l16; emim/models/vit.py):
+      # pixels per patch side (16 at 224x224, 4 at 32x32), the last block's stochastic
+      # depth, and what each scanned block keeps for the backward pass (emim/models/vit.py's
+      # REMAT_POLICIES: "nothing_saveable" recomputes the block, "none" keeps everything).
+      patch_size=16, drop_path=0.0, remat_policy="nothing_saveable"))
+
+  # How the train state (params, optimiser state, EMA target) lies on the devices
+  # (emim/sharding.py): "replicate" (a copy on every device), "fsdp" (each array of at
+  # least fsdp_min_mib split along its largest dimension the device count divides, the
+  # rest replicated) or "auto" (fsdp when the replicated state would exceed
+  # auto_fsdp_gib per device, e.g. ViT-L/16 under AdamW; else replicate).
+  c.sharding = ml_collections.ConfigDict(dict(params="auto", fsdp_min_mib=4.0, auto_fsdp_gib=2.0))
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", train_split="train", test_split="test", tfds_name="", tfds_data_dir="",
@@ -281,7 +293,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if vectors != (c.model.backbone == "mlp"):
     raise ConfigError(f"--config.model.backbone={c.model.backbone!r} with --config.data.source={c.data.source!r}: "
                       "the Gaussian mixture's vectors need backbone 'mlp' (configs/gaussian_mixture.py), images a "
-                      "ResNet.")
+                      "ResNet or a ViT.")
+  _validate_vit_and_sharding(c)
   if c.data.get("class_subset", "") and c.data.source not in ("image_folder", "tfds"):
     raise ConfigError(f"--config.data.class_subset={c.data.class_subset!r}: the {c.data.source} source generates its "
                       "classes (set --config.data.num_classes instead); subsets are of image folders and TFDS datasets.")
@@ -309,6 +322,29 @@ def _check_choices(c: ml_collections.ConfigDict) -> None:
                                 ("optim.name", c.optim.name, optim.OPTIMIZERS)):
     if value not in choices:
       raise ConfigError(f"--config.{field}={value!r}: choose one of {', '.join(choices)}.")
+
+
+VIT_BACKBONES = ("vit_tiny", "vit_ti16", "vit_s16", "vit_b16", "vit_l16")  # emim/models/vit.py (no JAX here)
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+SHARDING_RULES = ("replicate", "fsdp", "auto")
+
+
+def _validate_vit_and_sharding(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  if m.backbone in VIT_BACKBONES:
+    patch = m.get("patch_size", 16)
+    if not isinstance(patch, int) or patch <= 0 or c.data.image_size % patch:
+      raise ConfigError(f"--config.model.patch_size={patch!r} with --config.data.image_size={c.data.image_size}: a ViT "
+                        "needs a positive patch size that divides the image size (16 at 224, 4 at 32).")
+    if not 0.0 <= m.get("drop_path", 0.0) < 1.0:
+      raise ConfigError(f"--config.model.drop_path={m.drop_path}: a probability in [0, 1), e.g. 0.1.")
+    if m.get("remat_policy", "nothing_saveable") not in REMAT_POLICIES:
+      raise ConfigError(f"--config.model.remat_policy={m.remat_policy!r}: choose one of {', '.join(REMAT_POLICIES)}.")
+  if "sharding" in c:
+    if c.sharding.params not in SHARDING_RULES:
+      raise ConfigError(f"--config.sharding.params={c.sharding.params!r}: choose one of {', '.join(SHARDING_RULES)}.")
+    if c.sharding.fsdp_min_mib < 0 or c.sharding.auto_fsdp_gib < 0:
+      raise ConfigError("--config.sharding.fsdp_min_mib and --config.sharding.auto_fsdp_gib cannot be negative.")
 
 
 PROBE_MODES, PROBE_OPTIMIZERS = ("augmented", "features"), ("sgd", "lars")

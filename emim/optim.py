@@ -1,7 +1,6 @@
 """Optimisers from the config: LARS, SGD or AdamW, linear warm-up then cosine decay.
 
-Biases and normalisation parameters (every parameter with fewer than two dimensions)
-are excluded from weight decay and from LARS's trust-ratio adaptation, as in SimCLR/BYOL.
+Biases and normalisation parameters (``bias`` and ``scale`` leaves) are excluded from weight decay and from LARS's trust-ratio adaptation, as in SimCLR/BYOL.
 """
 
 from __future__ import annotations
@@ -16,8 +15,12 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
 def decay_mask(params):
-  """True for weights (kernels), False for biases and BatchNorm scales/offsets."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """True for weights (kernels, a ViT's embeddings), False for biases and the scales of
+  BatchNorm and LayerNorm. By name, not by rank: under ``nn.scan`` a ViT's per-block
+  biases and LayerNorm scales are stacked into 2-D arrays (DINO and MoCo v3 exclude
+  them from decay as well)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: int, total_steps: int):

@@ -124,10 +124,11 @@ class StopRequest:
 def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int, total_steps: int) -> StepParts:
   """The static pieces of the step from the config."""
   method = methods.make_method(config.method)
-  encoder = models.make_encoder(config.model)
+  image_size = config.data.image_size
+  encoder = models.make_encoder(config.model, image_size=image_size)
   predictor = models.make_predictor(config.model) if method.uses_predictor else None
   fused = config.model.get("fused_views", False)  # (absent from configs saved before it existed)
-  views_encoder = models.make_encoder(config.model, bn_groups=2) if fused else None
+  views_encoder = models.make_encoder(config.model, bn_groups=2, image_size=image_size) if fused else None
   views_predictor = models.make_predictor(config.model, bn_groups=2) if fused and predictor is not None else None
   lr_fn = optim.learning_rate_schedule(config.optim, config.train.batch_size, steps_per_epoch, total_steps)
   ema = method.uses_target and method.target_update == "ema"
@@ -148,10 +149,14 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
 
 
 
-def state_shapes(parts: StepParts, mesh):
-  """(the train state's shapes, its sharding): replicated on every device of ``mesh``."""
+def state_shapes(parts: StepParts, mesh, sharding_config: ml_collections.ConfigDict | None = None):
+  """(the train state's shapes, its sharding on ``mesh``): as ``sharding_config``
+  (config.sharding: replicated, fsdp or auto; emim/sharding.py) says, replicated without one."""
   abstract = jax.eval_shape(functools.partial(init_state, parts), jax.random.PRNGKey(0))
-  return abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  cfg = sharding_config or {}
+  rule = cfg.get("params", "replicate")
+  return abstract, sharding.state_sharding(abstract, mesh, rule, cfg.get("fsdp_min_mib", 4.0),
+                                           cfg.get("auto_fsdp_gib", 2.0))
 
 
 def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
@@ -472,7 +477,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     # run of this config in this process reuses them (emim.compiled).
     program_key = compiled.key_of(config.to_json_best_effort(sort_keys=True), data.num_classes, steps_per_epoch,
                                   total_steps, [d.id for d in mesh.devices.flat], str(mesh))
-    abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh))
+    abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh, config.get("sharding")))
     checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
