@@ -6,6 +6,7 @@ Biases and normalisation parameters (``bias`` and ``scale`` leaves) are excluded
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -46,15 +47,34 @@ def branch_schedule(schedule, every: int, phase: int):
   return at_update
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
-  """The optax chain named by ``cfg.name`` (with gradient clipping when cfg.clip_norm > 0)."""
+def weight_decay_schedule(start: float, end: float, total_steps: int):
+  """DINO's weight-decay schedule: a cosine from ``start`` at step 0 to ``end`` at
+  ``total_steps`` (of the optimiser's own update count)."""
+  if start == 0:
+    return lambda count: end * (1.0 - jnp.cos(jnp.pi * jnp.minimum(count / max(total_steps, 1), 1.0))) / 2.0
+  # optax's cosine decays towards alpha * init_value; alpha > 1 rises instead.
+  return optax.cosine_decay_schedule(init_value=start, decay_steps=max(total_steps, 1), alpha=end / start)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, schedule, total_steps: int = 0) -> optax.GradientTransformation:
+  """The optax chain named by ``cfg.name`` (with gradient clipping when cfg.clip_norm > 0);
+  AdamW's weight decay on a cosine to ``cfg.weight_decay_end`` over ``total_steps`` when
+  that is set (>= 0)."""
   if cfg.name == "lars":
     tx = optax.lars(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask,
                     trust_coefficient=cfg.trust_coefficient, trust_ratio_mask=decay_mask, momentum=cfg.momentum)
   elif cfg.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(schedule, momentum=cfg.momentum))
   elif cfg.name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
+    wd_end = cfg.get("weight_decay_end", -1.0)
+    if wd_end >= 0 and wd_end != cfg.weight_decay:
+      # optax.adamw's chain (Adam's scaling, decoupled decay, the learning rate) with the
+      # decay on its schedule; optax.adamw itself takes a constant.
+      tx = optax.chain(optax.scale_by_adam(),
+                       optax.add_decayed_weights(weight_decay_schedule(cfg.weight_decay, wd_end, total_steps), decay_mask),
+                       optax.scale_by_learning_rate(schedule))
+    else:
+      tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
   else:
     raise ConfigError(f"--config.optim.name={cfg.name!r}: choose one of {', '.join(OPTIMIZERS)}.")
   if cfg.clip_norm > 0:

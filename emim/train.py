@@ -139,10 +139,10 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
   target_tx = None
   if method.uses_target and not ema:
     scale = config.method.get("target_lr_scale", 1.0)  # (absent from configs saved before it existed)
-    target_tx = optim.make_optimizer(config.optim, lambda count: scale * target_lr(count))
+    target_tx = optim.make_optimizer(config.optim, lambda count: scale * target_lr(count), total_steps)
   return StepParts(
       method=method, encoder=encoder, predictor=predictor, views_encoder=views_encoder,
-      views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, online_lr),
+      views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, online_lr, total_steps),
       probe_tx=optax.adam(config.train.probe_lr), momentum_fn=momentum_fn, target_tx=target_tx, lr_fn=lr_fn,
       view1=config.augment.view1, view2=config.augment.view2, image_size=config.data.image_size,
       input_shape=sources.input_shape(config.data), mean=tuple(config.data.mean), std=tuple(config.data.std), num_classes=num_classes)
