@@ -478,6 +478,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     program_key = compiled.key_of(config.to_json_best_effort(sort_keys=True), data.num_classes, steps_per_epoch,
                                   total_steps, [d.id for d in mesh.devices.flat], str(mesh))
     abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh, config.get("sharding")))
+    split = sum(s.spec != sharding.P() for s in jax.tree.leaves(state_sharding))
+    logging.info("Train state: %.1f MiB; sharding.params=%s: %d of its %d arrays split over the %d devices, the rest "
+                 "replicated.", sharding.state_bytes(abstract) / 2**20, config.get("sharding", {}).get("params", "replicate"),
+                 split, len(jax.tree.leaves(state_sharding)), mesh.devices.size)
     checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
