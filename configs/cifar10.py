@@ -10,11 +10,11 @@ TensorFlow). Another copy: --config.data.path=DIR (the archive beside this repos
 --config.data.source=tfds (docs/getting-data.md).
 """
 
-from emim.config_base import CIFAR_MEAN, CIFAR_STD, apply_variants, base_config, cifar_recipe
+from emim.config_base import VIT_VARIANTS_32, CIFAR_MEAN, CIFAR_STD, apply_variants, base_config, cifar_recipe
 
 
 def get_config(arg=None):
   c = base_config()
   c.data.source, c.data.path, c.data.tfds_name = "image_folder", "~/emim_data/cifar10", "cifar10"
   c.data.image_size, c.data.num_classes, c.data.mean, c.data.std = 32, 10, CIFAR_MEAN, CIFAR_STD
-  return apply_variants(c, arg, recipe=cifar_recipe)
+  return apply_variants(c, arg, recipe=cifar_recipe, backbones=VIT_VARIANTS_32)

@@ -11,7 +11,7 @@ the 100 classes; the other classes are left out):
         --config.data.path=/data/imagenet --config.data.test_split=val --workdir=runs/in100
 """
 
-from emim.config_base import apply_variants, base_config, imagenet_recipe
+from emim.config_base import VIT_VARIANTS_224, apply_variants, base_config, imagenet_recipe
 
 
 def get_config(arg=None):
@@ -19,4 +19,4 @@ def get_config(arg=None):
   c.data.source, c.data.tfds_name, c.data.class_subset = "tfds", "imagenet2012", "imagenet100"
   c.data.test_split, c.data.num_classes = "validation", 100
   c.train.num_epochs = 400
-  return apply_variants(c, arg, recipe=imagenet_recipe)
+  return apply_variants(c, arg, recipe=imagenet_recipe, backbones=VIT_VARIANTS_224)

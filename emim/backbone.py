@@ -17,12 +17,13 @@ from emim import compiled, fs, sharding
 from emim.config_base import ConfigError
 from emim.data import augment
 from emim.data.sources import input_shape
-from emim.models import ResNet, make_backbone, parse_dtype
+from emim.models import ResNet, ViT, backbone_variables, make_backbone, parse_dtype, vit_options
 
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """A trunk (a ResNet, or the MLP for vectors) with its params and BatchNorm statistics.
+  """A trunk (a ResNet, a ViT, or the MLP for vectors) with its params and BatchNorm
+  statistics (none for a ViT).
 
   Attributes:
     model: the Flax module (inference: ``train=False``).
@@ -32,7 +33,7 @@ class Backbone:
     model_config: the config fields that rebuild ``model``.
   """
 
-  model: ResNet
+  model: ResNet | ViT
   variables: dict
   image_size: int
   mean: tuple[float, ...]
@@ -92,7 +93,8 @@ class Backbone:
 
 def model_config_of(config: ml_collections.ConfigDict) -> dict:
   m, d = config.model, config.data
-  return {"backbone": m.backbone, "width": m.width, "cifar_stem": m.cifar_stem, "dtype": m.dtype,
+  vit_fields = {k: m[k] for k in ("patch_size", "drop_path", "remat_policy") if k in m}
+  return {"backbone": m.backbone, "width": m.width, "cifar_stem": m.cifar_stem, "dtype": m.dtype, **vit_fields,
           "image_size": d.image_size, "mean": list(d.mean), "std": list(d.std),
           "input_shape": list(input_shape(d))}
 
@@ -104,7 +106,8 @@ def input_shape_of(model_config: dict) -> tuple[int, ...]:
 
 
 def backbone_from_model_config(mc: dict, variables: dict) -> Backbone:
-  model = make_backbone(mc["backbone"], mc["width"], mc["cifar_stem"], parse_dtype(mc["dtype"]))
+  model = make_backbone(mc["backbone"], mc["width"], mc["cifar_stem"], parse_dtype(mc["dtype"]),
+                        **vit_options(mc, mc["image_size"]))
   return Backbone(model, variables, mc["image_size"], tuple(mc["mean"]), tuple(mc["std"]), dict(mc))
 
 
@@ -144,7 +147,7 @@ def _tuples(value):
 
 
 # The model fields that decide the shapes of the saved variables.
-_SHAPE_FIELDS = ("backbone", "width", "cifar_stem")
+_SHAPE_FIELDS = ("backbone", "width", "cifar_stem", "patch_size")
 
 
 def latest_run_config(workdir: fs.PathLike, tries: int = 3) -> tuple[int | None, ml_collections.ConfigDict]:
@@ -169,7 +172,7 @@ def check_same_model(workdir: fs.PathLike, config: ml_collections.ConfigDict, st
   except FileNotFoundError:
     return
   differ = [f"{k}={saved.get(k)!r} in the run, {config.model.get(k)!r} asked" for k in _SHAPE_FIELDS
-            if saved.get(k) != config.model.get(k)]
+            if k in saved and saved.get(k) != config.model.get(k)]
   if differ:
     raise ConfigError(
         f"The run in {workdir} trained another model than this config describes ({'; '.join(differ)}). "
@@ -201,7 +204,7 @@ def restore_backbone(workdir: fs.PathLike, config: ml_collections.ConfigDict, st
         raise
       logging.info("The checkpoint of step %d was deleted by the run still training; reading the newest one.", step)
       step = None
-  variables = {"params": tree["params"]["encoder"]["backbone"], "batch_stats": tree["batch_stats"]["encoder"]["backbone"]}
+  variables = backbone_variables(tree["params"]["encoder"], tree.get("batch_stats", {}).get("encoder", {}))
   return step, backbone_from_model_config(model_config_of(config), variables)
 
 

@@ -47,7 +47,19 @@ def base_config() -> ml_collections.ConfigDict:
       # Both views (and the target's two) through one forward, each view normalised by its
       # own BatchNorm statistics (GroupedBatchNorm): the same model as a forward per view
       # (tests/test_fused_views.py), fewer, larger kernels on an accelerator.
-      fused_views=False))
+      fused_views=False,
+      # ViT backbones only (vit_tiny, vit_ti16, vit_s16, vit_b16, vit_l16; emim/models/vit.py):
+      # pixels per patch side (16 at 224x224, 4 at 32x32), the last block's stochastic
+      # depth, and what each scanned block keeps for the backward pass (emim/models/vit.py's
+      # REMAT_POLICIES: "nothing_saveable" recomputes the block, "none" keeps everything).
+      patch_size=16, drop_path=0.0, remat_policy="nothing_saveable"))
+
+  # How the train state (params, optimiser state, EMA target) lies on the devices
+  # (emim/sharding.py): "replicate" (a copy on every device), "fsdp" (each array of at
+  # least fsdp_min_mib split along its largest dimension the device count divides, the
+  # rest replicated) or "auto" (fsdp when the replicated state would exceed
+  # auto_fsdp_gib per device, e.g. ViT-L/16 under AdamW; else replicate).
+  c.sharding = ml_collections.ConfigDict(dict(params="auto", fsdp_min_mib=4.0, auto_fsdp_gib=2.0))
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", train_split="train", test_split="test", tfds_name="", tfds_data_dir="",
@@ -70,7 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       name="lars", base_lr=0.3, weight_decay=1e-5, momentum=0.9, trust_coefficient=1e-3,
-      warmup_epochs=10, clip_norm=0.0))
+      warmup_epochs=10, clip_norm=0.0,
+      # AdamW only: the weight decay follows a cosine from weight_decay at the start to this
+      # at the end (DINO's 0.04 -> 0.4); -1: constant.
+      weight_decay_end=-1.0))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=256, num_epochs=100, num_steps=0,  # num_steps > 0 overrides num_epochs
@@ -153,20 +168,60 @@ def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
   c.eval.every_steps = 10000
 
 
-def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -> ml_collections.ConfigDict:
+def vit_recipe(c: ml_collections.ConfigDict, backbone: str, patch_size: int) -> None:
+  """A ViT in place of the dataset's ResNet, with the field's ViT self-supervised settings
+  (DINO, Caron et al. 2021, main_dino.py's ViT-S/16 defaults; MoCo v3, Chen et al. 2021,
+  its ViT recipe): AdamW, a batch-scaled learning rate, warm-up then cosine decay."""
+  c.model.backbone, c.model.patch_size, c.model.dtype = backbone, patch_size, "bfloat16"
+  c.optim.name = "adamw"
+  c.optim.base_lr = 5e-4  # DINO: lr 0.0005 x batch/256 (optim.learning_rate_schedule scales it)
+  c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4  # DINO: cosine from 0.04 to 0.4
+  c.optim.warmup_epochs = 10  # DINO: 10 warm-up epochs
+  c.optim.clip_norm = 3.0  # DINO: clip_grad 3.0
+  c.model.drop_path = 0.1  # DINO: drop_path_rate 0.1
+  if "target_momentum" in c.method:  # DINO: teacher momentum 0.996, cosine to 1 (emim.target's schedule)
+    c.method.target_momentum = 0.996
+  if backbone == "vit_b16":
+    # MoCo v3's ViT-B recipe (its CONFIG.md): lr 1.5e-4 x batch/256, weight decay 0.1
+    # (constant), 40 warm-up epochs, momentum 0.99 to 1; no gradient clipping and timm's
+    # default drop path (0). DINO's ViT-B/16 run is larger-batch and less documented.
+    c.optim.base_lr, c.optim.weight_decay, c.optim.weight_decay_end = 1.5e-4, 0.1, -1.0
+    c.optim.warmup_epochs, c.optim.clip_norm, c.model.drop_path = 40, 0.0, 0.0
+    if "target_momentum" in c.method:
+      c.method.target_momentum = 0.99
+  if c.method.name == "emmi" and c.data.image_size > 32:
+    # No one has published EMMI on a ViT. EMMI's log-determinants need covariances of full
+    # rank, estimated from the global batch (1024 here, the compiler reduces over the data
+    # axis): d = 256 keeps the CIFAR recipe's ratio d / n = 1/4 (64 / 256), which took kNN
+    # top-1 from 47.9% to 66.3% there (cifar_recipe). The hidden widths stay the ImageNet
+    # recipe's 4096.
+    c.model.projector_dims = (4096, 4096, 256)
+
+
+# Backbone variants: name -> (ViT, patch size); a dataset file names those it offers.
+VIT_VARIANTS_32 = {"vit_s": ("vit_s16", 4)}  # 32x32 images: 8x8 patches of 4 pixels
+VIT_VARIANTS_224 = {"vit_s16": ("vit_s16", 16), "vit_b16": ("vit_b16", 16)}
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None,
+                   backbones: dict | None = None) -> ml_collections.ConfigDict:
   """Apply comma-separated variants: a method name (``byol``, ``simclr``, ...), seed
-  002's ablations of it (``no_predictor``, ``no_stop_gradient``, ``no_regularizer``) and/or
-  ``runlocal`` (a tiny model and schedule that runs on a laptop CPU in about a minute).
+  002's ablations of it (``no_predictor``, ``no_stop_gradient``, ``no_regularizer``), a
+  backbone the dataset offers (``backbones``: name -> (ViT, patch size), e.g. ``vit_s16``)
+  and/or ``runlocal`` (a tiny model and schedule that runs on a laptop CPU in about a minute).
 
   The method comes first, then its ablations, then ``recipe(c)`` (a dataset's recipe,
-  which may set fields for one method), then ``runlocal``, which shrinks whatever the
-  recipe chose."""
+  which may set fields for one method), then the backbone's recipe (``vit_recipe``), then
+  ``runlocal``, which shrinks whatever the recipes chose."""
   variants = [v for v in (arg or "").split(",") if v]
   methods = method_defaults.available()
+  backbones = backbones or {}
   for variant in variants:
-    if variant != "runlocal" and variant not in methods and variant not in method_defaults.ABLATIONS:
+    if (variant != "runlocal" and variant not in methods and variant not in method_defaults.ABLATIONS
+        and variant not in backbones):
+      offered = f", a backbone ({', '.join(backbones)})" if backbones else ""
       raise ConfigError(f"Unknown config variant {variant!r}; use a method ({', '.join(methods)}), an ablation "
-                        f"({', '.join(method_defaults.ABLATIONS)}) or 'runlocal'.")
+                        f"({', '.join(method_defaults.ABLATIONS)}){offered} or 'runlocal'.")
   for variant in variants:
     if variant in methods:
       c.method = method_defaults.method_config(variant)
@@ -179,10 +234,15 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None) -
       c.method[field] = False
   if recipe is not None:
     recipe(c)
+  for variant in variants:
+    if variant in backbones:
+      vit_recipe(c, *backbones[variant])
   if "runlocal" in variants:
     # ResNet-50's block kept for the ImageNet configs, at a tiny width and 32x32 views;
-    # the vectors' MLP kept, narrower.
-    if c.model.backbone != "mlp":
+    # a ViT becomes vit_tiny with 4-pixel patches; the vectors' MLP kept, narrower.
+    if c.model.backbone in VIT_BACKBONES:
+      c.model.backbone, c.model.patch_size = "vit_tiny", 4
+    elif c.model.backbone != "mlp":
       c.model.backbone = "resnet_tiny_bottleneck" if c.model.backbone == "resnet50" else "resnet_tiny"
     c.model.width = 8 if c.model.backbone != "mlp" else 32
     if c.data.image_size > 32:
@@ -281,7 +341,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if vectors != (c.model.backbone == "mlp"):
     raise ConfigError(f"--config.model.backbone={c.model.backbone!r} with --config.data.source={c.data.source!r}: "
                       "the Gaussian mixture's vectors need backbone 'mlp' (configs/gaussian_mixture.py), images a "
-                      "ResNet.")
+                      "ResNet or a ViT.")
+  _validate_vit_and_sharding(c)
   if c.data.get("class_subset", "") and c.data.source not in ("image_folder", "tfds"):
     raise ConfigError(f"--config.data.class_subset={c.data.class_subset!r}: the {c.data.source} source generates its "
                       "classes (set --config.data.num_classes instead); subsets are of image folders and TFDS datasets.")
@@ -309,6 +370,29 @@ def _check_choices(c: ml_collections.ConfigDict) -> None:
                                 ("optim.name", c.optim.name, optim.OPTIMIZERS)):
     if value not in choices:
       raise ConfigError(f"--config.{field}={value!r}: choose one of {', '.join(choices)}.")
+
+
+VIT_BACKBONES = ("vit_tiny", "vit_ti16", "vit_s16", "vit_b16", "vit_l16")  # emim/models/vit.py (no JAX here)
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+SHARDING_RULES = ("replicate", "fsdp", "auto")
+
+
+def _validate_vit_and_sharding(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  if m.backbone in VIT_BACKBONES:
+    patch = m.get("patch_size", 16)
+    if not isinstance(patch, int) or patch <= 0 or c.data.image_size % patch:
+      raise ConfigError(f"--config.model.patch_size={patch!r} with --config.data.image_size={c.data.image_size}: a ViT "
+                        "needs a positive patch size that divides the image size (16 at 224, 4 at 32).")
+    if not 0.0 <= m.get("drop_path", 0.0) < 1.0:
+      raise ConfigError(f"--config.model.drop_path={m.drop_path}: a probability in [0, 1), e.g. 0.1.")
+    if m.get("remat_policy", "nothing_saveable") not in REMAT_POLICIES:
+      raise ConfigError(f"--config.model.remat_policy={m.remat_policy!r}: choose one of {', '.join(REMAT_POLICIES)}.")
+  if "sharding" in c:
+    if c.sharding.params not in SHARDING_RULES:
+      raise ConfigError(f"--config.sharding.params={c.sharding.params!r}: choose one of {', '.join(SHARDING_RULES)}.")
+    if c.sharding.fsdp_min_mib < 0 or c.sharding.auto_fsdp_gib < 0:
+      raise ConfigError("--config.sharding.fsdp_min_mib and --config.sharding.auto_fsdp_gib cannot be negative.")
 
 
 PROBE_MODES, PROBE_OPTIMIZERS = ("augmented", "features"), ("sgd", "lars")

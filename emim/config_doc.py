@@ -66,7 +66,8 @@ FIELDS = {
     "method.marginal_term": "SDMI: which steps ascend the whole DV bound with its marginal term",
     "method.critic_tau": "SDMI: the temperature of the cosine critic of the marginal term",
     # model
-    "model.backbone": "the encoder: resnet18, resnet50, resnet_tiny, resnet_tiny_bottleneck, or mlp (vectors)",
+    "model.backbone": "the encoder: resnet18, resnet50, resnet_tiny, resnet_tiny_bottleneck, vit_ti16, vit_s16, "
+                      "vit_b16, vit_l16, vit_tiny (tests), or mlp (vectors)",
     "model.width": "the backbone's base width (ResNet: channels of the first stage; MLP: hidden units)",
     "model.cifar_stem": "a 3x3 stem without max-pooling (32x32 images) instead of ImageNet's 7x7 and pooling",
     "model.dtype": "the compute dtype (float32 or bfloat16); parameters and statistics stay float32",
@@ -74,6 +75,12 @@ FIELDS = {
     "model.projector_output_norm": "whether the projector's last layer is followed by a normalisation",
     "model.predictor_dims": "the predictor MLP's layer widths (methods with a predictor)",
     "model.fused_views": "both views through one forward pass, each with its own BatchNorm statistics",
+    "model.patch_size": "ViT: pixels per patch side (16 at 224x224, 4 at 32x32)",
+    "model.drop_path": "ViT: stochastic depth of the last block (linearly less before it; online branch only)",
+    "model.remat_policy": "ViT: what each block keeps for the backward pass (nothing_saveable, dots_saveable, none)",
+    "sharding.params": "the train state's layout: replicate, fsdp (large arrays split over the devices) or auto",
+    "sharding.fsdp_min_mib": "fsdp: arrays smaller than this (MiB) stay replicated",
+    "sharding.auto_fsdp_gib": "auto: fsdp when a replicated train state would exceed this (GiB per device)",
     # data
     "data.source": "where examples come from: synthetic, image_folder, tfds or gaussian_mixture",
     "data.path": "image_folder: the directory or .tar.gz of split/class/*.jpg (CIFAR: python -m emim.data.prepare "
@@ -107,6 +114,7 @@ FIELDS = {
     "optim.trust_coefficient": "LARS: the trust coefficient of the layer-wise rate",
     "optim.warmup_epochs": "epochs of linear warm-up before the cosine decay",
     "optim.clip_norm": "clip the gradient's global norm to this (0: no clipping)",
+    "optim.weight_decay_end": "adamw: the weight decay at the end of a cosine from weight_decay (-1: constant)",
     # train
     "train.batch_size": "the global batch of pairs of views (all devices together)",
     "train.num_epochs": "the run's length in epochs (when train.num_steps is 0)",

@@ -124,10 +124,11 @@ class StopRequest:
 def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int, total_steps: int) -> StepParts:
   """The static pieces of the step from the config."""
   method = methods.make_method(config.method)
-  encoder = models.make_encoder(config.model)
+  image_size = config.data.image_size
+  encoder = models.make_encoder(config.model, image_size=image_size)
   predictor = models.make_predictor(config.model) if method.uses_predictor else None
   fused = config.model.get("fused_views", False)  # (absent from configs saved before it existed)
-  views_encoder = models.make_encoder(config.model, bn_groups=2) if fused else None
+  views_encoder = models.make_encoder(config.model, bn_groups=2, image_size=image_size) if fused else None
   views_predictor = models.make_predictor(config.model, bn_groups=2) if fused and predictor is not None else None
   lr_fn = optim.learning_rate_schedule(config.optim, config.train.batch_size, steps_per_epoch, total_steps)
   ema = method.uses_target and method.target_update == "ema"
@@ -138,20 +139,24 @@ def build_parts(config: ml_collections.ConfigDict, num_classes: int, steps_per_e
   target_tx = None
   if method.uses_target and not ema:
     scale = config.method.get("target_lr_scale", 1.0)  # (absent from configs saved before it existed)
-    target_tx = optim.make_optimizer(config.optim, lambda count: scale * target_lr(count))
+    target_tx = optim.make_optimizer(config.optim, lambda count: scale * target_lr(count), total_steps)
   return StepParts(
       method=method, encoder=encoder, predictor=predictor, views_encoder=views_encoder,
-      views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, online_lr),
+      views_predictor=views_predictor, tx=optim.make_optimizer(config.optim, online_lr, total_steps),
       probe_tx=optax.adam(config.train.probe_lr), momentum_fn=momentum_fn, target_tx=target_tx, lr_fn=lr_fn,
       view1=config.augment.view1, view2=config.augment.view2, image_size=config.data.image_size,
       input_shape=sources.input_shape(config.data), mean=tuple(config.data.mean), std=tuple(config.data.std), num_classes=num_classes)
 
 
 
-def state_shapes(parts: StepParts, mesh):
-  """(the train state's shapes, its sharding): replicated on every device of ``mesh``."""
+def state_shapes(parts: StepParts, mesh, sharding_config: ml_collections.ConfigDict | None = None):
+  """(the train state's shapes, its sharding on ``mesh``): as ``sharding_config``
+  (config.sharding: replicated, fsdp or auto; emim/sharding.py) says, replicated without one."""
   abstract = jax.eval_shape(functools.partial(init_state, parts), jax.random.PRNGKey(0))
-  return abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  cfg = sharding_config or {}
+  rule = cfg.get("params", "replicate")
+  return abstract, sharding.state_sharding(abstract, mesh, rule, cfg.get("fsdp_min_mib", 4.0),
+                                           cfg.get("auto_fsdp_gib", 2.0))
 
 
 def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
@@ -472,7 +477,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     # run of this config in this process reuses them (emim.compiled).
     program_key = compiled.key_of(config.to_json_best_effort(sort_keys=True), data.num_classes, steps_per_epoch,
                                   total_steps, [d.id for d in mesh.devices.flat], str(mesh))
-    abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh))
+    abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh, config.get("sharding")))
+    split = sum(s.spec != sharding.P() for s in jax.tree.leaves(state_sharding))
+    logging.info("Train state: %.1f MiB; sharding.params=%s: %d of its %d arrays split over the %d devices, the rest "
+                 "replicated.", sharding.state_bytes(abstract) / 2**20, config.get("sharding", {}).get("params", "replicate"),
+                 split, len(jax.tree.leaves(state_sharding)), mesh.devices.size)
     checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)

@@ -32,7 +32,7 @@ Batch = dict[str, Array]
 Metrics = dict[str, Array]
 
 # Independent random streams derived from the one base key.
-_AUGMENT_STREAM, _DATA_STREAM, _INIT_STREAM = 0, 1, 2
+_AUGMENT_STREAM, _DATA_STREAM, _INIT_STREAM, _DROPOUT_STREAM = 0, 1, 2, 3
 
 
 @flax.struct.dataclass
@@ -137,25 +137,29 @@ def make_views(parts: StepParts, rng: Array, step: Array, batch: Batch) -> tuple
   return views[0], views[1]
 
 
-def _apply(module, params, stats, x):
-  """A train-mode forward returning (output, updated batch statistics)."""
-  out, updates = module.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+def _apply(module, params, stats, x, dropout_key=None):
+  """A train-mode forward returning (output, updated batch statistics); ``dropout_key``
+  feeds a ViT's stochastic depth (None: none, as for the target branch)."""
+  rngs = {} if dropout_key is None else {"dropout": dropout_key}
+  out, updates = module.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"],
+                              rngs=rngs)
   return out, updates["batch_stats"]
 
 
-def _apply_views(module, views_module, params, stats, x1, x2):
+def _apply_views(module, views_module, params, stats, x1, x2, dropout_key=None):
   """((output of view 1, output of view 2), updated batch statistics): two train-mode
   forwards of ``module``, or, with ``views_module`` (its grouped-BatchNorm copy), one
   forward of the views interleaved row by row, which computes the same (each view
   normalised by its own statistics, the running averages updated by view 1, then 2).
   Interleaving keeps each device's rows on that device."""
   if views_module is None:
-    out1, stats = _apply(module, params, stats, x1)
-    out2, stats = _apply(module, params, stats, x2)
+    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    out1, stats = _apply(module, params, stats, x1, keys[0])
+    out2, stats = _apply(module, params, stats, x2, keys[1])
     return (out1, out2), stats
   n = x1.shape[0]
   both = jnp.stack([x1, x2], axis=1).reshape((2 * n,) + x1.shape[1:])
-  out, stats = _apply(views_module, params, stats, both)
+  out, stats = _apply(views_module, params, stats, both, dropout_key)
   paired = jax.tree.map(lambda y: y.reshape((n, 2) + y.shape[1:]), out)
   return (jax.tree.map(lambda y: y[:, 0], paired), jax.tree.map(lambda y: y[:, 1], paired)), stats
 
@@ -167,8 +171,10 @@ def _branches_loss(parts: StepParts, state: TrainState, x1, x2, params, target_p
   ``target_step``, the loss of the target's own step, ``Method.target_loss``), and
   (new online batch statistics, new target batch statistics, objective state, metrics,
   stop-gradient features and projection of view 1)."""
+  # Stochastic depth (a ViT's drop path) in the online encoder only, as DINO's teacher has none.
+  dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, _DROPOUT_STREAM), state.step)
   ((f1, z1), (_, z2)), enc_stats = _apply_views(
-      parts.encoder, parts.views_encoder, params["encoder"], state.batch_stats["encoder"], x1, x2)
+      parts.encoder, parts.views_encoder, params["encoder"], state.batch_stats["encoder"], x1, x2, dropout_key)
   new_stats = {"encoder": enc_stats}
   pred = target = target_stats = None
   if parts.predictor is not None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from emim import models
 from emim.backbone import backbone_from_model_config, extract_features, model_config_of
 from emim.data.dataset import DatasetError
 from emim.evaluators import Context, register
@@ -76,7 +77,7 @@ class PeriodicKnn:
                         tuple(self._cfg.knn_k), self._cfg.knn_temperature)
 
   def run(self, state) -> dict[str, float]:
-    variables = {"params": state.params["encoder"]["backbone"], "batch_stats": state.batch_stats["encoder"]["backbone"]}
+    variables = models.backbone_variables(state.params["encoder"], state.batch_stats["encoder"])
     return {f"knn/{k}": v for k, v in self.accuracy(variables).items()}
 
 
