@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import grain  # its iterator handler registers with Orbax on import
@@ -121,7 +122,9 @@ def drop_orbax_asyncio_leftovers() -> None:
     previous_excepthook = sys.excepthook
 
     def excepthook(exc_type, exc, tb):
-      if not _is_asyncio_leftover(exc_type, exc, tb):
+      # TensorStore reports its callbacks' errors from its own (non-Python) threads; the
+      # same error in the main thread is the program's own, and prints.
+      if threading.current_thread() is threading.main_thread() or not _is_asyncio_leftover(exc_type, exc, tb):
         previous_excepthook(exc_type, exc, tb)
 
     excepthook.drops_orbax_leftovers = True

@@ -18,8 +18,8 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 def decay_mask(params):
   """True for weights (kernels, a ViT's embeddings), False for biases and the scales of
   BatchNorm and LayerNorm. By name, not by rank: under ``nn.scan`` a ViT's per-block
-  biases and LayerNorm scales are stacked into 2-D arrays (DINO and MoCo v3 exclude
-  them from decay as well)."""
+  biases and LayerNorm scales are stacked into 2-D arrays (DINO excludes them from decay
+  as well; MoCo v3's AdamW decays every parameter, so its recipe differs here)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, p: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
 

@@ -503,3 +503,24 @@ def test_the_train_step_compiles_for_a_host_of_h100s():
   reduce = r.collectives["all-reduce"]
   assert reduce.widest_group == 8 and reduce.bytes >= grad_bytes
   assert f"f32[{config.train.batch_size // 8}," in r.hlo  # each GPU its share of the batch
+
+
+def test_the_state_is_laid_out_as_the_runs_sharding_rule_says():
+  """The programs compiled ahead of time hold the train state as the run will: with
+  config.sharding.params=fsdp the state's arrays arrive split over the devices (they
+  were compiled replicated whatever the config said)."""
+  from emim.aot import programs
+
+  mesh = sharding.make_mesh(jax.devices()[:8])
+
+  def split_arguments(rule):
+    config = load_config("synthetic", "runlocal")
+    with config.unlocked():
+      config.sharding.params, config.sharding.fsdp_min_mib = rule, 0.0
+    text = programs.lower_programs(config, mesh, ("train",))["train"][0].as_text()
+    arguments = text[text.index("func.func public @main"):]
+    arguments = arguments[:arguments.index(") -> (")].split("%arg")[1:]
+    return sum('"data"' in a for a in arguments)  # split over the data axis (shardy's or GSPMD's words)
+
+  replicated, fsdp = split_arguments("replicate"), split_arguments("fsdp")
+  assert fsdp > replicated + 20, (replicated, fsdp)  # dozens of the state's arrays split, not one or two

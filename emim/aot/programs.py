@@ -65,8 +65,9 @@ def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
   steps_per_epoch = max(n_train // batch, 1)
   total = config.train.num_steps or config.train.num_epochs * steps_per_epoch
   parts = train.build_parts(config, config.data.num_classes, steps_per_epoch, total)
-  state, state_sharding = train.state_shapes(parts, mesh)
-  state = _abstract(state, sharding.replicated(mesh))
+  # The state laid out as the run will lay it out (config.sharding: replicated, fsdp or auto).
+  state, state_sharding = train.state_shapes(parts, mesh, config.get("sharding"))
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
   replicated, batch_spec = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   vectors = config.data.source in VECTOR_SOURCES
   key, dtype = ("vectors", np.float32) if vectors else ("images", np.uint8)
