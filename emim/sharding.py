@@ -81,7 +81,7 @@ def resolve_params_rule(rule: str, abstract_state, mesh: Mesh, auto_fsdp_gib: fl
   the state would take more than ``auto_fsdp_gib`` GiB of each device (on one device,
   replicate: there is nothing to split over)."""
   if rule not in PARAM_RULES:
-    raise ValueError(f"Unknown sharding rule {rule!r}; choose one of {PARAM_RULES}.")
+    raise ConfigError(f"--config.sharding.params={rule!r}: choose one of {', '.join(PARAM_RULES)}.")
   if rule != "auto":
     return rule
   large = state_bytes(abstract_state) > auto_fsdp_gib * 2**30

@@ -125,3 +125,16 @@ def test_a_checkpoint_written_under_fsdp_resumes_on_4_devices_replicated(tmp_pat
   for a, b in zip(jax.tree.leaves(jax.device_get((straight.state.params, straight.state.target))),
                   jax.tree.leaves(jax.device_get((resumed.state.params, resumed.state.target)))):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 + 1e-5 * np.abs(a).max())
+
+
+def test_a_rule_or_vit_name_given_to_the_library_directly_is_a_config_error():
+  """A notebook calling these without emim.main's validation gets the one-line error too."""
+  from emim.config_base import ConfigError
+  from emim.models import vit
+
+  with pytest.raises(ConfigError, match="sharding.params='fsdpp': choose one of replicate, fsdp, auto"):
+    sharding.resolve_params_rule("fsdpp", {}, sharding.make_mesh(jax.devices()[:1]))
+  with pytest.raises(ConfigError, match="model.backbone='vit_x16'"):
+    vit.make_backbone("vit_x16")
+  with pytest.raises(ConfigError, match="model.remat_policy=.everything."):
+    vit.make_backbone("vit_s16", remat_policy="everything")

@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from emim.config_base import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTSize:
@@ -170,8 +172,9 @@ class ViT(nn.Module):
 def make_backbone(name: str, patch_size: int = 16, image_size: int = 224, drop_path: float = 0.0,
                   remat_policy: str = "nothing_saveable", dtype: Any = jnp.float32) -> ViT:
   if name not in ARCHITECTURES:
-    raise ValueError(f"Unknown ViT {name!r}; choose one of {sorted(ARCHITECTURES)}.")
+    raise ConfigError(f"--config.model.backbone={name!r}: choose one of {', '.join(sorted(ARCHITECTURES))}.")
   if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat policy {remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    raise ConfigError(f"--config.model.remat_policy={remat_policy!r}: choose one of "
+                      f"{', '.join(sorted(REMAT_POLICIES))}.")
   s = ARCHITECTURES[name]
   return ViT(s.width, s.depth, s.heads, s.mlp_ratio, patch_size, image_size, drop_path, remat_policy, dtype)
