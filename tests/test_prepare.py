@@ -157,3 +157,10 @@ def test_archives_whose_labels_do_not_fit_and_folders_of_another_dataset_are_ref
   assert not list(tmp_path.glob(".a.partial-*"))
   with pytest.raises(prepare.DatasetError, match="holds cifar10, prepared by emim, not cifar100"):
     prepare.prepare("cifar100", tmp_path / "a", tmp_path / "good.tar.gz")
+
+
+def test_a_bucket_as_the_destination_is_one_line_not_a_local_folder_named_gs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(prepare.DatasetError, match="--to=gs://bucket/c10: this writes a local folder"):
+    prepare.prepare("cifar10", "gs://bucket/c10", tmp_path / "none.tar.gz")
+  assert not (tmp_path / "gs:").exists()

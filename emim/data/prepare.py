@@ -189,6 +189,9 @@ def prepare(name: str, to: str | os.PathLike | None = None, archive: str | os.Pa
   if name not in DATASETS:
     raise DatasetError(f"Unknown dataset {name!r}: this prepares {', '.join(DATASETS)}.")
   spec = DATASETS[name]
+  if "://" in str(to or ""):
+    raise DatasetError(f"--to={to}: this writes a local folder; prepare it here, then copy it to the bucket "
+                       "(gcloud storage cp -r DIR gs://...), or train from TFDS there (docs/getting-data.md).")
   to = pathlib.Path(to or spec.default_dir).expanduser()
   if (to / MARKER).exists():
     try:
