@@ -183,10 +183,12 @@ def vit_recipe(c: ml_collections.ConfigDict, backbone: str, patch_size: int) -> 
   c.model.drop_path = 0.1  # DINO: drop_path_rate 0.1
   if "target_momentum" in c.method:  # DINO: teacher momentum 0.996, cosine to 1 (emim.target's schedule)
     c.method.target_momentum = 0.996
-  if backbone == "vit_b16":
-    # MoCo v3's ViT-B recipe (its CONFIG.md): lr 1.5e-4 x batch/256, weight decay 0.1
-    # (constant), 40 warm-up epochs, momentum 0.99 to 1; no gradient clipping and timm's
-    # default drop path (0). DINO's ViT-B/16 run is larger-batch and less documented.
+  if backbone in ("vit_b16", "vit_l16"):
+    # MoCo v3's ViT-B and ViT-L recipes (its CONFIG.md): lr 1.5e-4 x batch/256, weight decay
+    # 0.1 (constant), 40 warm-up epochs, momentum 0.99 to 1; no gradient clipping and timm's
+    # default drop path (0). DINO's ViT-B/16 run is larger-batch and less documented. MoCo v3
+    # also freezes ViT-L's patch projection at its random init (--stop-grad-conv1); emim
+    # trains it (not compared).
     c.optim.base_lr, c.optim.weight_decay, c.optim.weight_decay_end = 1.5e-4, 0.1, -1.0
     c.optim.warmup_epochs, c.optim.clip_norm, c.model.drop_path = 40, 0.0, 0.0
     if "target_momentum" in c.method:
@@ -202,7 +204,7 @@ def vit_recipe(c: ml_collections.ConfigDict, backbone: str, patch_size: int) -> 
 
 # Backbone variants: name -> (ViT, patch size); a dataset file names those it offers.
 VIT_VARIANTS_32 = {"vit_s": ("vit_s16", 4)}  # 32x32 images: 8x8 patches of 4 pixels
-VIT_VARIANTS_224 = {"vit_s16": ("vit_s16", 16), "vit_b16": ("vit_b16", 16)}
+VIT_VARIANTS_224 = {"vit_s16": ("vit_s16", 16), "vit_b16": ("vit_b16", 16), "vit_l16": ("vit_l16", 16)}
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None, recipe=None,

@@ -136,7 +136,7 @@ def test_vit_configs_and_a_bad_patch_size_is_one_line_naming_the_field():
   c = load_config("cifar10", "vit_s")
   assert (c.model.backbone, c.model.patch_size, c.optim.name) == ("vit_s16", 4, "adamw")
   for name in ("imagenet1k", "imagenet100"):
-    for variant, backbone in (("vit_s16", "vit_s16"), ("vit_b16", "vit_b16")):
+    for variant, backbone in (("vit_s16", "vit_s16"), ("vit_b16", "vit_b16"), ("vit_l16", "vit_l16")):
       c = load_config(name, variant)
       assert (c.model.backbone, c.model.patch_size, c.data.image_size) == (backbone, 16, 224)
   tiny = load_config("cifar10", "vit_s,runlocal")
