@@ -181,9 +181,12 @@ def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
   empty = step_metrics.empty(metric_shapes)
   interval_sharding = jax.tree.map(lambda _: replicated, empty)
   abstract_empty = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), empty)
-  lowered = jax.jit(
-      step_and_accumulate, in_shardings=(state_sharding, data.input_sharding, interval_sharding),
-      out_shardings=(state_sharding, interval_sharding), donate_argnums=0).lower(state, example, abstract_empty)
+  # Under the mesh, the step gathers params split by sharding.params=fsdp where it uses
+  # them (train_step._whole).
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(
+        step_and_accumulate, in_shardings=(state_sharding, data.input_sharding, interval_sharding),
+        out_shardings=(state_sharding, interval_sharding), donate_argnums=0).lower(state, example, abstract_empty)
   return lowered, empty
 
 
