@@ -9,7 +9,9 @@ fit, is its row's one line. The compiles run in a child process (emim/aot/superv
 ``--max_batch`` also finds the largest global batch whose train step fits (a multiple of
 8 per device, at most the training set; emim/aot/search.py). ``--breakdown`` prints the
 step's FLOPs piece by piece (online encoder, target, predictor, objective, probe,
-augmentation, optimiser) beside the ``model`` row's, from lowered programs only.
+augmentation, optimiser) beside the ``model`` row's, from lowered programs, then the bytes
+the compiled train step reads and writes per device, piece by piece (emim/aot/pieces.py),
+beside the ``model`` row's; with it the programs default to ``train,model``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.DEFINE_integer("batch", 0, "Global batch (default: the config's).", flag_values=fv)
   flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, of {','.join(ALL_PROGRAMS)}.", flag_values=fv)
   flags.DEFINE_bool("max_batch", False, "Also find the largest global batch whose train step fits.", flag_values=fv)
-  flags.DEFINE_bool("breakdown", False, "Also the step's FLOPs piece by piece beside the model row's (lowered only: "
-                    "fast).", flag_values=fv)
+  flags.DEFINE_bool("breakdown", False, "Also the step's FLOPs (lowered) and its bytes per device (compiled) piece by "
+                    "piece, beside the model row's; the programs default to train,model.", flag_values=fv)
   flags.DEFINE_bool("no_header", False, "(a child after a crash)", flag_values=fv)
   flags.mark_flags_as_required(["config", "target"], flag_values=fv)
 
@@ -59,9 +61,12 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
   if bad or not (fv.programs or fv.max_batch or fv.breakdown):
     emim_cli.fail(f"--programs: name {'at least one' if not bad else 'only programs'} of {','.join(ALL_PROGRAMS)}"
                   f"{' (not ' + ','.join(bad) + ')' if bad else ''}.")
+  programs = list(fv.programs)
+  if fv.breakdown and not fv["programs"].present:
+    programs = ["train", "model"]
   config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
   return types.SimpleNamespace(config=fv.config, config_arg=config_arg, target=fv.target, batch=fv.batch,
-                               programs=list(fv.programs), max_batch=fv.max_batch, breakdown=fv.breakdown,
+                               programs=programs, max_batch=fv.max_batch, breakdown=fv.breakdown,
                                no_header=fv.no_header, argv=list(argv))
 
 
@@ -108,12 +113,12 @@ def compile_and_print(args) -> int:
     rest = pieces["whole step"] - sum(v for k, v in pieces.items()
                                       if k not in ("whole step", "model row (network fwd+bwd, two views)"))
     print(f"| rest (whole - pieces) | {rest / 1e9:.1f} | |", flush=True)
-    if args.programs == list(PROGRAMS) and not args.max_batch:
-      return 0
   if not args.no_header and args.programs:
     print(table_header(unit), flush=True)
   reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
       if args.programs else []
+  if args.breakdown:
+    print_bytes_by_piece(reports, unit)
   if args.max_batch:
     print(f"Largest global batch whose train step fits (a multiple of 8 per {unit}):", flush=True)
     best = max_batch(config, target, 8 * n, next((r for r in reports if r.program == "train"), None))
@@ -121,6 +126,32 @@ def compile_and_print(args) -> int:
     print(f"max_batch {best} ({best // n} per {unit}) on {target.name}"
           f"{' (the whole training set: no larger batch tried)' if whole else ''}", flush=True)
   return 1 if any(r.error for r in reports) else 0
+
+
+def print_bytes_by_piece(reports, unit: str) -> None:
+  """The compiled train step's bytes per device piece by piece (emim/aot/pieces.py),
+  beside the compiled ``model`` row's total, where both compiled."""
+  from emim.aot.pieces import bytes_by_piece, ordered
+
+  by_name = {r.program: r for r in reports if not r.error and r.hlo}
+  if "train" not in by_name:
+    print("No bytes by piece: the train step did not compile here (or its text could not be read).", flush=True)
+    return
+  train, model = by_name["train"], by_name.get("model")
+  pieces = bytes_by_piece(train.hlo)
+  model_bytes = model.bytes_accessed if model is not None and model.bytes_accessed else 0.0
+  print(f"| piece of the compiled train step | GB per {unit} | / model row's bytes |\n|---|---|---|")
+  ratio = lambda b: f"{b / model_bytes:.3f}" if model_bytes else ""
+  for name, value in ordered(pieces):
+    print(f"| {name} | {value / 1e9:.2f} | {ratio(value)} |")
+  total = sum(pieces.values())
+  print(f"| sum of the pieces | {total / 1e9:.2f} | {ratio(total)} |")
+  if train.bytes_accessed:
+    print(f"| the compiler's total (cost analysis) | {train.bytes_accessed / 1e9:.2f} | {ratio(train.bytes_accessed)} |")
+  if model_bytes:
+    print(f"| the model row's total (cost analysis) | {model_bytes / 1e9:.2f} | 1.000 |")
+  print("Each instruction's operands and results as laid out (tiles padded), summed by the step's named scopes; a "
+        "compiler's estimate, not a timing.", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,132 @@
+"""Where a compiled program's memory traffic goes: the bytes each instruction of the
+compiled HLO reads and writes, summed by the piece of the train step it belongs to.
+
+XLA's cost analysis gives one figure for a whole program ("bytes accessed"). The compiled
+program's text names, for every instruction XLA emits (a fusion, a convolution, a copy, a
+collective), the shapes it reads and writes, their layouts in the device's memory, and the
+``op_name`` of the JAX operation it came from; ``train_step.py`` names its pieces with
+``jax.named_scope`` (augment, online, predictor, target, objective, optimizer, norms, probe,
+ema_update, guard, metrics), so each instruction's bytes can be given to its piece.
+
+An instruction's bytes are its operands' and its results' sizes, as laid out: on a TPU
+an array's two minor dimensions are stored in tiles (``T(8,128)``: the minor-most padded to
+a multiple of 128, the next to 8), so a (N, 224, 224, 3) image batch with its channels
+minor occupies 128/3 times its size. This is how XLA's own cost analysis counts a fusion's
+bytes to first order; it does not see inside fusions that read slices of an operand, so
+the sum differs from the compiler's total by some percent (the report says how much).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+                  "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(?:, .*)?$")
+_CONTROL_FLOW = ("while", "conditional", "call")
+# Instructions that move no data of their own (views, tuples, the ends of async pairs).
+_FREE = {"get-tuple-element", "tuple", "parameter", "constant", "bitcast", "partition-id", "replica-id", "after-all",
+         "opt-barrier", "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
+         "send-done", "recv-done"}
+_COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
+
+# The step's pieces, in the order a table lists them: (name, the op_name scope that marks it).
+PIECES = (
+    ("augmentation, two views", "/augment/"),
+    ("online encoder forward", "jvp(online)"),
+    ("predictor", "predictor"),
+    ("target forward", "target"),
+    ("objective", "objective"),
+    ("optimiser update", "/optimizer/"),
+    ("gradient and update norms", "/norms/"),
+    ("online probe", "/probe/"),
+    ("EMA update", "/ema_update/"),
+    ("non-finite guard", "/guard/"),
+    ("metrics", "/metrics/"),
+)
+BACKWARD = "online encoder backward"
+COLLECTIVES = "collectives (gradient all-reduce, ...)"
+UNNAMED = "copies and layout changes (unnamed)"
+REST = "rest"
+
+
+def array_bytes(text: str) -> int:
+  """Bytes of every array in an HLO type (a tuple's elements summed), as laid out in tiles."""
+  total = 0
+  for dtype, dims, layout in _ARRAY.findall(text):
+    shape = [int(d) for d in dims.split(",") if d]
+    m = re.match(r"\{([0-9,]*)(?::T\(([0-9,]+)\))?", layout or "")
+    if m and m.group(2) and shape:
+      minor_to_major = [int(x) for x in m.group(1).split(",") if x]
+      for axis, tile in zip(minor_to_major, reversed([int(x) for x in m.group(2).split(",")])):
+        shape[axis] = -(-shape[axis] // tile) * tile
+    n = 1
+    for d in shape:
+      n *= d
+    total += n * _ELEMENT_BYTES[dtype]
+  return total
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[tuple]], str]:
+  computations, current, entry = {}, None, ""
+  for line in hlo.splitlines():
+    if line.startswith("%") or line.startswith("ENTRY"):
+      name = re.match(r"(?:ENTRY )?%([\w.\-]+)", line).group(1)
+      current = computations.setdefault(name, [])
+      entry = name if line.startswith("ENTRY") else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None and (m := _INSTRUCTION.match(line)):
+      current.append((*m.groups(), line))
+  return computations, entry
+
+
+def piece_of(op_name: str, opcode: str) -> str:
+  """The piece of the step an instruction belongs to, from its op_name."""
+  if opcode.startswith(_COLLECTIVES):
+    return COLLECTIVES
+  if not op_name:
+    return UNNAMED
+  if "transpose(jvp(online))" in op_name:
+    return BACKWARD
+  for piece, scope in PIECES:
+    if scope in op_name:
+      return piece
+  return REST
+
+
+def bytes_by_piece(hlo: str) -> collections.Counter:
+  """{piece: bytes} of a compiled program's text, every instruction the entry computation
+  runs, and those of the loops and branches it calls, counted once (a loop's body once,
+  not per trip)."""
+  computations, entry = _computations(hlo)
+  types = {name: typ for body in computations.values() for name, typ, *_ in body}
+  reached, todo = set(), [entry]
+  while todo:
+    name = todo.pop()
+    if name in reached or name not in computations:
+      continue
+    reached.add(name)
+    for _, _, opcode, _, line in computations[name]:
+      if opcode in _CONTROL_FLOW:
+        todo += re.findall(r"\b(?:body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)", line)
+        todo += [b.strip(" %") for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+                 for b in group.split(",")]
+  pieces = collections.Counter()
+  for name in reached:
+    for _, typ, opcode, operands, line in computations[name]:
+      if opcode in _FREE or opcode in _CONTROL_FLOW:
+        continue
+      moved = array_bytes(typ) + sum(array_bytes(types.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      pieces[piece_of(op_name.group(1) if op_name else "", opcode)] += moved
+  return pieces
+
+
+def ordered(pieces: collections.Counter) -> list[tuple[str, int]]:
+  """The pieces in the table's order, those with no bytes left out."""
+  names = [p for p, _ in PIECES[:1]] + ["online encoder forward", BACKWARD] + [p for p, _ in PIECES[2:]]
+  names += [COLLECTIVES, UNNAMED, REST]
+  return [(n, pieces[n]) for n in names if pieces.get(n)]
