@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch", reason="PyTorch (CPU) is needed to check th
 try:
   import timm
 except Exception as e:  # not installed, or a torchvision built for another torch (a RuntimeError on import)
-  pytest.skip(f"timm cannot be imported here ({type(e).__name__}: {e}); the timm export test needs timm and a torchvision "
-              "built for the installed torch (docs/install.md, 'The tests').", allow_module_level=True)
+  pytest.skip(f"timm cannot be imported here ({type(e).__name__}: {e}); the timm export test needs timm and a "
+              "torchvision built for the installed torch (docs/install.md, 'The tests').", allow_module_level=True)
 
 
 def tiny_vit_config():
