@@ -58,7 +58,10 @@ setup(
         # notebook, executed top to bottom.
         # pytest-xdist: the suite runs in two processes (pytest.ini).
         # wandb: the W&B writer's test, in its offline mode.
+        # timm: the ViT export's test loads it into timm's VisionTransformer. timm needs torch and
+        # torchvision: install PyTorch's CPU build first with its own torchvision (.ci/run does),
+        # or pip takes the newest torchvision and with it a newer torch, a CUDA build on Linux.
         "test": ["pytest", "pytest-xdist", "tensorboard", "gcsfs", "gcp-storage-emulator", "setuptools>=70.1",
-                 "matplotlib", "jupytext", "nbclient", "nbformat", "ipykernel", "wandb"],
+                 "matplotlib", "jupytext", "nbclient", "nbformat", "ipykernel", "wandb", "timm"],
     },
 )

@@ -1,4 +1,4 @@
-"""Export a trained backbone for downstream jobs: JAX and PyTorch (torchvision layout).
+"""Export a trained backbone for downstream jobs: JAX, and PyTorch (torchvision's ResNets, timm's ViTs).
 
     python -m emim.export --workdir=runs/cifar10 --output=exports/cifar10 [--checkpoint_step=N] [--overwrite]
 
@@ -9,6 +9,10 @@ writes to --output (a new or empty directory, or any with --overwrite; local or 
   torchvision_resnet.safetensors     (ResNets) a torchvision ResNet state dict (no ``fc``); for the
                                      CIFAR stem replace ``conv1`` by a 3x3 stride-1 conv and
                                      ``maxpool`` by ``nn.Identity()`` before loading
+  timm_vit.safetensors               (ViTs) a timm VisionTransformer state dict (no head) that
+                                     ``timm.create_model(name, num_classes=0)`` loads with
+                                     strict=True; model.json's ``timm`` names the model, or for
+                                     sizes timm has no name for gives VisionTransformer's keywords
 
 The model is the one the checkpoint holds (its own saved config). The directory appears
 complete or not at all: locally the files are written to a temporary sibling that is then
@@ -36,12 +40,26 @@ from emim import cli, fs
 from emim import checkpoint as ckpt_lib
 from emim.backbone import (Backbone, backbone_from_model_config, checkpoint_dir, input_shape_of, load_run_config,
                            restore_backbone)
-from emim.models import ResNet
+from emim.models import ResNet, ViT
 from emim.checkpoint import quiet_orbax_logs
 from emim.errors import UserError
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
-EXPORT_FILES = (BACKBONE_FILE, MODEL_FILE, TORCH_FILE)
+TIMM_FILE = "timm_vit.safetensors"
+EXPORT_FILES = (BACKBONE_FILE, MODEL_FILE, TORCH_FILE, TIMM_FILE)
+
+# emim's published ViT sizes -> timm's size names; timm registers vit_{size}_patch{p}_{resolution}
+# with these sizes only for the (patch, resolution) pairs below (timm 1.0).
+_TIMM_VIT_SIZES = {"vit_ti16": "tiny", "vit_s16": "small", "vit_b16": "base", "vit_l16": "large"}
+_TIMM_VIT_NAMES = frozenset({
+    "vit_tiny_patch16_224", "vit_tiny_patch16_384",
+    "vit_small_patch8_224", "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
+    "vit_small_patch32_384",
+    "vit_base_patch8_224", "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch32_224",
+    "vit_base_patch32_384",
+    "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch32_224",
+    "vit_large_patch32_384",
+})
 
 
 def torchvision_state_dict(backbone: Backbone) -> dict[str, np.ndarray]:
@@ -83,6 +101,67 @@ def torchvision_state_dict(backbone: Backbone) -> dict[str, np.ndarray]:
   return out
 
 
+def timm_vit_model(backbone: Backbone) -> dict:
+  """How timm builds the same ViT: ``{"model": name, "kwargs": keywords}``.
+
+  ``model`` is timm's registered name (``timm.create_model(model, num_classes=0)``), or None
+  for a size or resolution timm has no name for; ``kwargs`` are always
+  ``timm.models.VisionTransformer``'s keywords for it. timm's defaults are emim's model:
+  pre-LayerNorm blocks with eps 1e-6, exact GELU, qkv and projection biases, and with
+  ``global_pool="token"`` the final ``norm`` (not ``fc_norm``) then the class token, which
+  with ``num_classes=0`` is ``model(x)``: emim's feature.
+  """
+  m = backbone.model
+  kwargs = dict(img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.width, depth=m.depth, num_heads=m.heads,
+                mlp_ratio=float(m.mlp_ratio), num_classes=0, global_pool="token", class_token=True)
+  size = _TIMM_VIT_SIZES.get(backbone.model_config.get("backbone"))
+  name = f"vit_{size}_patch{m.patch_size}_{m.image_size}"
+  return {"model": name if name in _TIMM_VIT_NAMES else None, "kwargs": kwargs}
+
+
+def timm_state_dict(backbone: Backbone) -> dict[str, np.ndarray]:
+  """The ViT's params under timm's VisionTransformer names and layouts.
+
+  patch_embed kernel (kh, kw, in, out) -> patch_embed.proj.weight (out, in, kh, kw); the
+  (1, h, w, D) position embeddings -> pos_embed (1, 1 + h*w, D) in row-major patch order
+  (timm's flatten of the conv output), with a zero row for the class token, whose own
+  parameter in emim carries its position; the blocks, stacked by ``nn.scan`` along a
+  leading axis, -> blocks.{i}; qkv's (D, 3, heads, head_dim) kernel -> attn.qkv.weight
+  (3*D, D), which timm splits as (3, heads, head_dim) too; proj's (heads, head_dim, D)
+  -> attn.proj.weight (D, D); Dense kernels transposed to Linear's (out, in); LayerNorm
+  scale -> weight.
+  """
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(backbone.variables["params"]))
+  width = backbone.model.width
+  out: dict[str, np.ndarray] = {}
+
+  def linear(torch_name, kernel, bias):  # kernel (in..., out...) flattened to (in, out), then Linear's (out, in)
+    fan_in = int(np.prod(kernel.shape)) // bias.size
+    out[f"{torch_name}.weight"] = np.ascontiguousarray(kernel.reshape(fan_in, bias.size).T)
+    out[f"{torch_name}.bias"] = bias.reshape(-1)
+
+  def norm(torch_name, p):
+    out[f"{torch_name}.weight"], out[f"{torch_name}.bias"] = p["scale"], p["bias"]
+
+  out["cls_token"] = params["cls_token"]
+  posemb = params["pos_embedding"].reshape(1, -1, width)
+  out["pos_embed"] = np.concatenate([np.zeros((1, 1, width), np.float32), posemb], axis=1)
+  out["patch_embed.proj.weight"] = np.ascontiguousarray(np.transpose(params["patch_embed"]["kernel"], (3, 2, 0, 1)))
+  out["patch_embed.proj.bias"] = params["patch_embed"]["bias"]
+  blocks = params["blocks"]
+  for i in range(backbone.model.depth):
+    block = jax.tree.map(lambda x: x[i], blocks)
+    prefix = f"blocks.{i}"
+    norm(f"{prefix}.norm1", block["norm1"])
+    linear(f"{prefix}.attn.qkv", block["attn"]["qkv"]["kernel"], block["attn"]["qkv"]["bias"])
+    linear(f"{prefix}.attn.proj", block["attn"]["proj"]["kernel"], block["attn"]["proj"]["bias"])
+    norm(f"{prefix}.norm2", block["norm2"])
+    linear(f"{prefix}.mlp.fc1", block["fc1"]["kernel"], block["fc1"]["bias"])
+    linear(f"{prefix}.mlp.fc2", block["fc2"]["kernel"], block["fc2"]["bias"])
+  norm("norm", params["norm"])
+  return out
+
+
 class ExportError(UserError, RuntimeError):
   """An export that cannot be written or read; the message names the path and the fix."""
 
@@ -94,6 +173,8 @@ def _write_files(backbone: Backbone, directory: fs.Path, meta: dict) -> None:
   fs.atomic_write_bytes(directory / BACKBONE_FILE, flax.serialization.to_bytes(variables))
   if isinstance(backbone.model, ResNet):  # torchvision has no layout for the vectors' MLP
     fs.atomic_write_bytes(directory / TORCH_FILE, safetensors_bytes(torchvision_state_dict(backbone)))
+  if isinstance(backbone.model, ViT):
+    fs.atomic_write_bytes(directory / TIMM_FILE, safetensors_bytes(timm_state_dict(backbone)))
   fs.atomic_write_text(directory / MODEL_FILE, json.dumps(meta, indent=2))  # last: marks the export complete
 
 
@@ -124,13 +205,15 @@ def check_output(output: fs.PathLike, overwrite: bool, workdir: fs.PathLike | No
 
 
 def export_backbone(backbone: Backbone, output: fs.PathLike, info: dict | None = None, overwrite: bool = False) -> fs.Path:
-  """Write the three export files to ``output``; returns the directory.
+  """Write the export files to ``output``; returns the directory.
 
   ``output`` must be new or empty, or with ``overwrite`` hold an earlier export (and
   nothing else): another run's files are never replaced by accident.
   """
   output = check_output(output, overwrite)
   meta = {**backbone.model_config, "feature_dim": backbone.feature_dim, **(info or {})}
+  if isinstance(backbone.model, ViT):
+    meta["timm"] = timm_vit_model(backbone)
   if fs.is_remote(output):
     if (output / MODEL_FILE).exists():
       (output / MODEL_FILE).unlink()  # incomplete until the new model.json lands
