@@ -93,8 +93,9 @@ def state_sharding(abstract_state, mesh: Mesh, rule: str = "replicate", fsdp_min
   """The sharding of every array of the train state under ``rule`` (config.sharding.params):
   one rule for every field alike (params, optimiser moments, the EMA target, a trained
   target's optimiser state), so that an array and its moments lie the same way and the
-  update needs no communication. Under fsdp the compiler gathers each layer's weights
-  where the forward needs them (the data axis is Auto)."""
+  update needs no communication. Under fsdp the step gathers the params whole where it
+  uses them (``train_step._whole``: one all-gather, its gradient a reduce-scatter), so the
+  forward and backward stay data-parallel."""
   if resolve_params_rule(rule, abstract_state, mesh, auto_fsdp_gib) == "replicate":
     return jax.tree.map(lambda _: replicated(mesh), abstract_state)
   devices, min_bytes = mesh.devices.size, fsdp_min_mib * 2**20
