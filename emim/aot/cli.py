@@ -130,7 +130,7 @@ def compile_and_print(args) -> int:
 
 def print_bytes_by_piece(reports, unit: str) -> None:
   """The compiled train step's bytes per device piece by piece (emim/aot/pieces.py),
-  beside the compiled ``model`` row's total, where both compiled."""
+  beside the compiled ``model`` row's, where both compiled."""
   from emim.aot.pieces import bytes_by_piece, ordered
 
   by_name = {r.program: r for r in reports if not r.error and r.hlo}
@@ -138,20 +138,24 @@ def print_bytes_by_piece(reports, unit: str) -> None:
     print("No bytes by piece: the train step did not compile here (or its text could not be read).", flush=True)
     return
   train, model = by_name["train"], by_name.get("model")
-  pieces = bytes_by_piece(train.hlo)
-  model_bytes = model.bytes_accessed if model is not None and model.bytes_accessed else 0.0
-  print(f"| piece of the compiled train step | GB per {unit} | / model row's bytes |\n|---|---|---|")
-  ratio = lambda b: f"{b / model_bytes:.3f}" if model_bytes else ""
-  for name, value in ordered(pieces):
-    print(f"| {name} | {value / 1e9:.2f} | {ratio(value)} |")
-  total = sum(pieces.values())
-  print(f"| sum of the pieces | {total / 1e9:.2f} | {ratio(total)} |")
-  if train.bytes_accessed:
-    print(f"| the compiler's total (cost analysis) | {train.bytes_accessed / 1e9:.2f} | {ratio(train.bytes_accessed)} |")
-  if model_bytes:
-    print(f"| the model row's total (cost analysis) | {model_bytes / 1e9:.2f} | 1.000 |")
-  print("Each instruction's operands and results as laid out (tiles padded), summed by the step's named scopes; a "
-        "compiler's estimate, not a timing.", flush=True)
+  every, main = bytes_by_piece(train.hlo)
+  model_main = sum(bytes_by_piece(model.hlo)[1].values()) if model is not None else 0
+  ratio = lambda b: f"{b / model_main:.3f}" if model_main else ""
+  print(f"| piece of the compiled train step | GB per {unit}, every memory | GB per {unit}, main memory | "
+        "/ model row's main memory |\n|---|---|---|---|")
+  for name, value in ordered(every):
+    print(f"| {name} | {value / 1e9:.2f} | {main[name] / 1e9:.2f} | {ratio(main[name])} |")
+  total, total_main = sum(every.values()), sum(main.values())
+  print(f"| the train step | {total / 1e9:.2f} | {total_main / 1e9:.2f} | {ratio(total_main)} |")
+  if model is not None:
+    model_every = sum(bytes_by_piece(model.hlo)[0].values())
+    print(f"| the model row (network fwd+bwd, two views) | {model_every / 1e9:.2f} | {model_main / 1e9:.2f} | 1.000 |")
+  costs = [f"train {train.bytes_accessed / 1e9:.2f} GB"] if train.bytes_accessed else []
+  costs += [f"model {model.bytes_accessed / 1e9:.2f} GB"] if model is not None and model.bytes_accessed else []
+  print("Each instruction's operands and results as laid out (tiles padded), a loop's body per trip, summed by the "
+        "step's named scopes (an unnamed copy or prefetch by the instruction that uses it); main memory: what is not "
+        f"in an on-chip memory. The compiler's own totals: {', '.join(costs) or 'none'} (a loop's body counted once). "
+        "Compiler estimates, not timings.", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

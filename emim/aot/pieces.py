@@ -28,8 +28,10 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)
 _CONTROL_FLOW = ("while", "conditional", "call")
 # Instructions that move no data of their own (views, tuples, the ends of async pairs).
 _FREE = {"get-tuple-element", "tuple", "parameter", "constant", "bitcast", "partition-id", "replica-id", "after-all",
-         "opt-barrier", "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
-         "send-done", "recv-done"}
+         "opt-barrier"}
+# Custom calls that only reinterpret their operands (a TPU concatenation of slices already
+# laid out side by side).
+_FREE_CALLS = ("ConcatBitcast",)
 _COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter")
 
 # The step's pieces, in the order a table lists them: (name, the op_name scope that marks it).
@@ -52,10 +54,14 @@ UNNAMED = "copies and layout changes (unnamed)"
 REST = "rest"
 
 
-def array_bytes(text: str) -> int:
-  """Bytes of every array in an HLO type (a tuple's elements summed), as laid out in tiles."""
+def array_bytes(text: str, hbm_only: bool = False) -> int:
+  """Bytes of every array in an HLO type (a tuple's elements summed), as laid out in tiles;
+  ``hbm_only``: only those in the device's main memory (a TPU's layouts mark the others,
+  on-chip memories, with ``S(n)``)."""
   total = 0
   for dtype, dims, layout in _ARRAY.findall(text):
+    if hbm_only and re.search(r"S\(\d+\)", layout or ""):
+      continue
     shape = [int(d) for d in dims.split(",") if d]
     m = re.match(r"\{([0-9,]*)(?::T\(([0-9,]+)\))?", layout or "")
     if m and m.group(2) and shape:
@@ -97,32 +103,89 @@ def piece_of(op_name: str, opcode: str) -> str:
   return REST
 
 
-def bytes_by_piece(hlo: str) -> collections.Counter:
-  """{piece: bytes} of a compiled program's text, every instruction the entry computation
-  runs, and those of the loops and branches it calls, counted once (a loop's body once,
-  not per trip)."""
+def instruction_bytes(result: str, opcode: str, operands: list[str], hbm_only: bool = False) -> int:
+  """What one instruction reads and writes: its operands and its result. An asynchronous
+  copy or slice between memories (``copy-start``, ``slice-start``; their ``-done`` adds
+  nothing) moves its destination's bytes: read from one memory, written to the other
+  (``hbm_only``: the side in main memory)."""
+  if opcode in ("copy-start", "slice-start"):
+    # copy-start: (destination, source, context); slice-start: ((operands), destination, context)
+    inner = re.sub(r"^\(\([^()]*\),\s*", "(", result) if opcode == "slice-start" else result
+    arrays = [m.group(0) for m in _ARRAY.finditer(inner)][:2 if opcode == "copy-start" else 1]
+    if not arrays:
+      return 0
+    size = array_bytes(arrays[0])
+    if not hbm_only:
+      return 2 * size
+    sides = arrays if opcode == "copy-start" else [arrays[0], operands[0] if operands else ""]
+    return size * sum(1 for t in sides if t and array_bytes(t, hbm_only=True))
+  return array_bytes(result, hbm_only) + sum(array_bytes(t, hbm_only) for t in operands)
+
+
+def trip_count(condition: list[tuple]) -> int:
+  """A counted loop's trips, read off its condition (``i < N`` from 0, as a fori_loop
+  compiles); 1 where the condition is not of that form."""
+  constants = [int(c) for *_, line in condition for c in re.findall(r"\bs32\[\]\S* constant\((\d+)\)", line)]
+  compares = [line for *_, line in condition if "direction=LT" in line]
+  return constants[0] if len(constants) == 1 and len(compares) == 1 else 1
+
+
+def bytes_by_piece(hlo: str) -> tuple[collections.Counter, collections.Counter]:
+  """({piece: bytes}, {piece: bytes in main memory}) of a compiled program's text: every instruction the entry computation
+  runs, and those of the loops and branches it calls, a counted loop's body once per trip
+  (``trip_count``; XLA's cost analysis counts it once), each branch of a conditional as if
+  it ran."""
   computations, entry = _computations(hlo)
   types = {name: typ for body in computations.values() for name, typ, *_ in body}
-  reached, todo = set(), [entry]
+  trips, todo = {}, [(entry, 1)]
   while todo:
-    name = todo.pop()
-    if name in reached or name not in computations:
+    name, times = todo.pop()
+    if name in trips or name not in computations:
       continue
-    reached.add(name)
+    trips[name] = times
     for _, _, opcode, _, line in computations[name]:
-      if opcode in _CONTROL_FLOW:
-        todo += re.findall(r"\b(?:body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)", line)
-        todo += [b.strip(" %") for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+      if opcode == "while":
+        condition = re.search(r"\bcondition=%([\w.\-]+)", line).group(1)
+        body_times = times * trip_count(computations.get(condition, []))
+        todo += [(condition, body_times), (re.search(r"\bbody=%([\w.\-]+)", line).group(1), body_times)]
+      elif opcode in _CONTROL_FLOW:
+        todo += [(c, times) for c in re.findall(r"\b(?:to_apply|true_computation|false_computation)=%([\w.\-]+)", line)]
+        todo += [(b.strip(" %"), times) for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
                  for b in group.split(",")]
-  pieces = collections.Counter()
-  for name in reached:
-    for _, typ, opcode, operands, line in computations[name]:
-      if opcode in _FREE or opcode in _CONTROL_FLOW:
-        continue
-      moved = array_bytes(typ) + sum(array_bytes(types.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
+  # An instruction without an op_name (a copy, a prefetch into on-chip memory that the
+  # compiler added) belongs to the piece of the first named instruction that uses it.
+  named, users = {}, collections.defaultdict(list)
+  for body in computations.values():
+    for name, _, opcode, operands, line in body:
       op_name = re.search(r'op_name="([^"]*)"', line)
-      pieces[piece_of(op_name.group(1) if op_name else "", opcode)] += moved
-  return pieces
+      if op_name:
+        named[name] = piece_of(op_name.group(1), opcode)
+      for o in re.findall(r"%([\w.\-]+)", operands):
+        users[o].append(name)
+
+  def owner(name: str) -> str:
+    seen, frontier = {name}, [name]
+    while frontier:
+      nxt = []
+      for n in frontier:
+        if n in named:
+          return named[n]
+        nxt += [u for u in users.get(n, ()) if u not in seen]
+        seen.update(nxt)
+      frontier = nxt
+    return UNNAMED
+
+  pieces = {False: collections.Counter(), True: collections.Counter()}
+  for name, times in trips.items():
+    for instruction, typ, opcode, operands, line in computations[name]:
+      if (opcode in _FREE or opcode in _CONTROL_FLOW or opcode.endswith("-done")
+          or (opcode == "custom-call" and any(f'"{c}"' in line for c in _FREE_CALLS))):
+        continue
+      piece = COLLECTIVES if opcode.startswith(_COLLECTIVES) else named.get(instruction) or owner(instruction)
+      operand_types = [types.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands)]
+      for hbm_only in (False, True):
+        pieces[hbm_only][piece] += instruction_bytes(typ, opcode, operand_types, hbm_only) * times
+  return pieces[False], pieces[True]
 
 
 def ordered(pieces: collections.Counter) -> list[tuple[str, int]]:

@@ -119,7 +119,9 @@ def hsv_to_rgb(hsv: Array) -> Array:
 def adjust_hue(image: Array, delta: Array) -> Array:
   """Rotate the hue by delta turns (delta in [-0.5, 0.5])."""
   hsv = rgb_to_hsv(image)
-  hsv = hsv.at[..., 0].set((hsv[..., 0] + delta) % 1.0)
+  # A new stack, not hsv.at[..., 0].set(...): under vmap that is a scatter, which XLA
+  # does not fuse with the conversions around it.
+  hsv = jnp.stack([(hsv[..., 0] + delta) % 1.0, hsv[..., 1], hsv[..., 2]], axis=-1)
   return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
 
 
@@ -134,7 +136,12 @@ def color_jitter(key: Array, image: Array, brightness: float, contrast: float, s
       lambda x: adjust_hue(x, jax.random.uniform(kh, (), minval=-hue, maxval=hue)),
   ]
   order = jax.random.permutation(k_order, 4)
-  return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(order[i], ops, x), image)
+  # Unrolled, not a fori_loop: a loop's body is a boundary XLA does not fuse across, so
+  # each of its four trips wrote the whole batch of images and read it back (under vmap
+  # every trip computes the four jitters and selects one).
+  for i in range(4):
+    image = jax.lax.switch(order[i], ops, image)
+  return image
 
 
 # ----------------------------------------------------------------------------------
