@@ -524,3 +524,75 @@ def test_the_state_is_laid_out_as_the_runs_sharding_rule_says():
 
   replicated, fsdp = split_arguments("replicate"), split_arguments("fsdp")
   assert fsdp > replicated + 20, (replicated, fsdp)  # dozens of the state's arrays split, not one or two
+
+
+# A compiled program's text, as a TPU compiler writes it, cut down: a loop of 4 trips, an
+# unnamed prefetch into on-chip memory (S(1)) used by the target's forward, a fusion of
+# the online encoder's backward, a collective.
+_TINY_HLO = """HloModule tiny
+
+%cond (p: (s32[], f32[8,128])) -> pred[] {
+  %p = (s32[], f32[8,128]{1,0:T(8,128)}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %p = (s32[], f32[8,128]{1,0:T(8,128)}) parameter(0)
+  %x = f32[8,128]{1,0:T(8,128)} get-tuple-element(%p), index=1
+  %y = f32[8,128]{1,0:T(8,128)} fusion(%x), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/augment/vmap()/mul"}
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[8,128]{1,0:T(8,128)}) tuple(%i, %y)
+}
+
+ENTRY %main (a: f32[8,3], w: bf16[256,128]) -> f32[8,3] {
+  %a = f32[8,3]{1,0:T(8,128)} parameter(0)
+  %w = bf16[256,128]{1,0:T(8,128)(2,1)} parameter(1)
+  %cs = (bf16[256,128]{1,0:T(8,128)(2,1)S(1)}, bf16[256,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w)
+  %cd = bf16[256,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
+  %g = f32[8,3]{1,0:T(8,128)} fusion(%a, %cd), kind=kOutput, calls=%f2, metadata={op_name="jit(train_step)/jvp(target)/Encoder/backbone/conv"}
+  %b = f32[8,3]{1,0:T(8,128)} fusion(%g), kind=kLoop, calls=%f3, metadata={op_name="jit(train_step)/transpose(jvp(online))/Encoder/backbone/conv"}
+  %r = f32[8,3]{1,0:T(8,128)} all-reduce(%b), replica_groups={}, to_apply=%add
+  %init = (s32[], f32[8,128]{1,0:T(8,128)}) tuple(%a, %a)
+  %loop = (s32[], f32[8,128]{1,0:T(8,128)}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,3]{1,0:T(8,128)} copy(%r)
+}
+"""
+
+
+def test_the_bytes_by_piece_pad_tiles_count_each_trip_and_give_prefetches_to_their_users():
+  from emim.aot import pieces
+
+  assert pieces.array_bytes("f32[8,3]{1,0:T(8,128)}") == 8 * 128 * 4  # the minor dimension padded to 128
+  assert pieces.array_bytes("u8[2,5]{1,0:T(32,128)(4,1)}") == 32 * 128  # 2 padded to 32, 5 to 128
+  assert pieces.array_bytes("f32[8,3]") == 8 * 3 * 4  # no tiles (a CPU's or GPU's layout)
+  assert pieces.array_bytes("bf16[256,128]{1,0:T(8,128)(2,1)S(1)}", hbm_only=True) == 0  # on-chip
+  every, main = pieces.bytes_by_piece(_TINY_HLO)
+  tile = 8 * 128 * 4  # every f32[8,3] and f32[8,128] here
+  weight = 256 * 128 * 2
+  assert every["augmentation, two views"] == 4 * 2 * tile  # the loop's fusion, read and written, 4 trips
+  # The target's fusion reads a and the prefetched weight, writes g; the unnamed prefetch
+  # (read from main memory, written on chip) is the target's too, as its user is.
+  assert every["target forward"] == 2 * tile + weight + 2 * weight
+  assert main["target forward"] == 2 * tile + weight
+  assert every["online encoder backward"] == 2 * tile
+  assert every[pieces.COLLECTIVES] == 2 * tile
+  # Unnamed, used by nothing named: the final copy, and the loop's test of each trip.
+  assert every[pieces.UNNAMED] == 2 * tile + 4 * (1 + 4 + 4)
+
+
+def test_the_compiled_steps_bytes_are_given_to_its_named_pieces(compiled):
+  from emim.aot import pieces
+
+  _, _, report = compiled["imagenet1k", "v5e:2x2"]
+  every, main = pieces.bytes_by_piece(report.hlo)
+  for piece in ("augmentation, two views", "online encoder forward", "online encoder backward", "target forward",
+                "objective", "optimiser update", "online probe", "non-finite guard", "metrics", pieces.COLLECTIVES):
+    assert every[piece] > 0, piece
+  total = sum(every.values())
+  assert every[pieces.UNNAMED] + every[pieces.REST] < 0.1 * total, dict(every)
+  assert all(main[k] <= every[k] for k in every)
+  # The same program as the compiler's cost analysis counts it (which counts a loop's body
+  # once, and an asynchronous copy otherwise): the same order of magnitude.
+  assert 0.5 < total / report.bytes_accessed < 2.0
