@@ -596,3 +596,79 @@ def test_the_compiled_steps_bytes_are_given_to_its_named_pieces(compiled):
   # The same program as the compiler's cost analysis counts it (which counts a loop's body
   # once, and an asynchronous copy otherwise): the same order of magnitude.
   assert 0.5 < total / report.bytes_accessed < 2.0
+
+
+_SCAN_HLO = """HloModule scan
+
+%slice_layer (stack: f32[24,8,128], i: s32[]) -> f32[1,8,128] {
+  %stack = f32[24,8,128]{2,1,0:T(8,128)} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %one = f32[1,8,128]{2,1,0:T(8,128)} dynamic-slice(%stack, %i, %z, %z), dynamic_slice_sizes={1,8,128}
+}
+
+%put_layer (grads: f32[24,8,128], g: f32[1,8,128], i: s32[]) -> f32[24,8,128] {
+  %grads = f32[24,8,128]{2,1,0:T(8,128)} parameter(0)
+  %g = f32[1,8,128]{2,1,0:T(8,128)} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %out = f32[24,8,128]{2,1,0:T(8,128)} dynamic-update-slice(%grads, %g, %i, %z, %z)
+}
+
+%body (p: (s32[], f32[24,8,128], f32[24,8,128])) -> (s32[], f32[24,8,128], f32[24,8,128]) {
+  %p = (s32[], f32[24,8,128]{2,1,0:T(8,128)}, f32[24,8,128]{2,1,0:T(8,128)}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = f32[24,8,128]{2,1,0:T(8,128)} get-tuple-element(%p), index=1
+  %acc = f32[24,8,128]{2,1,0:T(8,128)} get-tuple-element(%p), index=2
+  %layer = f32[1,8,128]{2,1,0:T(8,128)} fusion(%w, %i), kind=kLoop, calls=%slice_layer, metadata={op_name="jit(train_step)/jvp(online)/Encoder/backbone/blocks/while/body/dynamic_slice"}
+  %new = f32[24,8,128]{2,1,0:T(8,128)} fusion(%acc, %layer, %i), kind=kLoop, calls=%put_layer, metadata={op_name="jit(train_step)/transpose(jvp(online))/Encoder/backbone/blocks/while/body/dynamic_update_slice"}
+  ROOT %t = (s32[], f32[24,8,128]{2,1,0:T(8,128)}, f32[24,8,128]{2,1,0:T(8,128)}) tuple(%i, %w, %new)
+}
+
+%cond (p: (s32[], f32[24,8,128], f32[24,8,128])) -> pred[] {
+  %p = (s32[], f32[24,8,128]{2,1,0:T(8,128)}, f32[24,8,128]{2,1,0:T(8,128)}) parameter(0)
+  ROOT %lt = pred[] fusion(%p), kind=kLoop, calls=%cmp
+}
+
+%small (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  ROOT %y = f32[8,128]{1,0:T(8,128)} fusion(%x), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/transpose(jvp(target))/Encoder/a"}
+}
+
+%large (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %y = f32[8,128]{1,0:T(8,128)} fusion(%x), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/transpose(jvp(target))/Encoder/b"}
+  ROOT %z = f32[8,128]{1,0:T(8,128)} fusion(%y), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/transpose(jvp(target))/Encoder/c"}
+}
+
+ENTRY %main (w: f32[24,8,128], x: f32[8,128], b: pred[]) -> f32[8,128] {
+  %w = f32[24,8,128]{2,1,0:T(8,128)} parameter(0)
+  %x = f32[8,128]{1,0:T(8,128)} parameter(1)
+  %b = pred[] parameter(2)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[24,8,128]{2,1,0:T(8,128)}, f32[24,8,128]{2,1,0:T(8,128)}) tuple(%z, %w, %w)
+  %loop = (s32[], f32[24,8,128]{2,1,0:T(8,128)}, f32[24,8,128]{2,1,0:T(8,128)}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"24"}}
+  %big = f32[1024,128]{1,0:T(8,128)} parameter(3)
+  %ss = ((f32[1024,128]{1,0:T(8,128)}), f32[8,128]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) slice-start(%big), slice={[0:8], [0:128]}
+  %sd = f32[8,128]{1,0:T(8,128)S(1)} slice-done(%ss)
+  %use = f32[8,128]{1,0:T(8,128)} fusion(%sd), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/jvp(target)/Encoder/d"}
+  ROOT %c = f32[8,128]{1,0:T(8,128)} conditional(%b, %x, %x), true_computation=%small, false_computation=%large
+}
+"""
+
+
+def test_the_bytes_of_a_scan_a_slice_prefetch_and_a_conditional_are_what_runs():
+  """A scanned layer's fusion reads its layer out of the stack and writes its gradient in
+  place (not the whole stack, 24 times); the trips from the compiler's known_trip_count
+  (the compare fused away); a slice prefetched on chip moves the slice, not its source;
+  a conditional counts its larger branch; the target's backward is its own piece."""
+  from emim.aot import pieces
+
+  every, main = pieces.bytes_by_piece(_SCAN_HLO)
+  layer = 8 * 128 * 4
+  index = 4  # the loop's counter, read by both fusions
+  assert every["online encoder forward"] == 24 * (2 * layer + index)  # read one layer, write it: 24 trips
+  assert every["online encoder backward"] == 24 * (2 * layer + index)  # read the update, write it in place
+  assert every["target forward"] == 2 * layer + 2 * layer  # the prefetch (read, write on chip) and its user
+  assert main["target forward"] == layer + layer  # main memory: the slice read, and the user's result
+  assert every[pieces.TARGET_BACKWARD] == 2 * 2 * layer  # the larger branch: two fusions

@@ -49,6 +49,7 @@ PIECES = (
     ("metrics", "/metrics/"),
 )
 BACKWARD = "online encoder backward"
+TARGET_BACKWARD = "target backward"
 COLLECTIVES = "collectives (gradient all-reduce, ...)"
 UNNAMED = "copies and layout changes (unnamed)"
 REST = "rest"
@@ -97,46 +98,112 @@ def piece_of(op_name: str, opcode: str) -> str:
     return UNNAMED
   if "transpose(jvp(online))" in op_name:
     return BACKWARD
+  if "transpose(jvp(target))" in op_name:  # a target trained by gradients (SDMI's alternating or joint updates)
+    return TARGET_BACKWARD
   for piece, scope in PIECES:
     if scope in op_name:
       return piece
   return REST
 
 
-def instruction_bytes(result: str, opcode: str, operands: list[str], hbm_only: bool = False) -> int:
-  """What one instruction reads and writes: its operands and its result. An asynchronous
-  copy or slice between memories (``copy-start``, ``slice-start``; their ``-done`` adds
-  nothing) moves its destination's bytes: read from one memory, written to the other
-  (``hbm_only``: the side in main memory)."""
+def _tuple_elements(text: str) -> list[str]:
+  """The top-level elements of an HLO tuple type ``(a, (b, c), d)``."""
+  text = text.strip()
+  if not text.startswith("("):
+    return [text]
+  elements, depth, start = [], 0, 1
+  for k, ch in enumerate(text):
+    if ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth -= 1
+      if depth == 0:
+        elements.append(text[start:k])
+        break
+    elif ch == "," and depth == 1:
+      elements.append(text[start:k])
+      start = k + 1
+  return [e.strip() for e in elements if e.strip()]
+
+
+def instruction_bytes(result: str, opcode: str, operands: list[str], hbm_only: bool = False,
+                      fused: list[tuple] | None = None) -> int:
+  """What one instruction reads and writes: its operands and its result.
+
+  An asynchronous copy or slice between memories (``copy-start``, ``slice-start``; their
+  ``-done`` adds nothing) moves its destination's bytes: read from one memory, written to
+  the other (``hbm_only``: the side in main memory). A fusion (``fused``: its computation's
+  instructions) reads only the slices of an operand it only slices (a scanned layer's
+  weights out of the stack), and writes only the update of a result it updates in place."""
   if opcode in ("copy-start", "slice-start"):
     # copy-start: (destination, source, context); slice-start: ((operands), destination, context)
-    inner = re.sub(r"^\(\([^()]*\),\s*", "(", result) if opcode == "slice-start" else result
-    arrays = [m.group(0) for m in _ARRAY.finditer(inner)][:2 if opcode == "copy-start" else 1]
-    if not arrays:
+    elements = _tuple_elements(result)
+    if len(elements) < 2:
       return 0
-    size = array_bytes(arrays[0])
+    destination, source = (elements[0], elements[1]) if opcode == "copy-start" else (elements[1], operands[0] if operands else "")
+    size = array_bytes(destination)
     if not hbm_only:
       return 2 * size
-    sides = arrays if opcode == "copy-start" else [arrays[0], operands[0] if operands else ""]
-    return size * sum(1 for t in sides if t and array_bytes(t, hbm_only=True))
-  return array_bytes(result, hbm_only) + sum(array_bytes(t, hbm_only) for t in operands)
+    return size * sum(1 for t in (destination, source) if t and array_bytes(t, hbm_only=True))
+  if opcode in ("dynamic-slice", "slice"):
+    return 2 * array_bytes(result, hbm_only)
+  if opcode == "dynamic-update-slice":
+    return 2 * array_bytes(operands[1] if len(operands) > 1 else "", hbm_only)
+  reads = [array_bytes(t, hbm_only) for t in operands]
+  writes = array_bytes(result, hbm_only)
+  if opcode == "fusion" and fused:
+    types = {name: typ for name, typ, *_ in fused}
+    params = {int(m.group(1)): name for name, _, op, args, _ in fused if op == "parameter"
+              for m in [re.match(r"\s*(\d+)", args)] if m}
+    users = collections.defaultdict(list)
+    for name, typ, op, args, _ in fused:
+      for position, o in enumerate(re.findall(r"%([\w.\-]+)", args)):
+        users[o].append((op, position, typ, args))
+    root = next((row for row in fused if "ROOT " in row[4]), None)
+    in_place = root is not None and root[2] == "dynamic-update-slice"
+    for index, name in params.items():
+      uses = users.get(name, [])
+      if index >= len(reads) or not uses:
+        continue
+      if all(op in ("dynamic-slice", "slice", "gather") and position == 0 for op, position, _, _ in uses):
+        # (several slices may overlap, e.g. a blur's shifted windows: at most the whole)
+        reads[index] = min(reads[index], sum(array_bytes(typ, hbm_only) for _, _, typ, _ in uses))
+      elif in_place and all(op == "dynamic-update-slice" and position == 0 for op, position, _, _ in uses):
+        reads[index] = 0  # the buffer updated in place: only the update is written
+    if in_place:
+      update = re.findall(r"%([\w.\-]+)", root[3])[1:2]
+      writes = array_bytes(types.get(update[0], ""), hbm_only) if update else writes
+  return writes + sum(reads)
 
 
-def trip_count(condition: list[tuple]) -> int:
-  """A counted loop's trips, read off its condition (``i < N`` from 0, as a fori_loop
-  compiles); 1 where the condition is not of that form."""
+def trip_count(while_line: str, condition: list[tuple]) -> int:
+  """A counted loop's trips: the compiler's ``known_trip_count`` where it gives one, else
+  read off its condition (``i < N`` from 0, as a fori_loop compiles); 1 where neither."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+  if known:
+    return int(known.group(1))
   constants = [int(c) for *_, line in condition for c in re.findall(r"\bs32\[\]\S* constant\((\d+)\)", line)]
-  compares = [line for *_, line in condition if "direction=LT" in line]
+  compares = [line for *_, line in condition if "direction=LT" in line or "compare" in line]
   return constants[0] if len(constants) == 1 and len(compares) == 1 else 1
 
 
 def bytes_by_piece(hlo: str) -> tuple[collections.Counter, collections.Counter]:
   """({piece: bytes}, {piece: bytes in main memory}) of a compiled program's text: every instruction the entry computation
-  runs, and those of the loops and branches it calls, a counted loop's body once per trip
-  (``trip_count``; XLA's cost analysis counts it once), each branch of a conditional as if
-  it ran."""
+  runs, and those of the loops and branches it calls: a counted loop's body once per trip
+  (``trip_count``; XLA's cost analysis counts it once), of a conditional's branches the
+  one that moves the most (SDMI's alternating step runs one of two whole steps)."""
   computations, entry = _computations(hlo)
   types = {name: typ for body in computations.values() for name, typ, *_ in body}
+
+  def fused_of(line: str) -> list[tuple] | None:
+    called = re.search(r"\bcalls=%([\w.\-]+)", line)
+    return computations.get(called.group(1)) if called else None
+
+  def own_bytes(name: str) -> int:
+    return sum(instruction_bytes(typ, opcode, [types.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands)],
+                                 fused=fused_of(line) if opcode == "fusion" else None)
+               for _, typ, opcode, operands, line in computations.get(name, []) if opcode not in _FREE)
+
   trips, todo = {}, [(entry, 1)]
   while todo:
     name, times = todo.pop()
@@ -146,12 +213,16 @@ def bytes_by_piece(hlo: str) -> tuple[collections.Counter, collections.Counter]:
     for _, _, opcode, _, line in computations[name]:
       if opcode == "while":
         condition = re.search(r"\bcondition=%([\w.\-]+)", line).group(1)
-        body_times = times * trip_count(computations.get(condition, []))
+        body_times = times * trip_count(line, computations.get(condition, []))
         todo += [(condition, body_times), (re.search(r"\bbody=%([\w.\-]+)", line).group(1), body_times)]
-      elif opcode in _CONTROL_FLOW:
-        todo += [(c, times) for c in re.findall(r"\b(?:to_apply|true_computation|false_computation)=%([\w.\-]+)", line)]
-        todo += [(b.strip(" %"), times) for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
-                 for b in group.split(",")]
+      elif opcode == "conditional":
+        branches = re.findall(r"\b(?:true_computation|false_computation)=%([\w.\-]+)", line)
+        branches += [b.strip(" %") for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+                     for b in group.split(",")]
+        if branches:
+          todo.append((max(branches, key=own_bytes), times))
+      elif opcode == "call":
+        todo += [(c, times) for c in re.findall(r"\bto_apply=%([\w.\-]+)", line)]
   # An instruction without an op_name (a copy, a prefetch into on-chip memory that the
   # compiler added) belongs to the piece of the first named instruction that uses it.
   named, users = {}, collections.defaultdict(list)
@@ -184,12 +255,14 @@ def bytes_by_piece(hlo: str) -> tuple[collections.Counter, collections.Counter]:
       piece = COLLECTIVES if opcode.startswith(_COLLECTIVES) else named.get(instruction) or owner(instruction)
       operand_types = [types.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands)]
       for hbm_only in (False, True):
-        pieces[hbm_only][piece] += instruction_bytes(typ, opcode, operand_types, hbm_only) * times
+        pieces[hbm_only][piece] += instruction_bytes(
+            typ, opcode, operand_types, hbm_only, fused_of(line) if opcode == "fusion" else None) * times
   return pieces[False], pieces[True]
 
 
 def ordered(pieces: collections.Counter) -> list[tuple[str, int]]:
   """The pieces in the table's order, those with no bytes left out."""
-  names = [p for p, _ in PIECES[:1]] + ["online encoder forward", BACKWARD] + [p for p, _ in PIECES[2:]]
+  names = [p for p, _ in PIECES[:2]] + [BACKWARD] + [p for p, _ in PIECES[2:4]] + [TARGET_BACKWARD]
+  names += [p for p, _ in PIECES[4:]]
   names += [COLLECTIVES, UNNAMED, REST]
   return [(n, pieces[n]) for n in names if pieces.get(n)]
