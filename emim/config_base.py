@@ -187,8 +187,8 @@ def vit_recipe(c: ml_collections.ConfigDict, backbone: str, patch_size: int) -> 
     # MoCo v3's ViT-B and ViT-L recipes (its CONFIG.md): lr 1.5e-4 x batch/256, weight decay
     # 0.1 (constant), 40 warm-up epochs, momentum 0.99 to 1; no gradient clipping and timm's
     # default drop path (0). DINO's ViT-B/16 run is larger-batch and less documented. MoCo v3
-    # also freezes ViT-L's patch projection at its random init (--stop-grad-conv1); emim
-    # trains it (not compared).
+    # also freezes the patch projection at its random init (--stop-grad-conv1, in all its ViT
+    # recipes); emim trains it (not compared).
     c.optim.base_lr, c.optim.weight_decay, c.optim.weight_decay_end = 1.5e-4, 0.1, -1.0
     c.optim.warmup_epochs, c.optim.clip_norm, c.model.drop_path = 40, 0.0, 0.0
     if "target_momentum" in c.method:

@@ -328,7 +328,8 @@ def train_step(state: TrainState, batch: Batch, parts: StepParts) -> tuple[Train
     return ce, jnp.mean(jnp.argmax(logits, -1) == labels)
 
   with jax.named_scope("probe"):
-    (probe_ce, probe_acc), probe_grads = jax.value_and_grad(probe_loss, has_aux=True)(state.probe_params)
+    (probe_ce, probe_acc), probe_grads = jax.value_and_grad(lambda p: probe_loss(_whole(p)), has_aux=True)(
+        state.probe_params)
     probe_updates, probe_opt_state = parts.probe_tx.update(probe_grads, state.probe_opt_state, state.probe_params)
     probe_params = optax.apply_updates(state.probe_params, probe_updates)
 
