@@ -58,7 +58,11 @@ def model_step(config, dtype: str):
   """The PyTorch reference's step, in emim's modules: ``(step(state, x1, x2) -> (state,
   loss), init(key) -> state)``, neither jitted."""
   cdtype = parse_dtype(dtype)
-  backbone = make_backbone(config.model.backbone, config.model.width, config.model.cifar_stem, cdtype)
+  # A ViT's tokens are the config's patch grid (CIFAR's 4-pixel patches at 32x32: 64 of them); drop path is left
+  # out (the reference network has none, and it would need an rng stream).
+  backbone = make_backbone(config.model.backbone, config.model.width, config.model.cifar_stem, cdtype,
+                           patch_size=config.model.get("patch_size", 16), image_size=config.data.image_size,
+                           remat_policy=config.model.get("remat_policy", "nothing_saveable"))
   projector = MLP((2048, 2048, 2048), dtype=cdtype)
   size = config.data.image_size
   tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
@@ -72,7 +76,8 @@ def model_step(config, dtype: str):
     variables = {"backbone": backbone.init(key, jnp.zeros((2, size, size, 3)), train=False)}
     variables["head"] = projector.init(key, jnp.zeros((2, backbone.feature_dim)), train=False)
     params = jax.tree.map(lambda v: v["params"], variables, is_leaf=lambda v: "params" in v)
-    stats = jax.tree.map(lambda v: v["batch_stats"], variables, is_leaf=lambda v: "params" in v)
+    # A ViT has no BatchNorm: its backbone has no batch statistics.
+    stats = jax.tree.map(lambda v: v.get("batch_stats", {}), variables, is_leaf=lambda v: "params" in v)
     return (params, stats, tx.init(params))
 
   def step(state, x1, x2):
@@ -82,7 +87,7 @@ def model_step(config, dtype: str):
       v = {k: {"params": params[k], "batch_stats": stats[k]} for k in params}
       z, (bb, head) = forward(v, jnp.concatenate([x1, x2]))
       loss, _ = O.barlow_twins(*jnp.split(z, 2), lambd=0.0051)
-      return loss, {"backbone": bb["batch_stats"], "head": head["batch_stats"]}
+      return loss, {"backbone": bb.get("batch_stats", {}), "head": head["batch_stats"]}
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)

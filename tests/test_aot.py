@@ -672,3 +672,23 @@ def test_the_bytes_of_a_scan_a_slice_prefetch_and_a_conditional_are_what_runs():
   assert every["target forward"] == 2 * layer + 2 * layer  # the prefetch (read, write on chip) and its user
   assert main["target forward"] == layer + layer  # main memory: the slice read, and the user's result
   assert every[pieces.TARGET_BACKWARD] == 2 * 2 * layer  # the larger branch: two fusions
+
+
+def test_the_model_row_of_a_vit_is_the_runs_vit_and_its_step_lowers():
+  # --breakdown and --programs=model on a ViT config raised KeyError('batch_stats') (a ViT has none), and the row's
+  # ViT had 16-pixel patches at 224 whatever the config said (CIFAR's 4-pixel patches: 4 tokens instead of 64).
+  from emim.aot.programs import _load_benchmark
+  from emim.backbone import backbone_from_model_config, model_config_of
+
+  config = load_config("cifar10", "vit_s,runlocal")
+  step, init = _load_benchmark("train_step").model_step(config, "float32")
+  params, stats, opt_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  run = backbone_from_model_config(model_config_of(config), {})
+  size = config.data.image_size
+  expected = jax.eval_shape(lambda: run.model.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3)), train=False))
+  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+  assert shapes(params["backbone"]) == shapes(expected["params"])
+  assert stats["backbone"] == {}
+  x = jax.ShapeDtypeStruct((4, size, size, 3), np.float32)
+  (new_params, new_stats, _), loss = jax.eval_shape(step, (params, stats, opt_state), x, x)
+  assert shapes(new_params) == shapes(params) and loss.shape == ()
