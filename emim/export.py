@@ -215,8 +215,11 @@ def export_backbone(backbone: Backbone, output: fs.PathLike, info: dict | None =
   if isinstance(backbone.model, ViT):
     meta["timm"] = timm_vit_model(backbone)
   if fs.is_remote(output):
-    if (output / MODEL_FILE).exists():
-      (output / MODEL_FILE).unlink()  # incomplete until the new model.json lands
+    # model.json first (incomplete until the new one lands), then the earlier export's other files: a ResNet's
+    # torchvision file must not stay beside a ViT's export, nor a ViT's timm file beside a ResNet's.
+    for name in (MODEL_FILE,) + tuple(n for n in EXPORT_FILES if n != MODEL_FILE):
+      if (output / name).exists():
+        (output / name).unlink()
     output.mkdir(parents=True, exist_ok=True)
     _write_files(backbone, output, meta)
     return output

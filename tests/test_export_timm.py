@@ -119,3 +119,19 @@ def test_a_size_or_resolution_timm_has_no_name_for_gives_keywords_only():
   assert export.timm_vit_model(emim_vit("vit_s16", 4, 32))["model"] is None  # CIFAR's ViT-S/4
   assert export.timm_vit_model(emim_vit("vit_b16", 16, 160))["model"] is None
   assert export.timm_vit_model(emim_vit("vit_tiny", 16, 224))["model"] is None
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_an_export_over_another_architectures_keeps_none_of_its_files(tmp_path, request, remote):
+  # On an object store --overwrite wrote the new files over the old ones and left the rest: a ResNet's
+  # torchvision_resnet.safetensors stayed beside the ViT's export (and a ViT's timm file beside a ResNet's).
+  root = request.getfixturevalue("fake_gcs") if remote else tmp_path
+  resnet = init_backbone(model_config_of(load_config("synthetic", "runlocal")))
+  vit = init_backbone(model_config_of(tiny_vit_config()))
+  out = export.export_backbone(resnet, f"{root}/export", {"step": 1})
+  assert sorted(p.name for p in out.iterdir()) == ["backbone.msgpack", "model.json", "torchvision_resnet.safetensors"]
+  out = export.export_backbone(vit, f"{root}/export", {"step": 2}, overwrite=True)
+  assert sorted(p.name for p in out.iterdir()) == ["backbone.msgpack", "model.json", "timm_vit.safetensors"]
+  out = export.export_backbone(resnet, f"{root}/export", {"step": 3}, overwrite=True)
+  assert sorted(p.name for p in out.iterdir()) == ["backbone.msgpack", "model.json", "torchvision_resnet.safetensors"]
+  assert json.loads((out / export.MODEL_FILE).read_text())["step"] == 3
