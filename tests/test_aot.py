@@ -692,3 +692,13 @@ def test_the_model_row_of_a_vit_is_the_runs_vit_and_its_step_lowers():
   x = jax.ShapeDtypeStruct((4, size, size, 3), np.float32)
   (new_params, new_stats, _), loss = jax.eval_shape(step, (params, stats, opt_state), x, x)
   assert shapes(new_params) == shapes(params) and loss.shape == ()
+
+
+def test_bytes_by_piece_without_a_train_step_says_whether_it_was_asked_for(capsys):
+  # --breakdown --programs=mi said the train step "did not compile here", which it was never asked to.
+  mi = types.SimpleNamespace(program="mi", error=None, hlo="HloModule mi")
+  cli.print_bytes_by_piece([mi], "chip")
+  assert "--programs has no train" in capsys.readouterr().out
+  crashed = types.SimpleNamespace(program="train", error="compiler crash", hlo="")
+  cli.print_bytes_by_piece([mi, crashed], "chip")
+  assert "did not compile here" in capsys.readouterr().out

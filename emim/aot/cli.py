@@ -135,7 +135,10 @@ def print_bytes_by_piece(reports, unit: str) -> None:
 
   by_name = {r.program: r for r in reports if not r.error and r.hlo}
   if "train" not in by_name:
-    print("No bytes by piece: the train step did not compile here (or its text could not be read).", flush=True)
+    asked = any(r.program == "train" for r in reports)
+    print("No bytes by piece: " + ("the train step did not compile here (or its text could not be read)." if asked else
+                                   "--programs has no train (add it, or leave --programs out: --breakdown then "
+                                   "compiles train,model)."), flush=True)
     return
   train, model = by_name["train"], by_name.get("model")
   every, main = bytes_by_piece(train.hlo)
