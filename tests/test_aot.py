@@ -702,3 +702,11 @@ def test_bytes_by_piece_without_a_train_step_says_whether_it_was_asked_for(capsy
   crashed = types.SimpleNamespace(program="train", error="compiler crash", hlo="")
   cli.print_bytes_by_piece([mi, crashed], "chip")
   assert "did not compile here" in capsys.readouterr().out
+
+
+def test_a_shape_the_tpu_does_not_come_in_is_not_told_to_install_libtpu():
+  # v5e:3x3 with libtpu installed said "(libtpu installs with pip install -e ".[tpu]")": the shape was wrong.
+  pytest.importorskip("libtpu")
+  with pytest.raises(targets.TargetError) as e:
+    targets.target_devices("v5e:3x3")
+  assert "pip install" not in str(e.value) and "docs/tpu.md" in str(e.value)

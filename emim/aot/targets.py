@@ -208,9 +208,14 @@ def target_devices(text: str) -> Target:
     try:
       devices = topologies.get_topology_desc(f"{spec.model}:{shape}", "tpu", **options).devices
     except Exception as e:  # libtpu absent, or a shape the generation does not come in
+      import importlib.util
+
       from emim.aot.report import one_line
 
-      raise TargetError(f"--target={text}: {one_line(e)} (libtpu installs with pip install -e \".[tpu]\").") from None
+      # With libtpu installed the shape is what is wrong: installing it again would not help.
+      fix = ('libtpu installs with pip install -e ".[tpu]"' if importlib.util.find_spec("libtpu") is None else
+             f"a shape {spec.model} slices come in: docs/tpu.md lists them")
+      raise TargetError(f"--target={text}: {one_line(e)} ({fix}).") from None
   else:
     if not cuda_plugin_installed():
       raise TargetError(f"--target={text}: {CUDA_PLUGIN_ADVICE}.")
