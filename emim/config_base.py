@@ -395,8 +395,9 @@ def _validate_vit_and_sharding(c: ml_collections.ConfigDict) -> None:
   if "sharding" in c:
     if c.sharding.params not in SHARDING_RULES:
       raise ConfigError(f"--config.sharding.params={c.sharding.params!r}: choose one of {', '.join(SHARDING_RULES)}.")
-    if c.sharding.fsdp_min_mib < 0 or c.sharding.auto_fsdp_gib < 0:
-      raise ConfigError("--config.sharding.fsdp_min_mib and --config.sharding.auto_fsdp_gib cannot be negative.")
+    for field, unit, zero in (("fsdp_min_mib", "MiB", "splits every array"), ("auto_fsdp_gib", "GiB", "fsdp on several devices")):
+      if c.sharding[field] < 0:  # named alone: the line says which of the two was given
+        raise ConfigError(f"--config.sharding.{field}={c.sharding[field]}: give a size in {unit}, 0 or more (0: {zero}).")
 
 
 PROBE_MODES, PROBE_OPTIMIZERS = ("augmented", "features"), ("sgd", "lars")

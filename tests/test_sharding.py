@@ -159,3 +159,15 @@ def test_a_rule_or_vit_name_given_to_the_library_directly_is_a_config_error():
     vit.make_backbone("vit_x16")
   with pytest.raises(ConfigError, match="model.remat_policy=.everything."):
     vit.make_backbone("vit_s16", remat_policy="everything")
+
+
+def test_a_negative_sharding_size_is_named_alone():
+  # The line named both fsdp_min_mib and auto_fsdp_gib whichever of the two was negative.
+  from emim.config_base import ConfigError, validate
+  from conftest import tiny_synthetic
+
+  for field in ("fsdp_min_mib", "auto_fsdp_gib"):
+    other = ({"fsdp_min_mib", "auto_fsdp_gib"} - {field}).pop()
+    with pytest.raises(ConfigError, match=rf"sharding.{field}=-1.0: give a size") as e:
+      validate(tiny_synthetic(**{f"sharding.{field}": -1.0}))
+    assert other not in str(e.value)
