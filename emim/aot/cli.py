@@ -143,16 +143,18 @@ def print_bytes_by_piece(reports, unit: str) -> None:
   train, model = by_name["train"], by_name.get("model")
   every, main = bytes_by_piece(train.hlo)
   model_main = sum(bytes_by_piece(model.hlo)[1].values()) if model is not None else 0
-  ratio = lambda b: f"{b / model_main:.3f}" if model_main else ""
+  ratio = lambda b: f"{b / model_main:.3g}" if model_main else ""
+  gb = lambda b: f"{b / 1e9:.3g}"  # three figures: a small program's pieces are MBs
   print(f"| piece of the compiled train step | GB per {unit}, every memory | GB per {unit}, main memory | "
         "/ model row's main memory |\n|---|---|---|---|")
   for name, value in ordered(every):
-    print(f"| {name} | {value / 1e9:.2f} | {main[name] / 1e9:.2f} | {ratio(main[name])} |")
+    print(f"| {name} | {gb(value)} | {gb(main[name])} | {ratio(main[name])} |")
   total, total_main = sum(every.values()), sum(main.values())
-  print(f"| the train step | {total / 1e9:.2f} | {total_main / 1e9:.2f} | {ratio(total_main)} |")
+  print(f"| the train step | {gb(total)} | {gb(total_main)} | {ratio(total_main)} |")
   if model is not None:
     model_every = sum(bytes_by_piece(model.hlo)[0].values())
-    print(f"| the model row (network fwd+bwd, two views) | {model_every / 1e9:.2f} | {model_main / 1e9:.2f} | 1.000 |")
+    print(f"| the model row (the backbone's fwd+bwd of two views with a 2048-2048-2048 projector, Barlow Twins, SGD: "
+          f"benchmarks/train_step.py) | {gb(model_every)} | {gb(model_main)} | 1.000 |")
   costs = [f"train {train.bytes_accessed / 1e9:.2f} GB"] if train.bytes_accessed else []
   costs += [f"model {model.bytes_accessed / 1e9:.2f} GB"] if model is not None and model.bytes_accessed else []
   print("Each instruction's operands and results as laid out (tiles padded), a loop's body per trip, summed by the "
