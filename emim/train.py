@@ -177,13 +177,14 @@ def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
     return state, step_metrics.merge(interval, metrics)
 
   example = data.example_input()
-  _, metric_shapes = jax.eval_shape(step, state, example)
-  empty = step_metrics.empty(metric_shapes)
-  interval_sharding = jax.tree.map(lambda _: replicated, empty)
-  abstract_empty = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), empty)
-  # Under the mesh, the step gathers params split by sharding.params=fsdp where it uses
-  # them (train_step._whole).
+  # Both traces under the mesh, where the step gathers params split by
+  # sharding.params=fsdp where it uses them (train_step._whole): the mesh is part of
+  # jit's cache key, so a trace outside it would not be reused inside.
   with jax.set_mesh(mesh):
+    _, metric_shapes = jax.eval_shape(step, state, example)
+    empty = step_metrics.empty(metric_shapes)
+    interval_sharding = jax.tree.map(lambda _: replicated, empty)
+    abstract_empty = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), empty)
     lowered = jax.jit(
         step_and_accumulate, in_shardings=(state_sharding, data.input_sharding, interval_sharding),
         out_shardings=(state_sharding, interval_sharding), donate_argnums=0).lower(state, example, abstract_empty)
