@@ -182,9 +182,10 @@ def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
   # jit's cache key, so a trace outside it would not be reused inside.
   with jax.set_mesh(mesh):
     _, metric_shapes = jax.eval_shape(step, state, example)
-    empty = step_metrics.empty(metric_shapes)
-    interval_sharding = jax.tree.map(lambda _: replicated, empty)
-    abstract_empty = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), empty)
+  empty = step_metrics.empty(metric_shapes)  # host arrays: made outside the mesh, whose devices may be compile-only
+  interval_sharding = jax.tree.map(lambda _: replicated, empty)
+  abstract_empty = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), empty)
+  with jax.set_mesh(mesh):
     lowered = jax.jit(
         step_and_accumulate, in_shardings=(state_sharding, data.input_sharding, interval_sharding),
         out_shardings=(state_sharding, interval_sharding), donate_argnums=0).lower(state, example, abstract_empty)
