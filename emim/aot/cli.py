@@ -142,7 +142,7 @@ def print_bytes_by_piece(reports, unit: str) -> None:
     return
   train, model = by_name["train"], by_name.get("model")
   every, main = bytes_by_piece(train.hlo)
-  model_main = sum(bytes_by_piece(model.hlo)[1].values()) if model is not None else 0
+  model_every, model_main = (sum(c.values()) for c in bytes_by_piece(model.hlo)) if model is not None else (0, 0)
   ratio = lambda b: f"{b / model_main:.3g}" if model_main else ""
   gb = lambda b: f"{b / 1e9:.3g}"  # three figures: a small program's pieces are MBs
   print(f"| piece of the compiled train step | GB per {unit}, every memory | GB per {unit}, main memory | "
@@ -152,7 +152,6 @@ def print_bytes_by_piece(reports, unit: str) -> None:
   total, total_main = sum(every.values()), sum(main.values())
   print(f"| the train step | {gb(total)} | {gb(total_main)} | {ratio(total_main)} |")
   if model is not None:
-    model_every = sum(bytes_by_piece(model.hlo)[0].values())
     print(f"| the model row (the backbone's fwd+bwd of two views with a 2048-2048-2048 projector, Barlow Twins, SGD: "
           f"benchmarks/train_step.py) | {gb(model_every)} | {gb(model_main)} | 1.000 |")
   costs = [f"train {train.bytes_accessed / 1e9:.2f} GB"] if train.bytes_accessed else []

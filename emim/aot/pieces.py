@@ -10,10 +10,11 @@ ema_update, guard, metrics), so each instruction's bytes can be given to its pie
 
 An instruction's bytes are its operands' and its results' sizes, as laid out: on a TPU
 an array's two minor dimensions are stored in tiles (``T(8,128)``: the minor-most padded to
-a multiple of 128, the next to 8), so a (N, 224, 224, 3) image batch with its channels
-minor occupies 128/3 times its size. This is how XLA's own cost analysis counts a fusion's
-bytes to first order; it does not see inside fusions that read slices of an operand, so
-the sum differs from the compiler's total by some percent (the report says how much).
+a multiple of 128, the next to 8), so an array whose minor dimension is small occupies
+more than its elements. A fusion that only slices an operand reads the slices, one that
+updates a buffer in place writes the update, a prefetch moves its destination, a loop's
+body counts once per trip (``bytes_by_piece``). The sum is a reading of the compiler's
+plan, not its cost analysis: the two differ (docs/aot.md, "Where a step's bytes go").
 """
 
 from __future__ import annotations
