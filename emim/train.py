@@ -159,6 +159,21 @@ def state_shapes(parts: StepParts, mesh, sharding_config: ml_collections.ConfigD
                                            cfg.get("auto_fsdp_gib", 2.0))
 
 
+def sharding_summary(abstract, state_sharding, mesh, sharding_config=None) -> str:
+  """One line for the log: the state's size and how it lies, and why, where ``auto`` chose."""
+  cfg = sharding_config or {}
+  rule, limit_gib = cfg.get("params", "replicate"), cfg.get("auto_fsdp_gib", 2.0)
+  mib = sharding.state_bytes(abstract) / 2**20
+  if rule == "auto":
+    chosen = sharding.resolve_params_rule(rule, abstract, mesh, limit_gib)
+    why = ("one device" if mesh.devices.size == 1 else
+           f"{'over' if chosen == 'fsdp' else 'within'} sharding.auto_fsdp_gib={limit_gib:g} GiB per device")
+    rule = f"auto, so {chosen} ({why})"
+  split = sum(s.spec != sharding.P() for s in jax.tree.leaves(state_sharding))
+  return (f"{mib:.1f} MiB; sharding.params={rule}: {split} of its {len(jax.tree.leaves(state_sharding))} arrays "
+          f"split over the {mesh.devices.size} devices, the rest replicated.")
+
+
 def lower_train_step(parts: StepParts, data, state, state_sharding, mesh):
   """The train step as the loop compiles it, lowered for ``mesh`` but not compiled:
   ``fn(state, input, interval) -> (state, interval)``, the step (``data.step_fn``: its
@@ -483,10 +498,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     program_key = compiled.key_of(config.to_json_best_effort(sort_keys=True), data.num_classes, steps_per_epoch,
                                   total_steps, [d.id for d in mesh.devices.flat], str(mesh))
     abstract, state_sharding = compiled.once("state_shapes", program_key, lambda: state_shapes(parts, mesh, config.get("sharding")))
-    split = sum(s.spec != sharding.P() for s in jax.tree.leaves(state_sharding))
-    logging.info("Train state: %.1f MiB; sharding.params=%s: %d of its %d arrays split over the %d devices, the rest "
-                 "replicated.", sharding.state_bytes(abstract) / 2**20, config.get("sharding", {}).get("params", "replicate"),
-                 split, len(jax.tree.leaves(state_sharding)), mesh.devices.size)
+    logging.info("Train state: %s", sharding_summary(abstract, state_sharding, mesh, config.get("sharding")))
     checkpointer = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
         workdir / "checkpoints", config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.async_save)))
     last_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)

@@ -68,7 +68,15 @@ def test_auto_replicates_small_states_and_shards_a_vit_l():
     abstract = jax.eval_shape(functools.partial(init_state, parts), jax.random.PRNGKey(0))
     gib = sharding.state_bytes(abstract) / 2**30
     assert sharding.resolve_params_rule("auto", abstract, mesh) == rule, (backbone, gib)
-  assert sharding.resolve_params_rule("auto", abstract, sharding.make_mesh(jax.devices()[:1])) == "replicate"
+    # The log says what auto chose, and why.
+    line = train.sharding_summary(abstract, sharding.state_sharding(abstract, mesh, "auto"), mesh, config.sharding)
+    why = "over" if rule == "fsdp" else "within"
+    assert f"sharding.params=auto, so {rule} ({why} sharding.auto_fsdp_gib=2 GiB per device)" in line, line
+    assert line.startswith(f"{gib * 1024:.1f} MiB"), line
+  one = sharding.make_mesh(jax.devices()[:1])
+  assert sharding.resolve_params_rule("auto", abstract, one) == "replicate"
+  line = train.sharding_summary(abstract, sharding.state_sharding(abstract, one, "auto"), one, config.sharding)
+  assert "sharding.params=auto, so replicate (one device): 0 of its" in line, line
 
 
 class _OneBatch:
