@@ -467,6 +467,40 @@ def test_a_compile_without_a_cost_analysis_is_reported_with_the_lowered_flops():
   assert bare.cost_source == "" and "| 4.00 (5% of 79.1) | no cost analysis |" in report.table_row(bare, h100)
 
 
+class _NoTritonTiling(_Compiled):
+  """XLA's GPU compiler without a GPU, on a program with a Triton GEMM fusion its default
+  tiling does not fit: the compile fails unless the products go to cuBLAS."""
+
+  def __init__(self, hlo, error="INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.382 = bf16[25216,384]"):
+    super().__init__(hlo)
+    self.error, self.options = error, []
+
+  def compile(self, compiler_options=None):
+    self.options.append(compiler_options)
+    if compiler_options != {"xla_gpu_enable_triton_gemm": False}:
+      raise RuntimeError(self.error)
+    return self
+
+
+def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so():
+  h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
+  lowered = _NoTritonTiling(GPU_HLO)
+  r = report.analyse("train", lowered, 1024, 8, global_flops=8e12)
+  assert lowered.options == [None, {"xla_gpu_enable_triton_gemm": False}]
+  assert not r.error and r.total == 4 * 2**30 and "--xla_gpu_enable_triton_gemm=false" in r.compiled_with
+  assert report.table_row(r, h100).startswith("| train (*) | 1024 (128) | 3.00 |")
+  assert report.footnotes([r]) == [f"(*) train: {r.compiled_with}."] and "bf16[25216,384]" in r.compiled_with
+  # Any other error is the row's error, compiled once; and so is this one where cuBLAS fails too.
+  other = _NoTritonTiling(GPU_HLO, error="RESOURCE_EXHAUSTED: out of memory")
+  r = report.analyse("train", other, 1024, 8)
+  assert r.error == "RESOURCE_EXHAUSTED: out of memory" and other.options == [None] and not r.compiled_with
+  assert report.footnotes([r]) == []
+  both = _NoTritonTiling(GPU_HLO)
+  both.compile = lambda compiler_options=None: (_ for _ in ()).throw(RuntimeError(
+      f"INTERNAL: Couldn't find output tile sizes {compiler_options}"))
+  assert report.analyse("train", both, 1024, 8).error == "INTERNAL: Couldn't find output tile sizes None"
+
+
 def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
   config = f"--config={REPO / 'configs' / 'cifar10.py'}"
   args = cli.parse_args([config, "--target=h100:8", "--config.model.fused_views=True", "--config.train.batch_size",

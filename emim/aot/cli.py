@@ -82,7 +82,7 @@ def compile_and_print(args) -> int:
   import jax
 
   from emim.aot.programs import flops_breakdown, num_train_examples, with_batch
-  from emim.aot.report import compile_config, table_header, table_row
+  from emim.aot.report import compile_config, footnotes, table_header, table_row
   from emim.aot.search import max_batch
   from emim.aot.targets import target_devices
   from emim.tpu import libtpu_advice
@@ -117,6 +117,8 @@ def compile_and_print(args) -> int:
     print(table_header(unit), flush=True)
   reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
       if args.programs else []
+  for line in footnotes(reports):
+    print(line, flush=True)
   if args.breakdown:
     print_bytes_by_piece(reports, unit)
   if args.max_batch:

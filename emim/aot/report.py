@@ -151,21 +151,41 @@ class Report:
   # Where flops and bytes_accessed come from: "compiled" (the partitioned program's cost
   # analysis), "lowered" (FLOPs only: the CPU's lowering, global / devices), "" (none).
   cost_source: str = ""
+  compiled_with: str = ""  # compiler options it needed to compile, where it needed any (said under the table)
 
   @property
   def total(self) -> int:
     return self.arguments + self.temporaries + self.outputs - self.aliased
 
 
+# XLA's GPU compiler without a GPU cannot autotune: each Triton GEMM fusion gets the one
+# tiling its rules choose, and a fusion whose constraints that tiling breaks fails the whole
+# compile (a ViT's attention output projection, whose operand merges batch and tokens:
+# "Couldn't find output tile sizes that satisfy hlo: %dot... = bf16[25216,384]"). On a GPU
+# the autotuner tries tilings and cuBLAS (xla_gpu_cublas_fallback). Such a program is
+# compiled again with its products on cuBLAS, and the table says so.
+NO_TRITON_TILING = "Couldn't find output tile sizes"
+PRODUCTS_ON_CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+
+
 def analyse(program: str, lowered, images: int, devices: int, global_flops: float | None = None) -> Report:
   """The program compiled, and read. ``global_flops``: the whole program's FLOPs from
   elsewhere (the CPU's lowering), used where the compiler gives no cost analysis."""
   t0 = time.perf_counter()
+  compiled_with = ""
   try:
     compiled = lowered.compile()
   except Exception as e:  # what the compiler rejects (or a program that cannot fit)
-    return Report(program, images, time.perf_counter() - t0, error=one_line(e))
-  report = Report(program, images, time.perf_counter() - t0)
+    if NO_TRITON_TILING not in str(e):
+      return Report(program, images, time.perf_counter() - t0, error=one_line(e))
+    try:
+      compiled = lowered.compile(compiler_options=PRODUCTS_ON_CUBLAS)
+    except Exception:  # the first error is the one to show
+      return Report(program, images, time.perf_counter() - t0, error=one_line(e))
+    compiled_with = ("compiled with --xla_gpu_enable_triton_gemm=false: without a GPU to autotune on, XLA found "
+                     f"no Triton tiling for a matrix product ({one_line(e)[:160]}...); a GPU's autotuner chooses "
+                     "among tilings and cuBLAS itself, so a run there may fuse differently")
+  report = Report(program, images, time.perf_counter() - t0, compiled_with=compiled_with)
   memory = compiled.memory_analysis()
   report.arguments, report.temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
   report.outputs, report.aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
@@ -243,7 +263,7 @@ def table_row(r: Report, target: Target) -> str:
   memory_cells = (f"{r.arguments / GiB:.2f} | {r.temporaries / GiB:.2f} | {r.outputs / GiB:.2f} | {r.total / GiB:.2f} "
                   f"({100 * r.total / (chip.hbm_gib * GiB):.0f}% of {chip.hbm_gib:.3g})")
   if not r.cost_source:
-    return (f"| {r.program} | {r.images} ({r.images / n:g}) | {memory_cells} | no cost analysis | | | | "
+    return (f"| {program_cell(r)} | {r.images} ({r.images / n:g}) | {memory_cells} | no cost analysis | | | | "
             f"{format_collectives(r)} | {r.compile_s:.0f} |")
   compute, memory, binds, rate = roofline(r, chip, n)
   if r.cost_source == "compiled":
@@ -251,5 +271,14 @@ def table_row(r: Report, target: Target) -> str:
         f"{compute * 1e3:.1f} / {memory * 1e3:.1f} ({binds})"
   else:  # the CPU's lowering: global FLOPs / devices; the bytes are unknown
     flops, traffic, bound = f"{r.flops / 1e9:.1f} (lowered, /{n})", "unknown", f"{compute * 1e3:.1f} / unknown (compute only)"
-  return (f"| {r.program} | {r.images} ({r.images / n:g}) | {memory_cells} | {flops} | {traffic} | {bound} | "
+  return (f"| {program_cell(r)} | {r.images} ({r.images / n:g}) | {memory_cells} | {flops} | {traffic} | {bound} | "
           f"{rate:.0f} | {format_collectives(r)} | {r.compile_s:.0f} |")
+
+
+def program_cell(r: Report) -> str:
+  return f"{r.program} (*)" if r.compiled_with else r.program
+
+
+def footnotes(reports) -> list[str]:
+  """What the table's starred rows needed to compile."""
+  return [f"(*) {r.program}: {r.compiled_with}." for r in reports if r.compiled_with]
