@@ -501,6 +501,41 @@ def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so
   assert report.analyse("train", both, 1024, 8).error == "INTERNAL: Couldn't find output tile sizes None"
 
 
+def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
+  """JAX on a GPU allocates from 75% of its memory unless the environment says otherwise:
+  a step that fits the GPU but not the pool does not fit, and --max_batch stops at the pool."""
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+    monkeypatch.delenv(name, raising=False)
+  h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
+  whole = targets.GPUS["h100"].hbm_gib * GiB
+  assert targets.usable_bytes(h100) == int(0.75 * whole)
+  assert targets.usable_bytes(targets.Target(targets.parse_target("v5e:2x4"), tuple(range(8)), 1)) == 16 * GiB
+  memory = lambda b: 2 * GiB + b * 10 * MiB  # per GPU at global batch b
+
+  def compile_config(config, target, programs, note=None):
+    return [report.Report("train", config.train.batch_size, 1.0, arguments=int(memory(config.train.batch_size)))]
+
+  monkeypatch.setattr(search, "compile_config", compile_config)
+  config = _large_set(load_config("synthetic", "runlocal"))
+  brute = lambda limit: max(b for b in range(64, 100_000, 64) if memory(b) <= limit)
+  assert search.max_batch(config, h100, 64) == brute(0.75 * whole) == 5824
+  r = compile_config(config, h100, ("train",))[0]
+  r.arguments = int(0.8 * whole)  # fits the GPU, not the pool
+  assert f"(80% of 79.1: over the {0.75 * whole / GiB:.3g} GiB pool, does not fit) |" in report.table_row(r, h100)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")
+  assert search.max_batch(config, h100, 64) == brute(0.95 * whole) and "pool" not in report.table_row(r, h100)
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "1")  # the new name first, as jax reads it
+  assert targets.memory_pool(h100.chip) == (1.0, "XLA_CLIENT_MEM_FRACTION=1")
+  for bad in ("95", "0", "most"):
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", bad)
+    with pytest.raises(targets.TargetError, match=r"XLA_CLIENT_MEM_FRACTION=.*between|above 0 and at most 1"):
+      targets.memory_pool(h100.chip)
+  monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+  assert targets.usable_bytes(h100) == int(whole)
+
+
 def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
   config = f"--config={REPO / 'configs' / 'cifar10.py'}"
   args = cli.parse_args([config, "--target=h100:8", "--config.model.fused_views=True", "--config.train.batch_size",

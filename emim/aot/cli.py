@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from emim import cli as emim_cli
 from emim.aot.programs import PROGRAMS
 from emim.aot.supervisor import _STATUS, config_args, supervise
-from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, parse_target
+from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool, parse_target
 from emim.errors import UserError
 
 ALL_PROGRAMS = PROGRAMS + ("model",)
@@ -75,6 +75,7 @@ def check_target(text: str) -> None:
   spec = parse_target(text)
   if spec.platform == "cuda" and not cuda_plugin_installed():
     raise UserError(f"--target={text}: {CUDA_PLUGIN_ADVICE}.")
+  memory_pool(spec.chip)  # a GPU pool's share set wrongly in the environment: said before any compile
 
 
 def compile_and_print(args) -> int:
@@ -84,7 +85,7 @@ def compile_and_print(args) -> int:
   from emim.aot.programs import flops_breakdown, num_train_examples, with_batch
   from emim.aot.report import compile_config, footnotes, table_header, table_row
   from emim.aot.search import max_batch
-  from emim.aot.targets import target_devices
+  from emim.aot.targets import memory_pool, target_devices
   from emim.tpu import libtpu_advice
 
   config = with_batch(args.config, args.batch)
@@ -100,6 +101,10 @@ def compile_and_print(args) -> int:
           f"({config.train.batch_size // n} per {unit}), {config.model.backbone} {config.model.dtype}; "
           f"jax {jax.__version__}, {target.compiler}. Memory and FLOPs are the compiler's estimates, not timings.",
           flush=True)
+    share, why = memory_pool(target.chip)
+    if why:
+      print(f"A program fits where it needs at most {share * target.chip.hbm_gib:.3g} GiB per {unit}, {share:.0%} of "
+            f"its {target.chip.hbm_gib:.3g} ({why}).", flush=True)
     if target.spec.platform == "tpu":
       advice = libtpu_advice(target.devices[0].device_kind, target.compiler.split()[-1])
       if advice:

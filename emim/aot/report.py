@@ -26,7 +26,7 @@ import numpy as np
 from emim import sharding
 from emim.aot.programs import PROGRAMS, lower_programs
 from emim.aot.supervisor import note_compiling
-from emim.aot.targets import Chip, Target
+from emim.aot.targets import Chip, Target, usable_bytes
 
 GiB = 2**30
 
@@ -260,8 +260,11 @@ def table_row(r: Report, target: Target) -> str:
   if r.error:
     return f"| {r.program} | {r.images} ({r.images // n}) | failed: {r.error} |"
   chip = target.chip
+  usable = usable_bytes(target)
+  over = (f": over the {usable / GiB:.3g} GiB pool, does not fit" if usable < chip.hbm_gib * GiB else
+          ": does not fit") if r.total > usable else ""
   memory_cells = (f"{r.arguments / GiB:.2f} | {r.temporaries / GiB:.2f} | {r.outputs / GiB:.2f} | {r.total / GiB:.2f} "
-                  f"({100 * r.total / (chip.hbm_gib * GiB):.0f}% of {chip.hbm_gib:.3g})")
+                  f"({100 * r.total / (chip.hbm_gib * GiB):.0f}% of {chip.hbm_gib:.3g}{over})")
   if not r.cost_source:
     return (f"| {program_cell(r)} | {r.images} ({r.images / n:g}) | {memory_cells} | no cost analysis | | | | "
             f"{format_collectives(r)} | {r.compile_s:.0f} |")

@@ -8,7 +8,7 @@ import re
 
 from emim.aot.programs import num_train_examples, with_batch
 from emim.aot.report import GiB, Report, compile_config
-from emim.aot.targets import Target
+from emim.aot.targets import Target, usable_bytes
 from emim.errors import UserError
 
 
@@ -43,7 +43,7 @@ def train_memory(config, target: Target, batch: int, report: Report | None = Non
   """The train step compiled at global ``batch`` (or its ``report``, compiled already): its
   memory per chip, and whether it fits in the chip's HBM."""
   report = report or compile_config(with_batch(config, batch), target, ("train",), note={"max_batch": True})[0]
-  ok = not report.error and report.total <= target.chip.hbm_gib * GiB
+  ok = not report.error and report.total <= usable_bytes(target)
   # The FLOPs per image show what fitting costs, where XLA recomputes activations to fit.
   why = report.error or (f"{report.total / GiB:.2f} GiB, "
                          f"{report.flops * len(target.devices) / batch / 1e9:.3g} GFLOP per image")
@@ -72,7 +72,7 @@ def max_batch(config, target: Target, multiple: int, compiled: Report | None = N
   there). A compile that fails for another reason than memory ends the search (SearchError:
   no batch would compile). ``compiled``: the train step at the config's batch, where the
   table compiled it already."""
-  limit = target.chip.hbm_gib * GiB
+  limit = usable_bytes(target)  # a GPU's: JAX's pool (targets.memory_pool)
   memory: dict[int, int] = {}  # batch -> bytes per chip, compiled or (out of HBM) asked for
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)

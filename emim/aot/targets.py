@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 
 from emim.errors import UserError
@@ -180,6 +181,40 @@ class Target:
   @property
   def unit(self) -> str:
     return "GPU" if self.spec.platform == "cuda" else "chip"
+
+
+# JAX on a GPU allocates from a pool of 75% of its memory by default (jax's "GPU memory
+# allocation" page; later jax versions let the pool grow beyond it, the jaxlib measured here
+# does not); XLA_CLIENT_MEM_FRACTION (formerly XLA_PYTHON_CLIENT_MEM_FRACTION) sets the share,
+# XLA_PYTHON_CLIENT_ALLOCATOR=platform allocates from the whole memory. A program fits a GPU
+# when it fits that pool, read from the environment the check runs in: set it as the run will.
+JAX_GPU_POOL = 0.75
+_POOL_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def memory_pool(chip) -> tuple[float, str]:
+  """(the share of a device's memory a run may use, what sets it: "" on a TPU, all of it)."""
+  if getattr(chip, "platform", "tpu") != "cuda":
+    return 1.0, ""
+  if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+    return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform"
+  for name in _POOL_VARIABLES:
+    text = os.environ.get(name, "").strip()
+    if text:
+      try:
+        share = float(text)
+      except ValueError:
+        share = -1.0
+      if not 0 < share <= 1:
+        raise TargetError(f"{name}={text!r}: give the share of each GPU's memory JAX may use, above 0 and at most 1, "
+                          "e.g. .95.")
+      return share, f"{name}={text}"
+  return JAX_GPU_POOL, "JAX's default pool; XLA_CLIENT_MEM_FRACTION=.95 raises it"
+
+
+def usable_bytes(target) -> int:
+  """The memory per device a program may take: a TPU chip's HBM, a GPU's JAX pool."""
+  return int(target.chip.hbm_gib * memory_pool(target.chip)[0] * 2**30)
 
 
 CUDA_PLUGIN_ADVICE = ('jax\'s CUDA plugin compiles for GPUs on any machine, no GPU needed: pip install -e ".[cuda-aot]" '
