@@ -38,11 +38,18 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) ->
   for arg in argv[1:]:
     if arg.startswith("--config="):
       path = arg.split("=", 1)[1].split(":", 1)[0]
+      if os.path.isdir(path):
+        _fail(f"{path} is a folder: give a config file in it, e.g. configs/cifar10.py.")
       if not os.path.isfile(path):
         _fail(missing_config_file(path))
       with open(path, encoding="utf-8", errors="replace") as f:
-        if "def get_config" not in f.read():
-          _fail(f"{path} defines no get_config(arg): it is not an emim config (the configs are configs/*.py).")
+        source = f.read()
+      if "def get_config" not in source:
+        _fail(f"{path} defines no get_config(arg): it is not an emim config (the configs are configs/*.py).")
+      try:  # ml_collections would let a SyntaxError through as a traceback
+        compile(source, path, "exec")
+      except SyntaxError as e:
+        _fail(f"{path}, line {e.lineno}: {e.msg}: the config file is not valid Python ({(e.text or '').strip()!r}).")
   try:
     return (flags.FLAGS if flag_values is None else flag_values)(argv)
   except flags.Error as e:  # a malformed value, a missing required flag, a config that raised

@@ -24,6 +24,7 @@ from conftest import REPO, load_config
 
 from emim import sharding, train
 from emim.aot import cli, report, search, supervisor, targets
+from emim.aot import programs as programs_lib
 
 # The suite's persistent compilation cache (conftest.py) stores the TPU executables too,
 # but reading one back needs a TPU client: JAX warns and compiles again.
@@ -710,3 +711,65 @@ def test_a_shape_the_tpu_does_not_come_in_is_not_told_to_install_libtpu():
   with pytest.raises(targets.TargetError) as e:
     targets.target_devices("v5e:3x3")
   assert "pip install" not in str(e.value) and "docs/tpu.md" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------
+# A careless user's command lines: each mistake one line, before any compile.
+# ----------------------------------------------------------------------------------
+def test_a_program_named_twice_compiles_once_and_a_negative_batch_is_one_line(capsys):
+  # --programs=train,train compiled the step, then died of a KeyError on the second; --batch=-8 was a traceback.
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal"
+  assert cli.parse_args([config, "--target=h100:8", "--programs=train,mi,train,"]).programs == ["train", "mi"]
+  with pytest.raises(SystemExit) as exit:
+    cli.parse_args([config, "--target=h100:8", "--batch=-8"])
+  err = capsys.readouterr().err.strip()
+  assert exit.value.code == 2 and err.startswith("error: --batch=-8: give a positive global batch") and "\n" not in err
+
+
+def test_a_config_emim_main_would_refuse_is_one_line_before_any_compile(monkeypatch, capsys):
+  # --config.train.batch_size=0 and a batch over the training set were compiled, and were tracebacks.
+  monkeypatch.setattr(cli, "supervise", lambda args: pytest.fail("a compile started"))
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}"  # 4096 examples
+  for argv, says in ((["--config.train.batch_size=0"], "--config.train.batch_size=0: it must be a positive integer"),
+                     (["--config.eval.batch_size=-1"], "--config.eval.batch_size=-1: it must be a positive integer"),
+                     (["--batch=8192"], "The training set has 4096 examples, fewer than one batch of 8192: lower --batch")):
+    with pytest.raises(SystemExit) as exit:
+      cli.main([config, "--target=v5e:2x4", *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 1 and err.startswith(f"error: {says}") and "\n" not in err, err
+  assert programs_lib.num_train_examples(load_config("imagenette", "")) == 9_469  # not the 4,096 of no dataset
+
+
+def test_a_config_file_with_a_syntax_error_or_a_folder_is_one_line(tmp_path, capsys):
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg=None:\n  pass\n")
+  for path, says in ((broken, f"{broken}, line 1: "), (REPO / "configs", "is a folder: give a config file in it")):
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_args([f"--config={path}", "--target=h100:8"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and says in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_output_piped_to_head_stops_quietly_and_stops_the_compile(tmp_path):
+  # ... | head -1 ended in a BrokenPipeError traceback.
+  pid_file = tmp_path / "child.pid"
+  child = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\nwhile True: print('| row |', flush=True)"
+  code = (f"import sys\nfrom emim.aot import cli, supervisor\ncli.supervise = lambda args: supervisor.supervise("
+          f"args, lambda *_: [sys.executable, '-c', {child!r}])\n"
+          f"cli.main(['--config={REPO / 'configs' / 'synthetic.py'}:runlocal', '--target=v5e:2x4'])")
+  process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert process.stdout.readline() == "| row |\n"
+  process.stdout.close()  # as head does after its line
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 1 and err == "", err
+  child_pid = int(pid_file.read_text())
+  assert not os.path.exists(f"/proc/{child_pid}") or "zombie" in open(f"/proc/{child_pid}/status").read()
+
+
+def test_jax_runs_on_the_cpu_whatever_jax_platforms_says():
+  # JAX_PLATFORMS=cuda (a GPU machine's shell) without a GPU: the CUDA plugin's error, or JAX's traceback.
+  code = "from emim.aot import cli\nimport jax\nprint(jax.devices()[0].platform)"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cuda"})
+  assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr

@@ -16,19 +16,26 @@ beside the ``model`` row's; with it the programs default to ``train,model``.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import types
 
 import emim.aot  # noqa: F401  (the environment libtpu reads, before JAX starts)
-from absl import flags
-from ml_collections import config_flags
 
-from emim import cli as emim_cli
-from emim.aot.programs import PROGRAMS
-from emim.aot.supervisor import _STATUS, config_args, supervise
-from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, parse_target
-from emim.errors import UserError
+# JAX runs on this machine's CPU whatever JAX_PLATFORMS says (a shell set up for training may say cuda or tpu, and
+# JAX without that device fails): the targets' compilers need no device, and the CPU's lowering gives a GPU program's
+# FLOPs. JAX reads it when imported, below.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from emim import cli as emim_cli  # noqa: E402
+from emim.aot.programs import PROGRAMS  # noqa: E402
+from emim.aot.supervisor import _STATUS, config_args, supervise  # noqa: E402
+from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, parse_target  # noqa: E402
+from emim.errors import UserError  # noqa: E402
 
 ALL_PROGRAMS = PROGRAMS + ("model",)
 
@@ -57,11 +64,14 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
   rest = emim_cli.parse_flags(["emim.aot", *argv], fv)
   if len(rest) > 1:
     emim_cli.fail(f"unexpected arguments: {' '.join(rest[1:])} (--config.field=value sets a config field)")
-  bad = [p for p in fv.programs if p not in ALL_PROGRAMS]
-  if bad or not (fv.programs or fv.max_batch or fv.breakdown):
+  # Each program once, in the order given ("train,train" compiles it once; "train," is "train").
+  programs = list(dict.fromkeys(p for p in fv.programs if p))
+  bad = [p for p in programs if p not in ALL_PROGRAMS]
+  if bad or not (programs or fv.max_batch or fv.breakdown):
     emim_cli.fail(f"--programs: name {'at least one' if not bad else 'only programs'} of {','.join(ALL_PROGRAMS)}"
                   f"{' (not ' + ','.join(bad) + ')' if bad else ''}.")
-  programs = list(fv.programs)
+  if fv.batch < 0:
+    emim_cli.fail(f"--batch={fv.batch}: give a positive global batch (or leave --batch out for the config's).")
   if fv.breakdown and not fv["programs"].present:
     programs = ["train", "model"]
   config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
@@ -75,6 +85,21 @@ def check_target(text: str) -> None:
   spec = parse_target(text)
   if spec.platform == "cuda" and not cuda_plugin_installed():
     raise UserError(f"--target={text}: {CUDA_PLUGIN_ADVICE}.")
+
+
+def check_config(args) -> None:
+  """The config with its overrides and --batch refused where emim.main and emim.evaluate
+  would refuse it (ConfigError), before any compile: what is compiled is a run that can start."""
+  from emim import config_base
+  from emim.aot.programs import num_train_examples, with_batch
+
+  config = with_batch(args.config, args.batch)
+  config_base.validate(config)
+  config_base.validate_eval(config)
+  n_train = num_train_examples(config)
+  if config.train.batch_size > n_train:  # as emim.main refuses it (an epoch would have no step)
+    raise config_base.ConfigError(f"The training set has {n_train} examples, fewer than one batch of "
+                                  f"{config.train.batch_size}: lower --batch (or --config.train.batch_size).")
 
 
 def compile_and_print(args) -> int:
@@ -166,12 +191,16 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     check_target(args.target)
-    if _STATUS not in __import__("os").environ:  # the parent: compiles in a child a compiler crash cannot take down
+    check_config(args)
+    if _STATUS not in os.environ:  # the parent: compiles in a child a compiler crash cannot take down
       signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that it stops the child
       sys.exit(supervise(args))
     sys.exit(compile_and_print(args))
   except KeyboardInterrupt:
     sys.exit(130)
+  except BrokenPipeError:  # the output's reader stopped (| head): stop quietly, as a shell's tools do
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit fails again
+    sys.exit(1)
   except Exception as e:
     message = emim_cli.explain(e)
     if message is None:

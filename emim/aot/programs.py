@@ -35,7 +35,8 @@ from emim.evaluators import mi_tracker
 
 # Training-set sizes: a device-resident set is an input of the step (its whole size on
 # every chip); for a streamed one it sets only the schedule's constants.
-TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "imagenet2012": 1_281_167, "imagenet100": 126_689}
+TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "imagenet2012": 1_281_167, "imagenet100": 126_689,
+                  "imagenette/320px-v2": 9_469}
 
 PROGRAMS = ("train", "mi", "features", "probe")
 
