@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -71,6 +72,9 @@ def config_override_failed(argv: list[str], error: Exception) -> None:
   if len(text) > 1 and text[0] == text[-1] == "'":
     text = text[1:-1]
   text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+  unknown = re.fullmatch(r"\"?'(\w+)'\"?", text)  # a bare KeyError: a field the config does not have
+  if unknown:
+    text = f"the config has no field {unknown.group(1)!r}"
   _fail(f"cannot apply {bad}: {text}\n  (a run's config.json lists every field of its config)")
 
 

@@ -750,6 +750,15 @@ def test_a_config_file_with_a_syntax_error_or_a_folder_is_one_line(tmp_path, cap
     assert exit.value.code == 2 and says in err and "\n" not in err and "Traceback" not in err, err
 
 
+def test_an_unknown_config_field_is_named_as_one(capsys):
+  # --config.foo=1 said only: cannot apply --config.foo: "'foo'".
+  for field in ("foo", "model.foo.bar"):
+    with pytest.raises(SystemExit):
+      cli.parse_args([f"--config={REPO / 'configs' / 'synthetic.py'}", "--target=h100:8", f"--config.{field}=1"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot apply --config.{field}: the config has no field 'foo'\n"), err
+
+
 def test_output_piped_to_head_stops_quietly_and_stops_the_compile(tmp_path):
   # ... | head -1 ended in a BrokenPipeError traceback.
   pid_file = tmp_path / "child.pid"
