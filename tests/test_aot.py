@@ -782,3 +782,13 @@ def test_jax_runs_on_the_cpu_whatever_jax_platforms_says():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cuda"})
   assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr
+
+
+def test_an_xla_flag_xla_does_not_know_is_its_line_alone():
+  # XLA_FLAGS=--xla_junk=1 printed the header and an empty table's, then XLA's line.
+  result = subprocess.run([sys.executable, "-m", "emim.aot", f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal",
+                           "--target=v5e:2x4", "--programs=features"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_junk=1"})
+  assert result.returncode == 1 and result.stdout == "", result.stdout
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Unknown flag in XLA_FLAGS: --xla_junk=1" in lines[0], result.stderr

@@ -112,6 +112,9 @@ def compile_and_print(args) -> int:
   from emim.aot.targets import target_devices
   from emim.tpu import libtpu_advice
 
+  # XLA reads XLA_FLAGS as its CPU client starts, and ends the process at a flag it does not know with a line
+  # naming it: here, before the header and the table's, that line is all that is printed.
+  jax.devices("cpu")
   config = with_batch(args.config, args.batch)
   target = target_devices(args.target)
   n, unit = len(target.devices), target.unit
