@@ -792,3 +792,24 @@ def test_an_xla_flag_xla_does_not_know_is_its_line_alone():
   assert result.returncode == 1 and result.stdout == "", result.stdout
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "Unknown flag in XLA_FLAGS: --xla_junk=1" in lines[0], result.stderr
+
+
+def test_a_program_the_run_does_not_have_is_a_row_saying_why(monkeypatch, capsys):
+  # The Gaussian mixture's --programs=model,probe (and mi with no MI tracked) printed an empty table, exit status 0;
+  # its --breakdown was a flax traceback (the model row's ResNet fed the mixture's vectors).
+  pytest.importorskip("libtpu")
+  config = f"--config={REPO / 'configs' / 'gaussian_mixture.py'}:runlocal"
+  args = cli.parse_args([config, "--target=v5e:2x4", "--programs=model,probe,mi", "--config.eval.mi_every_steps=0"])
+  assert cli.compile_and_print(args) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| model ", "| probe ", "| mi "))]
+  assert rows == ["| model | not built: the model row is an image network's (benchmarks/train_step.py): the Gaussian "
+                  "mixture's vectors have none |",
+                  "| probe | not built: --config.eval.probe_mode='features': the probe trains on extracted features "
+                  "(the features row's program), no step of its own |",
+                  "| mi | not built: the run tracks no MI (--config.eval.mi_every_steps=0) |"]
+  monkeypatch.setattr(cli, "supervise", lambda args: pytest.fail("a compile started"))
+  with pytest.raises(SystemExit) as exit:
+    cli.main([config, "--target=v5e:2x4", "--breakdown"])
+  err = capsys.readouterr().err.strip()
+  assert exit.value.code == 1 and err.startswith("error: --breakdown: each piece is read against the model row") \
+      and "\n" not in err, err

@@ -91,11 +91,14 @@ def check_config(args) -> None:
   """The config with its overrides and --batch refused where emim.main and emim.evaluate
   would refuse it (ConfigError), before any compile: what is compiled is a run that can start."""
   from emim import config_base
-  from emim.aot.programs import num_train_examples, with_batch
+  from emim.aot.programs import not_built, num_train_examples, with_batch
 
   config = with_batch(args.config, args.batch)
   config_base.validate(config)
   config_base.validate_eval(config)
+  if args.breakdown and not_built(config, "model"):
+    raise UserError(f"--breakdown: each piece is read against the model row, and {not_built(config, 'model')} "
+                    "(--programs=train compiles the step).")
   n_train = num_train_examples(config)
   if config.train.batch_size > n_train:  # as emim.main refuses it (an epoch would have no step)
     raise config_base.ConfigError(f"The training set has {n_train} examples, fewer than one batch of "
@@ -106,7 +109,7 @@ def compile_and_print(args) -> int:
   """In the compiling child: the header, the breakdown, the table, the batch search."""
   import jax
 
-  from emim.aot.programs import flops_breakdown, num_train_examples, with_batch
+  from emim.aot.programs import flops_breakdown, not_built, num_train_examples, with_batch
   from emim.aot.report import compile_config, table_header, table_row
   from emim.aot.search import max_batch
   from emim.aot.targets import target_devices
@@ -145,6 +148,9 @@ def compile_and_print(args) -> int:
     print(table_header(unit), flush=True)
   reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
       if args.programs else []
+  for program in args.programs:  # asked for, and not in the run: its row says why (it is no failure)
+    if not_built(config, program):
+      print(f"| {program} | not built: {not_built(config, program)} |", flush=True)
   if args.breakdown:
     print_bytes_by_piece(reports, unit)
   if args.max_batch:
