@@ -36,9 +36,9 @@ def _fail(message: str) -> None:
 def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
   """absl's flag parsing (of ``flag_values``, by default absl's global flags), with
   config-override mistakes reported in one line."""
-  for arg in argv[1:]:
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1].split(":", 1)[0]
+  for arg, after in zip(argv[1:], argv[2:] + [""]):
+    if arg.startswith("--config=") or (arg == "--config" and after):  # --config=FILE or --config FILE
+      path = (arg.split("=", 1)[1] if "=" in arg else after).split(":", 1)[0]
       if os.path.isdir(path):
         _fail(f"{path} is a folder: give a config file in it, e.g. configs/cifar10.py.")
       if not os.path.isfile(path):

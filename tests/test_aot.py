@@ -813,3 +813,22 @@ def test_a_program_the_run_does_not_have_is_a_row_saying_why(monkeypatch, capsys
   err = capsys.readouterr().err.strip()
   assert exit.value.code == 1 and err.startswith("error: --breakdown: each piece is read against the model row") \
       and "\n" not in err, err
+
+
+def test_help_is_the_usage_and_config_space_file_is_read_as_config_equals_file(tmp_path, capsys):
+  # --help and -h were "Unknown command line flag", with "(--helpfull lists the flags)", itself unknown.
+  for flag in ("--help", "-h", "--helpfull"):
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_args([flag])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "python -m emim.aot --config=" in out and "--target: A TPU slice" in out
+  # --config FILE: a syntax error in it was a traceback, and the header named no config.
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg=None:\n  pass\n")
+  with pytest.raises(SystemExit) as exit:
+    cli.parse_args(["--config", str(broken), "--target=h100:8"])
+  assert exit.value.code == 2 and f"error: {broken}, line 1: " in capsys.readouterr().err
+  config = str(REPO / "configs" / "synthetic.py")
+  args = cli.parse_args(["--config", f"{config}:runlocal", "--config.train.batch_size", "64", "--target=h100:8"])
+  assert args.config_arg == f"{config}:runlocal" and args.overrides == ["--config.train.batch_size", "64"]
+  assert args.config.train.batch_size == 64

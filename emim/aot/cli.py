@@ -61,6 +61,11 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
   one line on stderr and exit status 2."""
   fv = flags.FlagValues()
   _define(fv, ["emim.aot", *argv])
+  if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv):  # flags of its own, not absl's app
+    usage = "\n\n".join(emim.aot.__doc__.strip().split("\n\n")[:2])  # what it does, and examples
+    print(f"{usage}\n\nAny --config.field=value overrides the config as for emim.main. Flags (docs/aot.md):\n"
+          f"{fv.get_help(include_special_flags=False)}")
+    sys.exit(0)
   rest = emim_cli.parse_flags(["emim.aot", *argv], fv)
   if len(rest) > 1:
     emim_cli.fail(f"unexpected arguments: {' '.join(rest[1:])} (--config.field=value sets a config field)")
@@ -74,9 +79,12 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
     emim_cli.fail(f"--batch={fv.batch}: give a positive global batch (or leave --batch out for the config's).")
   if fv.breakdown and not fv["programs"].present:
     programs = ["train", "model"]
-  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-  return types.SimpleNamespace(config=fv.config, config_arg=config_arg, target=fv.target, batch=fv.batch,
-                               programs=programs, max_batch=fv.max_batch, breakdown=fv.breakdown,
+  given = config_args(argv)  # --config=FILE or --config FILE, and the overrides, as written
+  k = next(k for k, a in enumerate(given) if a == "--config" or a.startswith("--config="))
+  config_arg, overrides = (given[k + 1], given[:k] + given[k + 2:]) if given[k] == "--config" else \
+      (given[k].split("=", 1)[1], given[:k] + given[k + 1:])
+  return types.SimpleNamespace(config=fv.config, config_arg=config_arg, overrides=overrides, target=fv.target,
+                               batch=fv.batch, programs=programs, max_batch=fv.max_batch, breakdown=fv.breakdown,
                                no_header=fv.no_header, argv=list(argv))
 
 
@@ -125,7 +133,7 @@ def compile_and_print(args) -> int:
     raise UserError(f"The global batch {config.train.batch_size} does not split over the {n} {unit}s of "
                     f"{target.name}: --batch {max(n, config.train.batch_size - config.train.batch_size % n)} would.")
   if not args.no_header:
-    overrides = " ".join(a for a in config_args(args.argv) if not a.startswith("--config="))
+    overrides = " ".join(args.overrides)
     print(f"{args.config_arg}{' ' + overrides if overrides else ''} on {target.name} ({args.target}: {n} {unit}s, "
           f"{target.hosts} host(s), {target.devices[0].device_kind}); batch {config.train.batch_size} "
           f"({config.train.batch_size // n} per {unit}), {config.model.backbone} {config.model.dtype}; "
