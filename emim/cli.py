@@ -19,6 +19,7 @@ import os
 import re
 import sys
 
+import ml_collections
 from absl import app, flags
 
 from emim.errors import UserError, explain_os_error, missing_config_file
@@ -51,8 +52,9 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) ->
         compile(source, path, "exec")
       except SyntaxError as e:
         _fail(f"{path}, line {e.lineno}: {e.msg}: the config file is not valid Python ({(e.text or '').strip()!r}).")
+  fv = flags.FLAGS if flag_values is None else flag_values
   try:
-    return (flags.FLAGS if flag_values is None else flag_values)(argv)
+    rest = fv(argv)
   except flags.Error as e:  # a malformed value, a missing required flag, a config that raised
     text = str(e)
     if "Traceback (most recent call last)" in text:  # a config file's error: its first and last lines
@@ -61,6 +63,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) ->
     _fail(f"{text}\n  (--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     config_override_failed(argv, e)
+  config = fv["config"].value if "config" in fv else None
+  if config is not None and not isinstance(config, ml_collections.ConfigDict):  # else a traceback where it is read
+    _fail(f"the config file's get_config(arg) returned {type(config).__name__}, not an ml_collections.ConfigDict: an "
+          "emim config returns emim.config_base.base_config() with its fields set (see configs/*.py).")
+  return rest
 
 
 def config_override_failed(argv: list[str], error: Exception) -> None:

@@ -743,7 +743,10 @@ def test_a_config_emim_main_would_refuse_is_one_line_before_any_compile(monkeypa
 def test_a_config_file_with_a_syntax_error_or_a_folder_is_one_line(tmp_path, capsys):
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(arg=None:\n  pass\n")
-  for path, says in ((broken, f"{broken}, line 1: "), (REPO / "configs", "is a folder: give a config file in it")):
+  no_config = tmp_path / "no_config.py"  # its get_config returns no ConfigDict: a traceback where it was read
+  no_config.write_text("def get_config(arg=None):\n  return 3\n")
+  for path, says in ((broken, f"{broken}, line 1: "), (REPO / "configs", "is a folder: give a config file in it"),
+                     (no_config, "get_config(arg) returned int, not an ml_collections.ConfigDict")):
     with pytest.raises(SystemExit) as exit:
       cli.parse_args([f"--config={path}", "--target=h100:8"])
     err = capsys.readouterr().err.strip()
