@@ -835,3 +835,19 @@ def test_help_is_the_usage_and_config_space_file_is_read_as_config_equals_file(t
   args = cli.parse_args(["--config", f"{config}:runlocal", "--config.train.batch_size", "64", "--target=h100:8"])
   assert args.config_arg == f"{config}:runlocal" and args.overrides == ["--config.train.batch_size", "64"]
   assert args.config.train.batch_size == 64
+
+
+def test_ctrl_c_while_it_starts_ends_it_quietly():
+  # Ctrl-C while JAX was imported was a traceback, or landed in a garbage collector's callback ("Exception ignored")
+  # and the compile went on to the end, exit status 0.
+  import signal
+  import time
+
+  process = subprocess.Popen([sys.executable, "-m", "emim.aot", f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal",
+                              "--target=v5e:2x4", "--programs=features"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+  time.sleep(0.3)  # importing (JAX takes seconds); later, main() takes it: the same outcome
+  os.killpg(process.pid, signal.SIGINT)  # as a terminal sends it, to the process and any child
+  out, err = process.communicate(timeout=120)
+  assert process.returncode in (-signal.SIGINT, 130) and "| features |" not in out, (out, err)
+  assert "Traceback" not in err and "Exception ignored" not in err, err

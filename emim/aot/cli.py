@@ -207,6 +207,8 @@ def print_bytes_by_piece(reports, unit: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # __main__'s, while it imported: Ctrl-C is ours now
+      signal.signal(signal.SIGINT, signal.default_int_handler)
     check_target(args.target)
     check_config(args)
     if _STATUS not in os.environ:  # the parent: compiles in a child a compiler crash cannot take down
