@@ -732,7 +732,8 @@ def test_a_config_emim_main_would_refuse_is_one_line_before_any_compile(monkeypa
   config = f"--config={REPO / 'configs' / 'synthetic.py'}"  # 4096 examples
   for argv, says in ((["--config.train.batch_size=0"], "--config.train.batch_size=0: it must be a positive integer"),
                      (["--config.eval.batch_size=-1"], "--config.eval.batch_size=-1: it must be a positive integer"),
-                     (["--batch=8192"], "The training set has 4096 examples, fewer than one batch of 8192: lower --batch")):
+                     (["--batch=8192"], "The training set has 4096 examples, fewer than one batch of 8192: lower "
+                                        "--batch")):
     with pytest.raises(SystemExit) as exit:
       cli.main([config, "--target=v5e:2x4", *argv])
     err = capsys.readouterr().err.strip()
@@ -765,7 +766,8 @@ def test_an_unknown_config_field_is_named_as_one(capsys):
 def test_output_piped_to_head_stops_quietly_and_stops_the_compile(tmp_path):
   # ... | head -1 ended in a BrokenPipeError traceback.
   pid_file = tmp_path / "child.pid"
-  child = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\nwhile True: print('| row |', flush=True)"
+  child = (f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+           "while True: print('| row |', flush=True)")
   code = (f"import sys\nfrom emim.aot import cli, supervisor\ncli.supervise = lambda args: supervisor.supervise("
           f"args, lambda *_: [sys.executable, '-c', {child!r}])\n"
           f"cli.main(['--config={REPO / 'configs' / 'synthetic.py'}:runlocal', '--target=v5e:2x4'])")
@@ -843,9 +845,10 @@ def test_ctrl_c_while_it_starts_ends_it_quietly():
   import signal
   import time
 
-  process = subprocess.Popen([sys.executable, "-m", "emim.aot", f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal",
-                              "--target=v5e:2x4", "--programs=features"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+  argv = [sys.executable, "-m", "emim.aot", f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal",
+          "--target=v5e:2x4", "--programs=features"]
+  process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
   time.sleep(0.3)  # importing (JAX takes seconds); later, main() takes it: the same outcome
   os.killpg(process.pid, signal.SIGINT)  # as a terminal sends it, to the process and any child
   out, err = process.communicate(timeout=120)
