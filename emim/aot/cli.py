@@ -80,9 +80,13 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
   if fv.breakdown and not fv["programs"].present:
     programs = ["train", "model"]
   given = config_args(argv)  # --config=FILE or --config FILE, and the overrides, as written
-  k = next(k for k, a in enumerate(given) if a == "--config" or a.startswith("--config="))
-  config_arg, overrides = (given[k + 1], given[:k] + given[k + 2:]) if given[k] == "--config" else \
-      (given[k].split("=", 1)[1], given[:k] + given[k + 1:])
+  k = next((k for k, a in enumerate(given) if a == "--config" or a.startswith("--config=")), None)
+  if k is None:  # (given in a --flagfile)
+    config_arg, overrides = "", given
+  elif given[k] == "--config":
+    config_arg, overrides = given[k + 1], given[:k] + given[k + 2:]
+  else:
+    config_arg, overrides = given[k].split("=", 1)[1], given[:k] + given[k + 1:]
   return types.SimpleNamespace(config=fv.config, config_arg=config_arg, overrides=overrides, target=fv.target,
                                batch=fv.batch, programs=programs, max_batch=fv.max_batch, breakdown=fv.breakdown,
                                no_header=fv.no_header, argv=list(argv))
