@@ -854,3 +854,15 @@ def test_ctrl_c_while_it_starts_ends_it_quietly():
   out, err = process.communicate(timeout=120)
   assert process.returncode in (-signal.SIGINT, 130) and "| features |" not in out, (out, err)
   assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_flagfile_reaches_the_compiling_child(tmp_path):
+  # --flagfile=FILE with --config in it: the parent read it, the child was not given it ("Flag --config must have a
+  # value other than None").
+  flagfile = tmp_path / "flags.txt"
+  flagfile.write_text(f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal\n--target=h100:8\n")
+  args = cli.parse_args([f"--flagfile={flagfile}", "--programs=train"])
+  assert args.config_arg == f"--flagfile={flagfile}" and args.config.train.batch_size == 32
+  argv = supervisor._child_argv(args, ["train"], True, False)
+  assert argv[3:] == [f"--flagfile={flagfile}", "--target=h100:8", "--programs=train"]
+  assert cli.parse_args(argv[3:]).config.train.batch_size == 32  # as the child reads it

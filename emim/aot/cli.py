@@ -81,8 +81,8 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
     programs = ["train", "model"]
   given = config_args(argv)  # --config=FILE or --config FILE, and the overrides, as written
   k = next((k for k, a in enumerate(given) if a == "--config" or a.startswith("--config=")), None)
-  if k is None:  # (given in a --flagfile)
-    config_arg, overrides = "", given
+  if k is None:  # given in a --flagfile: named by it
+    config_arg, overrides = " ".join(a for a in argv if a.startswith("--flagfile=")), given
   elif given[k] == "--config":
     config_arg, overrides = given[k + 1], given[:k] + given[k + 2:]
   else:
