@@ -16,8 +16,10 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import sys
 
+import ml_collections
 from absl import app, flags
 
 from emim.errors import UserError, explain_os_error, missing_config_file
@@ -35,16 +37,24 @@ def _fail(message: str) -> None:
 def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
   """absl's flag parsing (of ``flag_values``, by default absl's global flags), with
   config-override mistakes reported in one line."""
-  for arg in argv[1:]:
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1].split(":", 1)[0]
+  for arg, after in zip(argv[1:], argv[2:] + [""]):
+    if arg.startswith("--config=") or (arg == "--config" and after):  # --config=FILE or --config FILE
+      path = (arg.split("=", 1)[1] if "=" in arg else after).split(":", 1)[0]
+      if os.path.isdir(path):
+        _fail(f"{path} is a folder: give a config file in it, e.g. configs/cifar10.py.")
       if not os.path.isfile(path):
         _fail(missing_config_file(path))
       with open(path, encoding="utf-8", errors="replace") as f:
-        if "def get_config" not in f.read():
-          _fail(f"{path} defines no get_config(arg): it is not an emim config (the configs are configs/*.py).")
+        source = f.read()
+      if "def get_config" not in source:
+        _fail(f"{path} defines no get_config(arg): it is not an emim config (the configs are configs/*.py).")
+      try:  # ml_collections would let a SyntaxError through as a traceback
+        compile(source, path, "exec")
+      except SyntaxError as e:
+        _fail(f"{path}, line {e.lineno}: {e.msg}: the config file is not valid Python ({(e.text or '').strip()!r}).")
+  fv = flags.FLAGS if flag_values is None else flag_values
   try:
-    return (flags.FLAGS if flag_values is None else flag_values)(argv)
+    rest = fv(argv)
   except flags.Error as e:  # a malformed value, a missing required flag, a config that raised
     text = str(e)
     if "Traceback (most recent call last)" in text:  # a config file's error: its first and last lines
@@ -53,6 +63,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) ->
     _fail(f"{text}\n  (--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     config_override_failed(argv, e)
+  config = fv["config"].value if "config" in fv else None
+  if config is not None and not isinstance(config, ml_collections.ConfigDict):  # else a traceback where it is read
+    _fail(f"the config file's get_config(arg) returned {type(config).__name__}, not an ml_collections.ConfigDict: an "
+          "emim config returns emim.config_base.base_config() with its fields set (see configs/*.py).")
+  return rest
 
 
 def config_override_failed(argv: list[str], error: Exception) -> None:
@@ -64,6 +79,9 @@ def config_override_failed(argv: list[str], error: Exception) -> None:
   if len(text) > 1 and text[0] == text[-1] == "'":
     text = text[1:-1]
   text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+  unknown = re.fullmatch(r"\"?'(\w+)'\"?", text)  # a bare KeyError: a field the config does not have
+  if unknown:
+    text = f"the config has no field {unknown.group(1)!r}"
   _fail(f"cannot apply {bad}: {text}\n  (a run's config.json lists every field of its config)")
 
 

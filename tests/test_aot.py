@@ -24,6 +24,7 @@ from conftest import REPO, load_config
 
 from emim import sharding, train
 from emim.aot import cli, report, search, supervisor, targets
+from emim.aot import programs as programs_lib
 
 # The suite's persistent compilation cache (conftest.py) stores the TPU executables too,
 # but reading one back needs a TPU client: JAX warns and compiles again.
@@ -779,3 +780,158 @@ def test_a_shape_the_tpu_does_not_come_in_is_not_told_to_install_libtpu():
   with pytest.raises(targets.TargetError) as e:
     targets.target_devices("v5e:3x3")
   assert "pip install" not in str(e.value) and "docs/tpu.md" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------
+# A careless user's command lines: each mistake one line, before any compile.
+# ----------------------------------------------------------------------------------
+def test_a_program_named_twice_compiles_once_and_a_negative_batch_is_one_line(capsys):
+  # --programs=train,train compiled the step, then died of a KeyError on the second; --batch=-8 was a traceback.
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal"
+  assert cli.parse_args([config, "--target=h100:8", "--programs=train,mi,train,"]).programs == ["train", "mi"]
+  with pytest.raises(SystemExit) as exit:
+    cli.parse_args([config, "--target=h100:8", "--batch=-8"])
+  err = capsys.readouterr().err.strip()
+  assert exit.value.code == 2 and err.startswith("error: --batch=-8: give a positive global batch") and "\n" not in err
+
+
+def test_a_config_emim_main_would_refuse_is_one_line_before_any_compile(monkeypatch, capsys):
+  # --config.train.batch_size=0 and a batch over the training set were compiled, and were tracebacks.
+  monkeypatch.setattr(cli, "supervise", lambda args: pytest.fail("a compile started"))
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}"  # 4096 examples
+  for argv, says in ((["--config.train.batch_size=0"], "--config.train.batch_size=0: it must be a positive integer"),
+                     (["--config.eval.batch_size=-1"], "--config.eval.batch_size=-1: it must be a positive integer"),
+                     (["--batch=8192"], "The training set has 4096 examples, fewer than one batch of 8192: lower "
+                                        "--batch")):
+    with pytest.raises(SystemExit) as exit:
+      cli.main([config, "--target=v5e:2x4", *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 1 and err.startswith(f"error: {says}") and "\n" not in err, err
+  assert programs_lib.num_train_examples(load_config("imagenette", "")) == 9_469  # not the 4,096 of no dataset
+
+
+def test_a_config_file_with_a_syntax_error_or_a_folder_is_one_line(tmp_path, capsys):
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg=None:\n  pass\n")
+  no_config = tmp_path / "no_config.py"  # its get_config returns no ConfigDict: a traceback where it was read
+  no_config.write_text("def get_config(arg=None):\n  return 3\n")
+  for path, says in ((broken, f"{broken}, line 1: "), (REPO / "configs", "is a folder: give a config file in it"),
+                     (no_config, "get_config(arg) returned int, not an ml_collections.ConfigDict")):
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_args([f"--config={path}", "--target=h100:8"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and says in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_an_unknown_config_field_is_named_as_one(capsys):
+  # --config.foo=1 said only: cannot apply --config.foo: "'foo'".
+  for field in ("foo", "model.foo.bar"):
+    with pytest.raises(SystemExit):
+      cli.parse_args([f"--config={REPO / 'configs' / 'synthetic.py'}", "--target=h100:8", f"--config.{field}=1"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot apply --config.{field}: the config has no field 'foo'\n"), err
+
+
+def test_output_piped_to_head_stops_quietly_and_stops_the_compile(tmp_path):
+  # ... | head -1 ended in a BrokenPipeError traceback.
+  pid_file = tmp_path / "child.pid"
+  child = (f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+           "while True: print('| row |', flush=True)")
+  code = (f"import sys\nfrom emim.aot import cli, supervisor\ncli.supervise = lambda args: supervisor.supervise("
+          f"args, lambda *_: [sys.executable, '-c', {child!r}])\n"
+          f"cli.main(['--config={REPO / 'configs' / 'synthetic.py'}:runlocal', '--target=v5e:2x4'])")
+  process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert process.stdout.readline() == "| row |\n"
+  process.stdout.close()  # as head does after its line
+  _, err = process.communicate(timeout=60)
+  assert process.returncode == 1 and err == "", err
+  child_pid = int(pid_file.read_text())
+  assert not os.path.exists(f"/proc/{child_pid}") or "zombie" in open(f"/proc/{child_pid}/status").read()
+
+
+def test_jax_runs_on_the_cpu_whatever_jax_platforms_says():
+  # JAX_PLATFORMS=cuda (a GPU machine's shell) without a GPU: the CUDA plugin's error, or JAX's traceback.
+  code = "from emim.aot import cli\nimport jax\nprint(jax.devices()[0].platform)"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cuda"})
+  assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr
+
+
+def test_an_xla_flag_xla_does_not_know_is_its_line_alone():
+  # XLA_FLAGS=--xla_junk=1 printed the header and an empty table's, then XLA's line.
+  result = subprocess.run([sys.executable, "-m", "emim.aot", f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal",
+                           "--target=v5e:2x4", "--programs=features"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_junk=1"})
+  assert result.returncode == 1 and result.stdout == "", result.stdout
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Unknown flag in XLA_FLAGS: --xla_junk=1" in lines[0], result.stderr
+
+
+def test_a_program_the_run_does_not_have_is_a_row_saying_why(monkeypatch, capsys):
+  # The Gaussian mixture's --programs=model,probe (and mi with no MI tracked) printed an empty table, exit status 0;
+  # its --breakdown was a flax traceback (the model row's ResNet fed the mixture's vectors).
+  pytest.importorskip("libtpu")
+  config = f"--config={REPO / 'configs' / 'gaussian_mixture.py'}:runlocal"
+  args = cli.parse_args([config, "--target=v5e:2x4", "--programs=model,probe,mi", "--config.eval.mi_every_steps=0"])
+  assert cli.compile_and_print(args) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| model ", "| probe ", "| mi "))]
+  assert rows == ["| model | not built: the model row is an image network's (benchmarks/train_step.py): the Gaussian "
+                  "mixture's vectors have none |",
+                  "| probe | not built: --config.eval.probe_mode='features': the probe trains on extracted features "
+                  "(the features row's program), no step of its own |",
+                  "| mi | not built: the run tracks no MI (--config.eval.mi_every_steps=0) |"]
+  monkeypatch.setattr(cli, "supervise", lambda args: pytest.fail("a compile started"))
+  with pytest.raises(SystemExit) as exit:
+    cli.main([config, "--target=v5e:2x4", "--breakdown"])
+  err = capsys.readouterr().err.strip()
+  assert exit.value.code == 1 and err.startswith("error: --breakdown: each piece is read against the model row") \
+      and "\n" not in err, err
+
+
+def test_help_is_the_usage_and_config_space_file_is_read_as_config_equals_file(tmp_path, capsys):
+  # --help and -h were "Unknown command line flag", with "(--helpfull lists the flags)", itself unknown.
+  for flag in ("--help", "-h", "--helpfull"):
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_args([flag])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "python -m emim.aot --config=" in out and "--target: A TPU slice" in out
+  # --config FILE: a syntax error in it was a traceback, and the header named no config.
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg=None:\n  pass\n")
+  with pytest.raises(SystemExit) as exit:
+    cli.parse_args(["--config", str(broken), "--target=h100:8"])
+  assert exit.value.code == 2 and f"error: {broken}, line 1: " in capsys.readouterr().err
+  config = str(REPO / "configs" / "synthetic.py")
+  args = cli.parse_args(["--config", f"{config}:runlocal", "--config.train.batch_size", "64", "--target=h100:8"])
+  assert args.config_arg == f"{config}:runlocal" and args.overrides == ["--config.train.batch_size", "64"]
+  assert args.config.train.batch_size == 64
+
+
+def test_ctrl_c_while_it_starts_ends_it_quietly():
+  # Ctrl-C while JAX was imported was a traceback, or landed in a garbage collector's callback ("Exception ignored")
+  # and the compile went on to the end, exit status 0.
+  import signal
+  import time
+
+  argv = [sys.executable, "-m", "emim.aot", f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal",
+          "--target=v5e:2x4", "--programs=features"]
+  process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+  time.sleep(0.3)  # importing (JAX takes seconds); later, main() takes it: the same outcome
+  os.killpg(process.pid, signal.SIGINT)  # as a terminal sends it, to the process and any child
+  out, err = process.communicate(timeout=120)
+  assert process.returncode in (-signal.SIGINT, 130) and "| features |" not in out, (out, err)
+  assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_flagfile_reaches_the_compiling_child(tmp_path):
+  # --flagfile=FILE with --config in it: the parent read it, the child was not given it ("Flag --config must have a
+  # value other than None").
+  flagfile = tmp_path / "flags.txt"
+  flagfile.write_text(f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal\n--target=h100:8\n")
+  args = cli.parse_args([f"--flagfile={flagfile}", "--programs=train"])
+  assert args.config_arg == f"--flagfile={flagfile}" and args.config.train.batch_size == 32
+  argv = supervisor._child_argv(args, ["train"], True, False)
+  assert argv[3:] == [f"--flagfile={flagfile}", "--target=h100:8", "--programs=train"]
+  assert cli.parse_args(argv[3:]).config.train.batch_size == 32  # as the child reads it

@@ -1,6 +1,13 @@
 """python -m emim.aot: see emim/aot/cli.py."""
 
-from emim.aot import cli
+import signal
+
+# Until main() takes Ctrl-C, it ends the process as the default action does: raised as KeyboardInterrupt while JAX
+# is imported, it can land in a garbage collector's callback, where Python prints it and goes on to compile.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (an ignored SIGINT stays ignored)
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+from emim.aot import cli  # noqa: E402
 
 if __name__ == "__main__":
   cli.main()

@@ -16,19 +16,26 @@ beside the ``model`` row's; with it the programs default to ``train,model``.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import types
 
 import emim.aot  # noqa: F401  (the environment libtpu reads, before JAX starts)
-from absl import flags
-from ml_collections import config_flags
 
-from emim import cli as emim_cli
-from emim.aot.programs import PROGRAMS
-from emim.aot.supervisor import _STATUS, config_args, supervise
-from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool, parse_target
-from emim.errors import UserError
+# JAX runs on this machine's CPU whatever JAX_PLATFORMS says (a shell set up for training may say cuda or tpu, and
+# JAX without that device fails): the targets' compilers need no device, and the CPU's lowering gives a GPU program's
+# FLOPs. JAX reads it when imported, below.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from emim import cli as emim_cli  # noqa: E402
+from emim.aot.programs import PROGRAMS  # noqa: E402
+from emim.aot.supervisor import _STATUS, config_args, supervise  # noqa: E402
+from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool, parse_target  # noqa: E402
+from emim.errors import UserError  # noqa: E402
 
 ALL_PROGRAMS = PROGRAMS + ("model",)
 
@@ -54,19 +61,34 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
   one line on stderr and exit status 2."""
   fv = flags.FlagValues()
   _define(fv, ["emim.aot", *argv])
+  if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv):  # flags of its own, not absl's app
+    usage = "\n\n".join(emim.aot.__doc__.strip().split("\n\n")[:2])  # what it does, and examples
+    print(f"{usage}\n\nAny --config.field=value overrides the config as for emim.main. Flags (docs/aot.md):\n"
+          f"{fv.get_help(include_special_flags=False)}")
+    sys.exit(0)
   rest = emim_cli.parse_flags(["emim.aot", *argv], fv)
   if len(rest) > 1:
     emim_cli.fail(f"unexpected arguments: {' '.join(rest[1:])} (--config.field=value sets a config field)")
-  bad = [p for p in fv.programs if p not in ALL_PROGRAMS]
-  if bad or not (fv.programs or fv.max_batch or fv.breakdown):
+  # Each program once, in the order given ("train,train" compiles it once; "train," is "train").
+  programs = list(dict.fromkeys(p for p in fv.programs if p))
+  bad = [p for p in programs if p not in ALL_PROGRAMS]
+  if bad or not (programs or fv.max_batch or fv.breakdown):
     emim_cli.fail(f"--programs: name {'at least one' if not bad else 'only programs'} of {','.join(ALL_PROGRAMS)}"
                   f"{' (not ' + ','.join(bad) + ')' if bad else ''}.")
-  programs = list(fv.programs)
+  if fv.batch < 0:
+    emim_cli.fail(f"--batch={fv.batch}: give a positive global batch (or leave --batch out for the config's).")
   if fv.breakdown and not fv["programs"].present:
     programs = ["train", "model"]
-  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-  return types.SimpleNamespace(config=fv.config, config_arg=config_arg, target=fv.target, batch=fv.batch,
-                               programs=programs, max_batch=fv.max_batch, breakdown=fv.breakdown,
+  given = config_args(argv)  # --config=FILE or --config FILE, and the overrides, as written
+  k = next((k for k, a in enumerate(given) if a == "--config" or a.startswith("--config=")), None)
+  if k is None:  # given in a --flagfile: named by it
+    config_arg, overrides = " ".join(a for a in argv if a.startswith("--flagfile=")), given
+  elif given[k] == "--config":
+    config_arg, overrides = given[k + 1], given[:k] + given[k + 2:]
+  else:
+    config_arg, overrides = given[k].split("=", 1)[1], given[:k] + given[k + 1:]
+  return types.SimpleNamespace(config=fv.config, config_arg=config_arg, overrides=overrides, target=fv.target,
+                               batch=fv.batch, programs=programs, max_batch=fv.max_batch, breakdown=fv.breakdown,
                                no_header=fv.no_header, argv=list(argv))
 
 
@@ -78,16 +100,37 @@ def check_target(text: str) -> None:
   memory_pool(spec.chip)  # a GPU pool's share set wrongly in the environment: said before any compile
 
 
+def check_config(args) -> None:
+  """The config with its overrides and --batch refused where emim.main and emim.evaluate
+  would refuse it (ConfigError), before any compile: what is compiled is a run that can start."""
+  from emim import config_base
+  from emim.aot.programs import not_built, num_train_examples, with_batch
+
+  config = with_batch(args.config, args.batch)
+  config_base.validate(config)
+  config_base.validate_eval(config)
+  if args.breakdown and not_built(config, "model"):
+    raise UserError(f"--breakdown: each piece is read against the model row, and {not_built(config, 'model')} "
+                    "(--programs=train compiles the step).")
+  n_train = num_train_examples(config)
+  if config.train.batch_size > n_train:  # as emim.main refuses it (an epoch would have no step)
+    raise config_base.ConfigError(f"The training set has {n_train} examples, fewer than one batch of "
+                                  f"{config.train.batch_size}: lower --batch (or --config.train.batch_size).")
+
+
 def compile_and_print(args) -> int:
   """In the compiling child: the header, the breakdown, the table, the batch search."""
   import jax
 
-  from emim.aot.programs import flops_breakdown, num_train_examples, with_batch
+  from emim.aot.programs import flops_breakdown, not_built, num_train_examples, with_batch
   from emim.aot.report import compile_config, footnotes, table_header, table_row
   from emim.aot.search import max_batch
   from emim.aot.targets import memory_pool, target_devices
   from emim.tpu import libtpu_advice
 
+  # XLA reads XLA_FLAGS as its CPU client starts, and ends the process at a flag it does not know with a line
+  # naming it: here, before the header and the table's, that line is all that is printed.
+  jax.devices("cpu")
   config = with_batch(args.config, args.batch)
   target = target_devices(args.target)
   n, unit = len(target.devices), target.unit
@@ -95,7 +138,7 @@ def compile_and_print(args) -> int:
     raise UserError(f"The global batch {config.train.batch_size} does not split over the {n} {unit}s of "
                     f"{target.name}: --batch {max(n, config.train.batch_size - config.train.batch_size % n)} would.")
   if not args.no_header:
-    overrides = " ".join(a for a in config_args(args.argv) if not a.startswith("--config="))
+    overrides = " ".join(args.overrides)
     print(f"{args.config_arg}{' ' + overrides if overrides else ''} on {target.name} ({args.target}: {n} {unit}s, "
           f"{target.hosts} host(s), {target.devices[0].device_kind}); batch {config.train.batch_size} "
           f"({config.train.batch_size // n} per {unit}), {config.model.backbone} {config.model.dtype}; "
@@ -122,6 +165,9 @@ def compile_and_print(args) -> int:
     print(table_header(unit), flush=True)
   reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
       if args.programs else []
+  for program in args.programs:  # asked for, and not in the run: its row says why (it is no failure)
+    if not_built(config, program):
+      print(f"| {program} | not built: {not_built(config, program)} |", flush=True)
   for line in footnotes(reports):
     print(line, flush=True)
   if args.breakdown:
@@ -172,13 +218,19 @@ def print_bytes_by_piece(reports, unit: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # __main__'s, while it imported: Ctrl-C is ours now
+      signal.signal(signal.SIGINT, signal.default_int_handler)
     check_target(args.target)
-    if _STATUS not in __import__("os").environ:  # the parent: compiles in a child a compiler crash cannot take down
+    check_config(args)
+    if _STATUS not in os.environ:  # the parent: compiles in a child a compiler crash cannot take down
       signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that it stops the child
       sys.exit(supervise(args))
     sys.exit(compile_and_print(args))
   except KeyboardInterrupt:
     sys.exit(130)
+  except BrokenPipeError:  # the output's reader stopped (| head): stop quietly, as a shell's tools do
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit fails again
+    sys.exit(1)
   except Exception as e:
     message = emim_cli.explain(e)
     if message is None:

@@ -35,7 +35,8 @@ from emim.evaluators import mi_tracker
 
 # Training-set sizes: a device-resident set is an input of the step (its whole size on
 # every chip); for a streamed one it sets only the schedule's constants.
-TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "imagenet2012": 1_281_167, "imagenet100": 126_689}
+TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "imagenet2012": 1_281_167, "imagenet100": 126_689,
+                  "imagenette/320px-v2": 9_469}
 
 PROGRAMS = ("train", "mi", "features", "probe")
 
@@ -75,7 +76,7 @@ def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
   if "train" in programs:
     lowered, _ = train.lower_train_step(parts, DataShapes(config, mesh, n_train), state, state_sharding, mesh)
     out["train"] = (lowered, batch)
-  if "mi" in programs and config.eval.mi_every_steps != 0:
+  if "mi" in programs and not not_built(config, "mi"):
     n, spec = mi_tracker.batch_layout(n_train, config.eval.mi_batch_size, mesh)
     inputs = {key: jax.ShapeDtypeStruct((n,) + input_shape(config.data), dtype, sharding=spec)}
     out["mi"] = (mi_tracker.make_mi_tracker(parts, objective_eps=config.method.get("eps", 1e-4)).lower(state, inputs), n)
@@ -90,7 +91,7 @@ def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
     centre = shape if vectors else ((config.data.decode_size or config.data.image_size),) * 2 + (3,)
     images = jax.ShapeDtypeStruct((n,) + centre, dtype, sharding=batch_spec)
     out["features"] = (jax.jit(backbone.apply).lower(variables, images), n)
-  if "probe" in programs and not vectors and config.eval.probe_mode == "augmented":
+  if "probe" in programs and not not_built(config, "probe"):
     n = linear_probe.probe_batch_size(config.eval, n_train, mesh)
     tx = linear_probe.probe_optimizer(config.eval, n, config.eval.probe_epochs * (n_train // n))
     probe_state = _abstract(jax.eval_shape(lambda: linear_probe.init_probe_state(
@@ -105,13 +106,26 @@ def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
               "labels": jax.ShapeDtypeStruct((n_train,), np.int32, sharding=replicated)}
       epoch = linear_probe.probe_epoch_fn(step, n_train, n, batch_spec, shape)
       out["probe"] = (jax.jit(epoch, donate_argnums=0).lower(probe_state, data, variables), n * (n_train // n))
-  if "model" in programs and not vectors:
+  if "model" in programs and not not_built(config, "model"):
     reference = _load_benchmark("train_step")
     step, init = reference.model_step(config, config.model.dtype)
     model_state = _abstract(jax.eval_shape(init, jax.random.PRNGKey(0)), replicated)
     x = jax.ShapeDtypeStruct((batch,) + shape, np.float32, sharding=batch_spec)
     out["model"] = (jax.jit(step, donate_argnums=0).lower(model_state, x, x), batch)
   return out
+
+
+def not_built(config, program: str) -> str:
+  """Why ``lower_programs`` builds no ``program`` for ``config`` ("" where it builds it): the run has none."""
+  vectors = config.data.source in VECTOR_SOURCES
+  if program == "mi" and config.eval.mi_every_steps == 0:
+    return "the run tracks no MI (--config.eval.mi_every_steps=0)"
+  if program == "probe" and (vectors or config.eval.probe_mode != "augmented"):
+    return (f"--config.eval.probe_mode={config.eval.probe_mode!r}: the probe trains on extracted features (the "
+            "features row's program), no step of its own")
+  if program == "model" and vectors:
+    return "the model row is an image network's (benchmarks/train_step.py): the Gaussian mixture's vectors have none"
+  return ""
 
 
 def _load_benchmark(name: str):

@@ -49,7 +49,8 @@ def config_args(argv: list[str]) -> list[str]:
 
 
 def _child_argv(args, programs: list[str], first: bool, max_batch: bool) -> list[str]:
-  argv = [sys.executable, "-m", "emim.aot", *config_args(args.argv), f"--target={args.target}",
+  flagfiles = [a for a in args.argv if a.startswith("--flagfile=")]  # the flags after them win
+  argv = [sys.executable, "-m", "emim.aot", *flagfiles, *config_args(args.argv), f"--target={args.target}",
           f"--programs={','.join(programs)}"]
   argv += [f"--batch={args.batch}"] if args.batch else []
   argv += ["--max_batch"] if max_batch else []
