@@ -472,7 +472,7 @@ class _NoTritonTiling(_Compiled):
   """XLA's GPU compiler without a GPU, on a program with a Triton GEMM fusion its default
   tiling does not fit: the compile fails unless the products go to cuBLAS."""
 
-  def __init__(self, hlo, error="INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.382 = bf16[25216,384]"):
+  def __init__(self, hlo, error=f"INTERNAL: {report.NO_TRITON_TILING} that satisfy hlo: %dot.382 = bf16[25216,384]"):
     super().__init__(hlo)
     self.error, self.options = error, []
 

@@ -34,7 +34,8 @@ from ml_collections import config_flags  # noqa: E402
 from emim import cli as emim_cli  # noqa: E402
 from emim.aot.programs import PROGRAMS  # noqa: E402
 from emim.aot.supervisor import _STATUS, config_args, supervise  # noqa: E402
-from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool, parse_target  # noqa: E402
+from emim.aot.targets import (GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool,  # noqa: E402
+                              parse_target)
 from emim.errors import UserError  # noqa: E402
 
 ALL_PROGRAMS = PROGRAMS + ("model",)
