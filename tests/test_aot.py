@@ -852,10 +852,18 @@ def test_output_piped_to_head_stops_quietly_and_stops_the_compile(tmp_path):
 
 def test_jax_runs_on_the_cpu_whatever_jax_platforms_says():
   # JAX_PLATFORMS=cuda (a GPU machine's shell) without a GPU: the CUDA plugin's error, or JAX's traceback.
-  code = "from emim.aot import cli\nimport jax\nprint(jax.devices()[0].platform)"
+  # Its entry points (python -m emim.aot, run here without main(); benchmarks/tpu_compile.py) say so before JAX starts.
+  for entry in ("runpy.run_module('emim.aot', run_name='entry')",
+                f"runpy.run_path({str(REPO / 'benchmarks' / 'tpu_compile.py')!r}, run_name='entry')"):
+    code = f"import runpy\n{entry}\nimport jax\nprint(jax.devices()[0].platform)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cuda"})
+    assert result.returncode == 0 and result.stdout.strip() == "cpu", (entry, result.stderr)
+  # Importing its modules does not: the test suite run with JAX_PLATFORMS=cuda, and its subprocesses, keep it.
+  code = "import os\nfrom emim.aot import cli\nprint(os.environ['JAX_PLATFORMS'])"
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cuda"})
-  assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr
+  assert result.returncode == 0 and result.stdout.strip() == "cuda", result.stderr
 
 
 def test_an_xla_flag_xla_does_not_know_is_its_line_alone():

@@ -22,21 +22,14 @@ import sys
 import types
 
 import emim.aot  # noqa: F401  (the environment libtpu reads, before JAX starts)
+from absl import flags
+from ml_collections import config_flags
 
-# JAX runs on this machine's CPU whatever JAX_PLATFORMS says (a shell set up for training may say cuda or tpu, and
-# JAX without that device fails): the targets' compilers need no device, and the CPU's lowering gives a GPU program's
-# FLOPs. JAX reads it when imported, below.
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from emim import cli as emim_cli  # noqa: E402
-from emim.aot.programs import PROGRAMS  # noqa: E402
-from emim.aot.supervisor import _STATUS, config_args, supervise  # noqa: E402
-from emim.aot.targets import (GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool,  # noqa: E402
-                              parse_target)
-from emim.errors import UserError  # noqa: E402
+from emim import cli as emim_cli
+from emim.aot.programs import PROGRAMS
+from emim.aot.supervisor import _STATUS, config_args, supervise
+from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool, parse_target
+from emim.errors import UserError
 
 ALL_PROGRAMS = PROGRAMS + ("model",)
 
