@@ -525,14 +525,17 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   assert f"(80% of 79.1: over the {0.75 * whole / GiB:.3g} GiB pool, does not fit) |" in report.table_row(r, h100)
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")
   assert search.max_batch(config, h100, 64) == brute(0.95 * whole) and "pool" not in report.table_row(r, h100)
-  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "1")  # the new name first, as jax reads it
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "1")  # both: jaxlib's GPU client raises a ValueError
+  with pytest.raises(targets.TargetError, match=r"are both set, which JAX refuses on a GPU: unset "
+                                                r"XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    targets.memory_pool(h100.chip)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   assert targets.memory_pool(h100.chip) == (1.0, "XLA_CLIENT_MEM_FRACTION=1")
   for bad in ("95", "0", "most"):
     monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", bad)
-    with pytest.raises(targets.TargetError, match=r"XLA_CLIENT_MEM_FRACTION=.*between|above 0 and at most 1"):
+    with pytest.raises(targets.TargetError, match=r"XLA_CLIENT_MEM_FRACTION='.*': .* above 0 and at most 1"):
       targets.memory_pool(h100.chip)
   monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION")
-  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
   assert targets.usable_bytes(h100) == int(whole)
 
@@ -808,6 +811,16 @@ def test_a_config_emim_main_would_refuse_is_one_line_before_any_compile(monkeypa
     err = capsys.readouterr().err.strip()
     assert exit.value.code == 1 and err.startswith(f"error: {says}") and "\n" not in err, err
   assert programs_lib.num_train_examples(load_config("imagenette", "")) == 9_469  # not the 4,096 of no dataset
+  # An image folder of another name: the run counts it, data.num_train (4,096) is no count of it; not refused here.
+  checked = []
+  monkeypatch.setattr(cli, "supervise", lambda args: checked.append(args.batch) or 0)
+  folder = f"--config={REPO / 'configs' / 'cifar10.py'}"
+  with pytest.raises(SystemExit) as exit:
+    cli.main([folder, "--target=v5e:2x4", "--config.data.tfds_name=", "--batch=8192"])
+  assert exit.value.code == 0 and checked == [8192], capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit:  # as cifar10 it is 50,000
+    cli.main([folder, "--target=v5e:2x4", "--batch=65536"])
+  assert exit.value.code == 1 and "The training set has 50000 examples" in capsys.readouterr().err
 
 
 def test_a_config_file_with_a_syntax_error_or_a_folder_is_one_line(tmp_path, capsys):

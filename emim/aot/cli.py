@@ -98,7 +98,7 @@ def check_config(args) -> None:
   """The config with its overrides and --batch refused where emim.main and emim.evaluate
   would refuse it (ConfigError), before any compile: what is compiled is a run that can start."""
   from emim import config_base
-  from emim.aot.programs import not_built, num_train_examples, with_batch
+  from emim.aot.programs import known_train_examples, not_built, with_batch
 
   config = with_batch(args.config, args.batch)
   config_base.validate(config)
@@ -106,8 +106,8 @@ def check_config(args) -> None:
   if args.breakdown and not_built(config, "model"):
     raise UserError(f"--breakdown: each piece is read against the model row, and {not_built(config, 'model')} "
                     "(--programs=train compiles the step).")
-  n_train = num_train_examples(config)
-  if config.train.batch_size > n_train:  # as emim.main refuses it (an epoch would have no step)
+  n_train = known_train_examples(config)  # (an image folder's is counted by the run: not refused here)
+  if n_train is not None and config.train.batch_size > n_train:  # as emim.main refuses it (an epoch with no step)
     raise config_base.ConfigError(f"The training set has {n_train} examples, fewer than one batch of "
                                   f"{config.train.batch_size}: lower --batch (or --config.train.batch_size).")
 
