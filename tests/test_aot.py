@@ -954,5 +954,13 @@ def test_a_flagfile_reaches_the_compiling_child(tmp_path):
   args = cli.parse_args([f"--flagfile={flagfile}", "--programs=train"])
   assert args.config_arg == f"--flagfile={flagfile}" and args.config.train.batch_size == 32
   argv = supervisor._child_argv(args, ["train"], True, False)
-  assert argv[3:] == [f"--flagfile={flagfile}", "--target=h100:8", "--programs=train"]
+  assert argv[3:] == [f"--flagfile={flagfile}", "--target=h100:8", "--programs=train", "--nomax_batch", "--nobreakdown"]
   assert cli.parse_args(argv[3:]).config.train.batch_size == 32  # as the child reads it
+  # A flagfile's --max_batch and --breakdown: the child after a crash of the train step does neither again.
+  flagfile.write_text(flagfile.read_text() + "--max_batch\n--breakdown\n")
+  args = cli.parse_args([f"--flagfile={flagfile}"])
+  assert args.max_batch and args.breakdown and args.programs == ["train", "model"]
+  child = cli.parse_args(supervisor._child_argv(args, ["model"], False, False)[3:])
+  assert child.programs == ["model"] and not child.max_batch and not child.breakdown and child.no_header
+  first = cli.parse_args(supervisor._child_argv(args, ["train", "model"], True, True)[3:])
+  assert first.max_batch and first.breakdown and not first.no_header
