@@ -902,6 +902,11 @@ def test_a_program_the_run_does_not_have_is_a_row_saying_why(monkeypatch, capsys
                   "| probe | not built: --config.eval.probe_mode='features': the probe trains on extracted features "
                   "(the features row's program), no step of its own |",
                   "| mi | not built: the run tracks no MI (--config.eval.mi_every_steps=0) |"]
+  # Said before the compiles: a compiler's crash in a program after it (its child gone) does not lose it.
+  seen = []
+  monkeypatch.setattr(report, "compile_config", lambda *a, **k: seen.append(capsys.readouterr().out) or [])
+  args = cli.parse_args([config, "--target=v5e:2x4", "--programs=probe,train"])
+  assert cli.compile_and_print(args) == 0 and len(seen) == 1 and "\n| probe | not built: " in seen[0], seen
   monkeypatch.setattr(cli, "supervise", lambda args: pytest.fail("a compile started"))
   with pytest.raises(SystemExit) as exit:
     cli.main([config, "--target=v5e:2x4", "--breakdown"])

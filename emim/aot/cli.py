@@ -157,11 +157,13 @@ def compile_and_print(args) -> int:
     print(f"| rest (whole - pieces) | {rest / 1e9:.1f} | |", flush=True)
   if not args.no_header and args.programs:
     print(table_header(unit), flush=True)
-  reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
-      if args.programs else []
-  for program in args.programs:  # asked for, and not in the run: its row says why (it is no failure)
+  # Asked for, and not in the run: its row says why (it is no failure); before the compiles, which a compiler's crash
+  # ends (the supervisor's next child is given only the programs after the one that died).
+  for program in args.programs:
     if not_built(config, program):
       print(f"| {program} | not built: {not_built(config, program)} |", flush=True)
+  reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
+      if args.programs else []
   for line in footnotes(reports):
     print(line, flush=True)
   if args.breakdown:
