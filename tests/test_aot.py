@@ -526,9 +526,12 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")
   assert search.max_batch(config, h100, 64) == brute(0.95 * whole) and "pool" not in report.table_row(r, h100)
   monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "1")  # both: jaxlib's GPU client raises a ValueError
-  with pytest.raises(targets.TargetError, match=r"are both set, which JAX refuses on a GPU: unset "
-                                                r"XLA_PYTHON_CLIENT_MEM_FRACTION"):
-    targets.memory_pool(h100.chip)
+  for allocator in ("", "platform"):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", allocator)
+    with pytest.raises(targets.TargetError, match=r"are both set, which JAX refuses on a GPU: unset "
+                                                  r"XLA_PYTHON_CLIENT_MEM_FRACTION"):
+      targets.memory_pool(h100.chip)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
   monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   assert targets.memory_pool(h100.chip) == (1.0, "XLA_CLIENT_MEM_FRACTION=1")
   for bad in ("95", "0", "most"):
