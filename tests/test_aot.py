@@ -491,6 +491,10 @@ def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so
   assert not r.error and r.total == 4 * 2**30 and "--xla_gpu_enable_triton_gemm=false" in r.compiled_with
   assert report.table_row(r, h100).startswith("| train (*) | 1024 (128) | 3.00 |")
   assert report.footnotes([r]) == [f"(*) train: {r.compiled_with}."] and "bf16[25216,384]" in r.compiled_with
+  assert "..." not in r.compiled_with  # XLA's line whole; a long one is cut, and said to be
+  long = report.analyse("train", _NoTritonTiling(GPU_HLO, error=f"INTERNAL: {report.NO_TRITON_TILING} " + "x" * 300),
+                        1024, 8)
+  assert f"{report.NO_TRITON_TILING} {'x' * (160 - len(report.NO_TRITON_TILING) - 11)}...)" in long.compiled_with
   # Any other error is the row's error, compiled once; and so is this one where cuBLAS fails too.
   other = _NoTritonTiling(GPU_HLO, error="RESOURCE_EXHAUSTED: out of memory")
   r = report.analyse("train", other, 1024, 8)

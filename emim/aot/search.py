@@ -41,7 +41,8 @@ def out_of_hbm(error: str) -> tuple[int, int] | None:
 
 def train_memory(config, target: Target, batch: int, report: Report | None = None) -> Fit:
   """The train step compiled at global ``batch`` (or its ``report``, compiled already): its
-  memory per chip, and whether it fits in the chip's HBM."""
+  memory per chip, and whether it fits what a run may use of it (``usable_bytes``: a TPU's
+  HBM, a GPU's JAX pool)."""
   report = report or compile_config(with_batch(config, batch), target, ("train",), note={"max_batch": True})[0]
   ok = not report.error and report.total <= usable_bytes(target)
   # The FLOPs per image show what fitting costs, where XLA recomputes activations to fit.
@@ -57,7 +58,7 @@ def train_memory(config, target: Target, batch: int, report: Report | None = Non
 
 
 def max_batch(config, target: Target, multiple: int, compiled: Report | None = None) -> int:
-  """The largest global batch, a multiple of ``multiple``, whose train step fits in HBM;
+  """The largest global batch, a multiple of ``multiple``, whose train step fits (``usable_bytes``);
   0 when even ``multiple`` does not.
 
   Each try is a compile (minutes for a ResNet-50 step), so the next batch to try is read
