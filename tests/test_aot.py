@@ -929,6 +929,12 @@ def test_help_is_the_usage_and_config_space_file_is_read_as_config_equals_file(t
       cli.parse_args([flag])
     out = capsys.readouterr().out
     assert exit.value.code == 0 and "python -m emim.aot --config=" in out and "--target: A TPU slice" in out
+  # --help | head -1: a BrokenPipeError traceback.
+  process = subprocess.Popen([sys.executable, "-m", "emim.aot", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  process.stdout.close()  # as head does (here before the usage is written: importing JAX takes seconds)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode in (0, 1) and err == "", err
   # --config FILE: a syntax error in it was a traceback, and the header named no config.
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(arg=None:\n  pass\n")

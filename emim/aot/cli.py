@@ -212,8 +212,8 @@ def print_bytes_by_piece(reports, unit: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    args = parse_args(sys.argv[1:] if argv is None else argv)  # (--help | head: a broken pipe, below)
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # __main__'s, while it imported: Ctrl-C is ours now
       signal.signal(signal.SIGINT, signal.default_int_handler)
     check_target(args.target)
