@@ -483,7 +483,7 @@ class _NoTritonTiling(_Compiled):
     return self
 
 
-def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so():
+def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so(capsys):
   h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
   lowered = _NoTritonTiling(GPU_HLO)
   r = report.analyse("train", lowered, 1024, 8, global_flops=8e12)
@@ -500,6 +500,11 @@ def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so
   r = report.analyse("train", other, 1024, 8)
   assert r.error == "RESOURCE_EXHAUSTED: out of memory" and other.options == [None] and not r.compiled_with
   assert report.footnotes([r]) == []
+  # A --max_batch try that needed it says so on its own line (the table's footnote may not be there).
+  fit = search.train_memory(load_config("synthetic", "runlocal"), h100, 1024, report.analyse(
+      "train", _NoTritonTiling(GPU_HLO), 1024, 8, global_flops=8e12))
+  out = capsys.readouterr().out
+  assert fit.used == 4 * 2**30 and "its products on cuBLAS: no Triton tiling found without a GPU)" in out, out
   both = _NoTritonTiling(GPU_HLO)
   both.compile = lambda compiler_options=None: (_ for _ in ()).throw(RuntimeError(
       f"INTERNAL: Couldn't find output tile sizes {compiler_options}"))

@@ -49,7 +49,8 @@ def train_memory(config, target: Target, batch: int, report: Report | None = Non
   why = report.error or (f"{report.total / GiB:.2f} GiB, "
                          f"{report.flops * len(target.devices) / batch / 1e9:.3g} GFLOP per image")
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s"
-        f"{', products on cuBLAS (*)' if report.compiled_with else ''})", flush=True)
+        f"{', its products on cuBLAS: no Triton tiling found without a GPU' if report.compiled_with else ''})",
+        flush=True)  # (said here: the table's footnote is there only where the table's step needed it too)
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
     refused = asked is not None or "RESOURCE_EXHAUSTED" in report.error or "out of memory" in report.error.lower()
