@@ -11,6 +11,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without emim installed
 
+import emim.aot  # noqa: E402
+
+emim.aot.on_this_cpu()  # before JAX is imported (by cli)
+
 from emim.aot import cli  # noqa: E402
 
 if __name__ == "__main__":

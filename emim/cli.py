@@ -39,6 +39,8 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) ->
   config-override mistakes reported in one line."""
   for arg, after in zip(argv[1:], argv[2:] + [""]):
     if arg.startswith("--config=") or (arg == "--config" and after):  # --config=FILE or --config FILE
+      if arg == "--config" and after.startswith("-"):  # absl would read the next flag as the file's name
+        _fail(f"--config is followed by {after}, not a config file: give one, e.g. --config=configs/cifar10.py.")
       path = (arg.split("=", 1)[1] if "=" in arg else after).split(":", 1)[0]
       if os.path.isdir(path):
         _fail(f"{path} is a folder: give a config file in it, e.g. configs/cifar10.py.")

@@ -483,7 +483,7 @@ class _NoTritonTiling(_Compiled):
     return self
 
 
-def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so():
+def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so(capsys):
   h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
   lowered = _NoTritonTiling(GPU_HLO)
   r = report.analyse("train", lowered, 1024, 8, global_flops=8e12)
@@ -491,11 +491,20 @@ def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so
   assert not r.error and r.total == 4 * 2**30 and "--xla_gpu_enable_triton_gemm=false" in r.compiled_with
   assert report.table_row(r, h100).startswith("| train (*) | 1024 (128) | 3.00 |")
   assert report.footnotes([r]) == [f"(*) train: {r.compiled_with}."] and "bf16[25216,384]" in r.compiled_with
+  assert "..." not in r.compiled_with  # XLA's line whole; a long one is cut, and said to be
+  long = report.analyse("train", _NoTritonTiling(GPU_HLO, error=f"INTERNAL: {report.NO_TRITON_TILING} " + "x" * 300),
+                        1024, 8)
+  assert f"{report.NO_TRITON_TILING} {'x' * (160 - len(report.NO_TRITON_TILING) - 11)}...)" in long.compiled_with
   # Any other error is the row's error, compiled once; and so is this one where cuBLAS fails too.
   other = _NoTritonTiling(GPU_HLO, error="RESOURCE_EXHAUSTED: out of memory")
   r = report.analyse("train", other, 1024, 8)
   assert r.error == "RESOURCE_EXHAUSTED: out of memory" and other.options == [None] and not r.compiled_with
   assert report.footnotes([r]) == []
+  # A --max_batch try that needed it says so on its own line (the table's footnote may not be there).
+  fit = search.train_memory(load_config("synthetic", "runlocal"), h100, 1024, report.analyse(
+      "train", _NoTritonTiling(GPU_HLO), 1024, 8, global_flops=8e12))
+  out = capsys.readouterr().out
+  assert fit.used == 4 * 2**30 and "its products on cuBLAS: no Triton tiling found without a GPU)" in out, out
   both = _NoTritonTiling(GPU_HLO)
   both.compile = lambda compiler_options=None: (_ for _ in ()).throw(RuntimeError(
       f"INTERNAL: Couldn't find output tile sizes {compiler_options}"))
@@ -525,14 +534,20 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   assert f"(80% of 79.1: over the {0.75 * whole / GiB:.3g} GiB pool, does not fit) |" in report.table_row(r, h100)
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")
   assert search.max_batch(config, h100, 64) == brute(0.95 * whole) and "pool" not in report.table_row(r, h100)
-  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "1")  # the new name first, as jax reads it
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "1")  # both: jaxlib's GPU client raises a ValueError
+  for allocator in ("", "platform"):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", allocator)
+    with pytest.raises(targets.TargetError, match=r"are both set, which JAX refuses on a GPU: unset "
+                                                  r"XLA_PYTHON_CLIENT_MEM_FRACTION"):
+      targets.memory_pool(h100.chip)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   assert targets.memory_pool(h100.chip) == (1.0, "XLA_CLIENT_MEM_FRACTION=1")
   for bad in ("95", "0", "most"):
     monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", bad)
-    with pytest.raises(targets.TargetError, match=r"XLA_CLIENT_MEM_FRACTION=.*between|above 0 and at most 1"):
+    with pytest.raises(targets.TargetError, match=r"XLA_CLIENT_MEM_FRACTION='.*': .* above 0 and at most 1"):
       targets.memory_pool(h100.chip)
   monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION")
-  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
   assert targets.usable_bytes(h100) == int(whole)
 
@@ -808,6 +823,16 @@ def test_a_config_emim_main_would_refuse_is_one_line_before_any_compile(monkeypa
     err = capsys.readouterr().err.strip()
     assert exit.value.code == 1 and err.startswith(f"error: {says}") and "\n" not in err, err
   assert programs_lib.num_train_examples(load_config("imagenette", "")) == 9_469  # not the 4,096 of no dataset
+  # An image folder of another name: the run counts it, data.num_train (4,096) is no count of it; not refused here.
+  checked = []
+  monkeypatch.setattr(cli, "supervise", lambda args: checked.append(args.batch) or 0)
+  folder = f"--config={REPO / 'configs' / 'cifar10.py'}"
+  with pytest.raises(SystemExit) as exit:
+    cli.main([folder, "--target=v5e:2x4", "--config.data.tfds_name=", "--batch=8192"])
+  assert exit.value.code == 0 and checked == [8192], capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit:  # as cifar10 it is 50,000
+    cli.main([folder, "--target=v5e:2x4", "--batch=65536"])
+  assert exit.value.code == 1 and "The training set has 50000 examples" in capsys.readouterr().err
 
 
 def test_a_config_file_with_a_syntax_error_or_a_folder_is_one_line(tmp_path, capsys):
@@ -852,10 +877,18 @@ def test_output_piped_to_head_stops_quietly_and_stops_the_compile(tmp_path):
 
 def test_jax_runs_on_the_cpu_whatever_jax_platforms_says():
   # JAX_PLATFORMS=cuda (a GPU machine's shell) without a GPU: the CUDA plugin's error, or JAX's traceback.
-  code = "from emim.aot import cli\nimport jax\nprint(jax.devices()[0].platform)"
+  # Its entry points (python -m emim.aot, run here without main(); benchmarks/tpu_compile.py) say so before JAX starts.
+  for entry in ("runpy.run_module('emim.aot', run_name='entry')",
+                f"runpy.run_path({str(REPO / 'benchmarks' / 'tpu_compile.py')!r}, run_name='entry')"):
+    code = f"import runpy\n{entry}\nimport jax\nprint(jax.devices()[0].platform)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cuda"})
+    assert result.returncode == 0 and result.stdout.strip() == "cpu", (entry, result.stderr)
+  # Importing its modules does not: the test suite run with JAX_PLATFORMS=cuda, and its subprocesses, keep it.
+  code = "import os\nfrom emim.aot import cli\nprint(os.environ['JAX_PLATFORMS'])"
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cuda"})
-  assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr
+  assert result.returncode == 0 and result.stdout.strip() == "cuda", result.stderr
 
 
 def test_an_xla_flag_xla_does_not_know_is_its_line_alone():
@@ -881,6 +914,11 @@ def test_a_program_the_run_does_not_have_is_a_row_saying_why(monkeypatch, capsys
                   "| probe | not built: --config.eval.probe_mode='features': the probe trains on extracted features "
                   "(the features row's program), no step of its own |",
                   "| mi | not built: the run tracks no MI (--config.eval.mi_every_steps=0) |"]
+  # Said before the compiles: a compiler's crash in a program after it (its child gone) does not lose it.
+  seen = []
+  monkeypatch.setattr(report, "compile_config", lambda *a, **k: seen.append(capsys.readouterr().out) or [])
+  args = cli.parse_args([config, "--target=v5e:2x4", "--programs=probe,train"])
+  assert cli.compile_and_print(args) == 0 and len(seen) == 1 and "\n| probe | not built: " in seen[0], seen
   monkeypatch.setattr(cli, "supervise", lambda args: pytest.fail("a compile started"))
   with pytest.raises(SystemExit) as exit:
     cli.main([config, "--target=v5e:2x4", "--breakdown"])
@@ -896,6 +934,12 @@ def test_help_is_the_usage_and_config_space_file_is_read_as_config_equals_file(t
       cli.parse_args([flag])
     out = capsys.readouterr().out
     assert exit.value.code == 0 and "python -m emim.aot --config=" in out and "--target: A TPU slice" in out
+  # --help | head -1: a BrokenPipeError traceback.
+  process = subprocess.Popen([sys.executable, "-m", "emim.aot", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  process.stdout.close()  # as head does (here before the usage is written: importing JAX takes seconds)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode in (0, 1) and err == "", err
   # --config FILE: a syntax error in it was a traceback, and the header named no config.
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(arg=None:\n  pass\n")
@@ -933,5 +977,13 @@ def test_a_flagfile_reaches_the_compiling_child(tmp_path):
   args = cli.parse_args([f"--flagfile={flagfile}", "--programs=train"])
   assert args.config_arg == f"--flagfile={flagfile}" and args.config.train.batch_size == 32
   argv = supervisor._child_argv(args, ["train"], True, False)
-  assert argv[3:] == [f"--flagfile={flagfile}", "--target=h100:8", "--programs=train"]
+  assert argv[3:] == [f"--flagfile={flagfile}", "--target=h100:8", "--programs=train", "--nomax_batch", "--nobreakdown"]
   assert cli.parse_args(argv[3:]).config.train.batch_size == 32  # as the child reads it
+  # A flagfile's --max_batch and --breakdown: the child after a crash of the train step does neither again.
+  flagfile.write_text(flagfile.read_text() + "--max_batch\n--breakdown\n")
+  args = cli.parse_args([f"--flagfile={flagfile}"])
+  assert args.max_batch and args.breakdown and args.programs == ["train", "model"]
+  child = cli.parse_args(supervisor._child_argv(args, ["model"], False, False)[3:])
+  assert child.programs == ["model"] and not child.max_batch and not child.breakdown and child.no_header
+  first = cli.parse_args(supervisor._child_argv(args, ["train", "model"], True, True)[3:])
+  assert first.max_batch and first.breakdown and not first.no_header

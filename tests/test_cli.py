@@ -83,3 +83,35 @@ def test_a_relative_config_path_from_outside_the_repository_names_the_repository
   assert result.returncode == 2 and "Traceback" not in result.stderr  # a usage error, as absl's
   assert result.stderr.strip().endswith(f"the paths of configs are relative to the repository's root; run from there, "
                                         f"or give --config={REPO / 'configs' / 'cifar10.py'}.")
+
+
+def test_emim_mains_config_mistakes_are_one_line_each(tmp_path, capsys):
+  """emim.main's flags (its config file and a --workdir) as parse_flags reads them: each mistake in the config's
+  name, file or overrides is one line, exit status 2; a config and its overrides as written are read."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg=None:\n  pass\n")
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal"
+  for argv, says in (([f"--config={tmp_path / 'nope.py'}"], "does not exist"),
+                     ([f"--config={broken}"], f"{broken}, line 1: "),
+                     ([config, "--config.train.nofield=1"], "cannot apply --config.train.nofield: the config has no "
+                                                             "field 'nofield'"),
+                     ([config, "--config.train.num_epochs=abc"], "--config.train.num_epochs=abc: invalid literal"),
+                     (["--config", "--workdir=/tmp/w"], "--config is followed by --workdir=/tmp/w, not a config file")):
+    fv = flags.FlagValues()
+    argv = ["emim.main", *argv] + ([] if "--workdir=/tmp/w" in argv else ["--workdir=/tmp/w"])
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_flags(argv, fv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and says in err.splitlines()[0], (argv, err)
+    assert "Traceback" not in err
+  fv = flags.FlagValues()
+  argv = ["emim.main", "--config", f"{REPO / 'configs' / 'synthetic.py'}:runlocal", "--config.train.num_epochs", "3",
+          "--workdir=/tmp/w"]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  assert cli.parse_flags(argv, fv) == ["emim.main"] and fv.config.train.num_epochs == 3 and fv.workdir == "/tmp/w"

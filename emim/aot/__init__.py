@@ -25,3 +25,13 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 # libtpu takes /tmp/libtpu_lockfile for a process's lifetime (one TPU user per VM); any
 # JAX process here that probed for a TPU holds it. Compiling needs no chip to itself.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def on_this_cpu() -> None:
+  """For the command line's entry points (python -m emim.aot, benchmarks/tpu_compile.py),
+  before JAX is imported: JAX runs on this machine's CPU whatever JAX_PLATFORMS says (a
+  shell set up for training may say cuda or tpu, and JAX without that device fails). The
+  targets' compilers need no device, and the CPU's lowering gives a GPU program's FLOPs.
+  Not done on import: a process that imports emim.aot's modules (the test suite) keeps
+  the JAX_PLATFORMS it was given, and so do its subprocesses."""
+  os.environ["JAX_PLATFORMS"] = "cpu"

@@ -7,6 +7,10 @@ import signal
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (an ignored SIGINT stays ignored)
   signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+import emim.aot  # noqa: E402
+
+emim.aot.on_this_cpu()  # before JAX is imported (by cli)
+
 from emim.aot import cli  # noqa: E402
 
 if __name__ == "__main__":

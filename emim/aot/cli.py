@@ -22,21 +22,14 @@ import sys
 import types
 
 import emim.aot  # noqa: F401  (the environment libtpu reads, before JAX starts)
+from absl import flags
+from ml_collections import config_flags
 
-# JAX runs on this machine's CPU whatever JAX_PLATFORMS says (a shell set up for training may say cuda or tpu, and
-# JAX without that device fails): the targets' compilers need no device, and the CPU's lowering gives a GPU program's
-# FLOPs. JAX reads it when imported, below.
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from emim import cli as emim_cli  # noqa: E402
-from emim.aot.programs import PROGRAMS  # noqa: E402
-from emim.aot.supervisor import _STATUS, config_args, supervise  # noqa: E402
-from emim.aot.targets import (GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool,  # noqa: E402
-                              parse_target)
-from emim.errors import UserError  # noqa: E402
+from emim import cli as emim_cli
+from emim.aot.programs import PROGRAMS
+from emim.aot.supervisor import _STATUS, config_args, supervise
+from emim.aot.targets import GPUS, TPUS, CUDA_PLUGIN_ADVICE, cuda_plugin_installed, memory_pool, parse_target
+from emim.errors import UserError
 
 ALL_PROGRAMS = PROGRAMS + ("model",)
 
@@ -105,7 +98,7 @@ def check_config(args) -> None:
   """The config with its overrides and --batch refused where emim.main and emim.evaluate
   would refuse it (ConfigError), before any compile: what is compiled is a run that can start."""
   from emim import config_base
-  from emim.aot.programs import not_built, num_train_examples, with_batch
+  from emim.aot.programs import known_train_examples, not_built, with_batch
 
   config = with_batch(args.config, args.batch)
   config_base.validate(config)
@@ -113,8 +106,8 @@ def check_config(args) -> None:
   if args.breakdown and not_built(config, "model"):
     raise UserError(f"--breakdown: each piece is read against the model row, and {not_built(config, 'model')} "
                     "(--programs=train compiles the step).")
-  n_train = num_train_examples(config)
-  if config.train.batch_size > n_train:  # as emim.main refuses it (an epoch would have no step)
+  n_train = known_train_examples(config)  # (an image folder's is counted by the run: not refused here)
+  if n_train is not None and config.train.batch_size > n_train:  # as emim.main refuses it (an epoch with no step)
     raise config_base.ConfigError(f"The training set has {n_train} examples, fewer than one batch of "
                                   f"{config.train.batch_size}: lower --batch (or --config.train.batch_size).")
 
@@ -164,11 +157,13 @@ def compile_and_print(args) -> int:
     print(f"| rest (whole - pieces) | {rest / 1e9:.1f} | |", flush=True)
   if not args.no_header and args.programs:
     print(table_header(unit), flush=True)
-  reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
-      if args.programs else []
-  for program in args.programs:  # asked for, and not in the run: its row says why (it is no failure)
+  # Asked for, and not in the run: its row says why (it is no failure); before the compiles, which a compiler's crash
+  # ends (the supervisor's next child is given only the programs after the one that died).
+  for program in args.programs:
     if not_built(config, program):
       print(f"| {program} | not built: {not_built(config, program)} |", flush=True)
+  reports = compile_config(config, target, tuple(args.programs), each=lambda r: print(table_row(r, target), flush=True)) \
+      if args.programs else []
   for line in footnotes(reports):
     print(line, flush=True)
   if args.breakdown:
@@ -217,8 +212,8 @@ def print_bytes_by_piece(reports, unit: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
+    args = parse_args(sys.argv[1:] if argv is None else argv)  # (--help | head: a broken pipe, below)
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # __main__'s, while it imported: Ctrl-C is ours now
       signal.signal(signal.SIGINT, signal.default_int_handler)
     check_target(args.target)

@@ -58,6 +58,16 @@ def num_train_examples(config) -> int:
   return TRAIN_EXAMPLES.get(name, config.data.num_train)
 
 
+def known_train_examples(config) -> int | None:
+  """The training set's size where it is known here: a generated set's (data.num_train) or
+  a named data set's; None for an image folder or a TFDS set of another name (the run
+  counts it; ``num_train_examples``' data.num_train is then a stand-in)."""
+  name = config.data.class_subset or config.data.tfds_name or config.data.source
+  if name in TRAIN_EXAMPLES:
+    return TRAIN_EXAMPLES[name]
+  return config.data.num_train if config.data.source in ("synthetic", *VECTOR_SOURCES) else None
+
+
 def lower_programs(config, mesh, programs=PROGRAMS) -> dict[str, tuple]:
   """{program: (lowered, images per call)} for the config on ``mesh``."""
   n_train = num_train_examples(config)

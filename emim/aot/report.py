@@ -182,9 +182,10 @@ def analyse(program: str, lowered, images: int, devices: int, global_flops: floa
       compiled = lowered.compile(compiler_options=PRODUCTS_ON_CUBLAS)
     except Exception:  # the first error is the one to show
       return Report(program, images, time.perf_counter() - t0, error=one_line(e))
+    first = one_line(e)
     compiled_with = ("compiled with --xla_gpu_enable_triton_gemm=false: without a GPU to autotune on, XLA found "
-                     f"no Triton tiling for a matrix product ({one_line(e)[:160]}...); a GPU's autotuner chooses "
-                     "among tilings and cuBLAS itself, so a run there may fuse differently")
+                     f"no Triton tiling for a matrix product ({first[:160] + '...' * (len(first) > 160)}); a GPU's "
+                     "autotuner chooses among tilings and cuBLAS itself, so a run there may fuse differently")
   report = Report(program, images, time.perf_counter() - t0, compiled_with=compiled_with)
   memory = compiled.memory_analysis()
   report.arguments, report.temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes

@@ -41,14 +41,16 @@ def out_of_hbm(error: str) -> tuple[int, int] | None:
 
 def train_memory(config, target: Target, batch: int, report: Report | None = None) -> Fit:
   """The train step compiled at global ``batch`` (or its ``report``, compiled already): its
-  memory per chip, and whether it fits in the chip's HBM."""
+  memory per chip, and whether it fits what a run may use of it (``usable_bytes``: a TPU's
+  HBM, a GPU's JAX pool)."""
   report = report or compile_config(with_batch(config, batch), target, ("train",), note={"max_batch": True})[0]
   ok = not report.error and report.total <= usable_bytes(target)
   # The FLOPs per image show what fitting costs, where XLA recomputes activations to fit.
   why = report.error or (f"{report.total / GiB:.2f} GiB, "
                          f"{report.flops * len(target.devices) / batch / 1e9:.3g} GFLOP per image")
   print(f"  batch {batch}: {'fits' if ok else 'does not fit'} ({why}; compiled in {report.compile_s:.0f}s"
-        f"{', products on cuBLAS (*)' if report.compiled_with else ''})", flush=True)
+        f"{', its products on cuBLAS: no Triton tiling found without a GPU' if report.compiled_with else ''})",
+        flush=True)  # (said here: the table's footnote is there only where the table's step needed it too)
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
     refused = asked is not None or "RESOURCE_EXHAUSTED" in report.error or "out of memory" in report.error.lower()
@@ -57,7 +59,7 @@ def train_memory(config, target: Target, batch: int, report: Report | None = Non
 
 
 def max_batch(config, target: Target, multiple: int, compiled: Report | None = None) -> int:
-  """The largest global batch, a multiple of ``multiple``, whose train step fits in HBM;
+  """The largest global batch, a multiple of ``multiple``, whose train step fits (``usable_bytes``);
   0 when even ``multiple`` does not.
 
   Each try is a compile (minutes for a ResNet-50 step), so the next batch to try is read

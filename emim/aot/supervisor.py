@@ -53,8 +53,10 @@ def _child_argv(args, programs: list[str], first: bool, max_batch: bool) -> list
   argv = [sys.executable, "-m", "emim.aot", *flagfiles, *config_args(args.argv), f"--target={args.target}",
           f"--programs={','.join(programs)}"]
   argv += [f"--batch={args.batch}"] if args.batch else []
-  argv += ["--max_batch"] if max_batch else []
-  argv += ["--breakdown"] if args.breakdown and first else []
+  # Said either way where a flagfile may say otherwise: after a crash, no second breakdown, and no search that would
+  # compile the step that died again.
+  argv += ["--max_batch"] if max_batch else ["--nomax_batch"] if flagfiles else []
+  argv += ["--breakdown"] if args.breakdown and first else ["--nobreakdown"] if flagfiles else []
   argv += [] if first else ["--no_header"]
   return argv
 

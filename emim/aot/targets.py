@@ -196,6 +196,10 @@ def memory_pool(chip) -> tuple[float, str]:
   """(the share of a device's memory a run may use, what sets it: "" on a TPU, all of it)."""
   if getattr(chip, "platform", "tpu") != "cuda":
     return 1.0, ""
+  given = [name for name in _POOL_VARIABLES if os.environ.get(name, "").strip()]
+  if len(given) == 2:  # jaxlib's GPU client refuses the pair (a ValueError as it starts), whatever the allocator
+    raise TargetError(f"{' and '.join(f'{n}={os.environ[n].strip()}' for n in given)} are both set, which JAX "
+                      f"refuses on a GPU: unset {_POOL_VARIABLES[1]} (the old name).")
   if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
     return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform"
   for name in _POOL_VARIABLES:
