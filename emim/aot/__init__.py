@@ -15,16 +15,18 @@ line). docs/aot.md is the user's page.
 
 import os
 
-# libtpu reads these when JAX loads it (at the first topology), and would otherwise ask
-# the cloud metadata server what machine this is, and warn that it could not. This
-# machine runs JAX on its CPU; the TPU and GPU compilers are only asked for programs.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-# libtpu takes /tmp/libtpu_lockfile for a process's lifetime (one TPU user per VM); any
-# JAX process here that probed for a TPU holds it. Compiling needs no chip to itself.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+def libtpu_environment() -> None:
+  """Before the first TPU topology (libtpu reads these as JAX loads it): it would otherwise
+  ask the cloud metadata server what machine this is, and warn that it could not; and it
+  takes /tmp/libtpu_lockfile for a process's lifetime (one TPU user per VM), which any JAX
+  process here that probed for a TPU holds, though compiling needs no chip to itself. Set
+  where a topology is asked for, not on import: a process that imports emim.aot (the test
+  suite on a TPU VM) and its subprocesses keep their own."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def on_this_cpu() -> None:

@@ -21,7 +21,7 @@ import signal
 import sys
 import types
 
-import emim.aot  # noqa: F401  (the environment libtpu reads, before JAX starts)
+import emim.aot  # noqa: F401  (its __doc__ is the usage --help prints)
 from absl import flags
 from ml_collections import config_flags
 

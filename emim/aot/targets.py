@@ -18,6 +18,7 @@ import math
 import os
 import re
 
+import emim.aot
 from emim.errors import UserError
 
 
@@ -245,6 +246,7 @@ def target_devices(text: str) -> Target:
       options["chips_per_host_bounds"] = tuple(list(spec.dims) + [1] * (3 - len(spec.dims)))
     shape = "x".join(map(str, spec.dims))
     try:
+      emim.aot.libtpu_environment()
       devices = topologies.get_topology_desc(f"{spec.model}:{shape}", "tpu", **options).devices
     except Exception as e:  # libtpu absent, or a shape the generation does not come in
       import importlib.util
