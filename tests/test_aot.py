@@ -127,7 +127,7 @@ def test_max_batch_finds_the_largest_multiple_that_fits_in_few_compiles(tpu_comp
   memory = MEMORY_MODELS[model]
   tried = []
 
-  def train_memory(config, tpu, batch):
+  def train_memory(config, tpu, batch, on_cublas=False):
     tried.append(batch)
     used = int(memory(batch))
     if used > 15.75 * GiB:  # over what the compiler has: it refuses, saying what it asked for (as XLA's TPU does)
@@ -149,12 +149,12 @@ def test_max_batch_stops_on_a_compile_error_that_is_not_memory(tpu_compile, monk
   """A step that does not compile at all would fail at every batch: the search says so
   instead of bisecting down to 0. An out-of-memory refusal without figures narrows it."""
   tried = []
-  monkeypatch.setattr(search, "train_memory", lambda config, tpu, batch: tried.append(batch) or (
+  monkeypatch.setattr(search, "train_memory", lambda config, tpu, batch, on_cublas=False: tried.append(batch) or (
       tpu_compile.Fit(GiB + batch * 10 * MiB, None, None) if batch <= 640 else
       tpu_compile.Fit(None, None, None, "RESOURCE_EXHAUSTED: out of memory", out_of_memory=True)))
   assert search.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64) == 640, tried
   tried.clear()
-  monkeypatch.setattr(search, "train_memory", lambda config, tpu, batch: tried.append(batch) or search.Fit(
+  monkeypatch.setattr(search, "train_memory", lambda config, tpu, batch, on_cublas=False: tried.append(batch) or search.Fit(
       None, None, None, "INTERNAL: RET_CHECK failure"))
   with pytest.raises(search.SearchError, match="at batch 256 failed to compile, not for want of HBM: INTERNAL: RET_CHECK"):
     search.max_batch(_large_set(load_config("synthetic", "runlocal")), SLICE_OF_16_GIB, 64)
@@ -511,6 +511,41 @@ def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so
   assert report.analyse("train", both, 1024, 8).error == "INTERNAL: Couldn't find output tile sizes None"
 
 
+def test_max_batch_compiles_on_cublas_at_once_after_a_try_needed_it(monkeypatch, capsys):
+  """A ViT's step on a GPU compiles only with its products on cuBLAS (no Triton tiling
+  without a GPU): each later try of --max_batch compiles that way at once, not failing first."""
+  monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+  h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
+  compiles = []  # (batch, the options of each compile of it)
+
+  class Step(_NoTritonTiling):
+    def memory_analysis(self):  # 2 GiB + 10 MiB per image of the global batch
+      return types.SimpleNamespace(argument_size_in_bytes=2 * GiB + self.batch * 10 * MiB, temp_size_in_bytes=0,
+                                   output_size_in_bytes=0, alias_size_in_bytes=0)
+
+  def compile_config(config, target, programs, note=None, on_cublas=False):
+    step = Step(GPU_HLO)
+    step.batch = config.train.batch_size
+    compiles.append((step.batch, step.options))
+    return [report.analyse("train", step, step.batch, 8, global_flops=1e12, on_cublas=on_cublas)]
+
+  monkeypatch.setattr(search, "compile_config", compile_config)
+  best = search.max_batch(_large_set(load_config("synthetic", "runlocal")), h100, 64)
+  assert best == max(b for b in range(64, 50_000, 64) if 2 * GiB + b * 10 * MiB <= 0.75 * targets.GPUS["h100"].hbm_gib * GiB)
+  cublas = {"xla_gpu_enable_triton_gemm": False}
+  assert compiles[0] == (256, [None, cublas]) and len(compiles) > 2, compiles  # failed, then on cuBLAS
+  assert all(options == [cublas] for _, options in compiles[1:]), compiles  # at once
+  assert capsys.readouterr().out.count("its products on cuBLAS") == len(compiles)
+  # A step compiled on cuBLAS at once that still fails reports its own error, compiled once.
+  other = _NoTritonTiling(GPU_HLO, error="RESOURCE_EXHAUSTED: out of memory")
+  other.compile = lambda compiler_options=None: other.options.append(compiler_options) or (_ for _ in ()).throw(
+      RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+  assert report.analyse("train", other, 1024, 8, on_cublas=True).error == "RESOURCE_EXHAUSTED: out of memory"
+  assert other.options == [cublas]
+
+
 def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   """JAX on a GPU allocates from 75% of its memory unless the environment says otherwise:
   a step that fits the GPU but not the pool does not fit, and --max_batch stops at the pool."""
@@ -522,7 +557,7 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   assert targets.usable_bytes(targets.Target(targets.parse_target("v5e:2x4"), tuple(range(8)), 1)) == 16 * GiB
   memory = lambda b: 2 * GiB + b * 10 * MiB  # per GPU at global batch b
 
-  def compile_config(config, target, programs, note=None):
+  def compile_config(config, target, programs, note=None, on_cublas=False):
     return [report.Report("train", config.train.batch_size, 1.0, arguments=int(memory(config.train.batch_size)))]
 
   monkeypatch.setattr(search, "compile_config", compile_config)

@@ -168,15 +168,21 @@ NO_TRITON_TILING = "Couldn't find output tile sizes"
 PRODUCTS_ON_CUBLAS = {"xla_gpu_enable_triton_gemm": False}
 
 
-def analyse(program: str, lowered, images: int, devices: int, global_flops: float | None = None) -> Report:
+def analyse(program: str, lowered, images: int, devices: int, global_flops: float | None = None,
+            on_cublas: bool = False) -> Report:
   """The program compiled, and read. ``global_flops``: the whole program's FLOPs from
-  elsewhere (the CPU's lowering), used where the compiler gives no cost analysis."""
+  elsewhere (the CPU's lowering), used where the compiler gives no cost analysis.
+  ``on_cublas``: compile with the products on cuBLAS at once, where the same program at
+  another batch needed it (``--max_batch``: each try would otherwise fail first)."""
   t0 = time.perf_counter()
   compiled_with = ""
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=PRODUCTS_ON_CUBLAS if on_cublas else None)
+    if on_cublas:
+      compiled_with = ("compiled with --xla_gpu_enable_triton_gemm=false at once: the step at another batch had "
+                       "no Triton tiling without a GPU")
   except Exception as e:  # what the compiler rejects (or a program that cannot fit)
-    if NO_TRITON_TILING not in str(e):
+    if on_cublas or NO_TRITON_TILING not in str(e):
       return Report(program, images, time.perf_counter() - t0, error=one_line(e))
     try:
       compiled = lowered.compile(compiler_options=PRODUCTS_ON_CUBLAS)
@@ -206,7 +212,7 @@ def analyse(program: str, lowered, images: int, devices: int, global_flops: floa
   return report
 
 
-def compile_config(config, target: Target, programs=PROGRAMS, each=None, note=None) -> list[Report]:
+def compile_config(config, target: Target, programs=PROGRAMS, each=None, note=None, on_cublas=False) -> list[Report]:
   """Each program of ``config`` compiled for the target, one at a time (a ResNet-50 step
   takes minutes and GiBs of this machine's memory to compile); ``each(report)`` is
   called as each is done."""
@@ -221,7 +227,7 @@ def compile_config(config, target: Target, programs=PROGRAMS, each=None, note=No
   reports = []
   for name in [p for p in programs if p in lowered]:
     note_compiling(name, lowered[name][1], n, compiler=target.compiler, **(note or {}))
-    reports.append(analyse(name, *lowered.pop(name), n, cpu_flops.get(name)))
+    reports.append(analyse(name, *lowered.pop(name), n, cpu_flops.get(name), on_cublas=on_cublas))
     note_compiling(None)
     if each is not None:
       each(reports[-1])

@@ -24,6 +24,7 @@ class Fit:
   available: int | None  # the HBM the compiler said a chip has, where it said (a v5e's 15.75 of 16 GiB)
   why: str = ""  # why it does not fit; "" when it does
   out_of_memory: bool = False  # the compiler refused it for want of HBM (with or without figures)
+  on_cublas: bool = False  # it compiled only with its products on cuBLAS (report.NO_TRITON_TILING)
 
 
 # XLA's TPU out-of-HBM errors, in the two wordings libtpu has: (asked for, available).
@@ -39,11 +40,12 @@ def out_of_hbm(error: str) -> tuple[int, int] | None:
   return (int(float(m.group(1)) * GiB), int(float(m.group(2)) * GiB)) if m else None
 
 
-def train_memory(config, target: Target, batch: int, report: Report | None = None) -> Fit:
+def train_memory(config, target: Target, batch: int, report: Report | None = None, on_cublas: bool = False) -> Fit:
   """The train step compiled at global ``batch`` (or its ``report``, compiled already): its
   memory per chip, and whether it fits what a run may use of it (``usable_bytes``: a TPU's
-  HBM, a GPU's JAX pool)."""
-  report = report or compile_config(with_batch(config, batch), target, ("train",), note={"max_batch": True})[0]
+  HBM, a GPU's JAX pool). ``on_cublas``: its products on cuBLAS from the start."""
+  report = report or compile_config(with_batch(config, batch), target, ("train",), note={"max_batch": True},
+                                    on_cublas=on_cublas)[0]
   ok = not report.error and report.total <= usable_bytes(target)
   # The FLOPs per image show what fitting costs, where XLA recomputes activations to fit.
   why = report.error or (f"{report.total / GiB:.2f} GiB, "
@@ -55,7 +57,7 @@ def train_memory(config, target: Target, batch: int, report: Report | None = Non
     asked, available = out_of_hbm(report.error) or (None, None)
     refused = asked is not None or "RESOURCE_EXHAUSTED" in report.error or "out of memory" in report.error.lower()
     return Fit(None, asked, available, why, out_of_memory=refused)
-  return Fit(report.total, None, None, "" if ok else why)
+  return Fit(report.total, None, None, "" if ok else why, on_cublas=bool(report.compiled_with))
 
 
 def max_batch(config, target: Target, multiple: int, compiled: Report | None = None) -> int:
@@ -73,19 +75,22 @@ def max_batch(config, target: Target, multiple: int, compiled: Report | None = N
   bisection's compiles. No batch beyond the training set is tried (an epoch is one step
   there). A compile that fails for another reason than memory ends the search (SearchError:
   no batch would compile). ``compiled``: the train step at the config's batch, where the
-  table compiled it already."""
+  table compiled it already. Once a try compiled only with its products on cuBLAS (a ViT's
+  on a GPU, without a GPU to autotune), the later tries compile that way at once: each
+  would fail first otherwise, a wasted compile."""
   limit = usable_bytes(target)  # a GPU's: JAX's pool (targets.memory_pool)
   memory: dict[int, int] = {}  # batch -> bytes per chip, compiled or (out of HBM) asked for
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)
   batch = min(cap, max(multiple, config.train.batch_size - config.train.batch_size % multiple))
-  attempt = 0
+  attempt, on_cublas = 0, False
   while True:
     attempt += 1
     if compiled is not None and compiled.images == batch:
       fit, compiled = train_memory(config, target, batch, compiled), None
     else:
-      fit = train_memory(config, target, batch)
+      fit = train_memory(config, target, batch, on_cublas=on_cublas)
+    on_cublas = on_cublas or fit.on_cublas
     if fit.why and fit.used is None and not fit.out_of_memory:
       raise SearchError(f"--max_batch: the train step at batch {batch} failed to compile, not for want of HBM: "
                        f"{fit.why}")
