@@ -391,9 +391,12 @@ def test_targets_are_read_as_written_and_a_wrong_one_is_one_line_naming_the_form
   h100s = targets.parse_target("H100:2x8")
   assert h100s.dims == (2, 8) and h100s.devices == 16 and h100s.platform == "cuda"
   assert targets.parse_target("a100-40g:8").chip is targets.GPUS["a100-40g"]
+  assert targets.parse_target("a100-40g:16").devices == 16  # Google Cloud's a2-megagpu-16g
   for wrong, says in (("h100", "give a TPU generation or a GPU (v4, v5e, v5p, v6e, a100-40g, a100-80g, h100, h200)"),
                       ("b200:8", "e.g. v5e:2x4"), ("h100:2x2x8", "hosts x GPUs per host (h100:2x8)"),
-                      ("v5e:0x4", "positive numbers"), ("v5e:2x4x1x1", "at most 3 dimensions"), ("v5e:2by4", "joined by x")):
+                      ("v5e:0x4", "positive numbers"), ("v5e:2x4x1x1", "at most 3 dimensions"), ("v5e:2by4", "joined by x"),
+                      ("h100:1000", "1000 GPUs on one host; the largest cloud GPU hosts have 16 (give more hosts: h100:125x8)"),
+                      ("a100-40g:2x17", "17 GPUs on one host")):
     with pytest.raises(targets.TargetError, match=re.escape(says)):
       targets.parse_target(wrong)
 
@@ -585,6 +588,12 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION")
   monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
   assert targets.usable_bytes(h100) == int(whole)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")  # another JAX takes: the pool's share
+  assert targets.usable_bytes(h100) == int(0.75 * whole)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "plattform")  # one JAX refuses as it starts: refused here
+  with pytest.raises(targets.TargetError, match=r"XLA_PYTHON_CLIENT_ALLOCATOR='plattform': JAX takes default, "
+                                                r"platform, bfc, cuda_async, vmm"):
+    targets.usable_bytes(h100)
 
 
 def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
@@ -1025,3 +1034,7 @@ def test_a_flagfile_reaches_the_compiling_child(tmp_path):
   assert child.programs == ["model"] and not child.max_batch and not child.breakdown and child.no_header
   first = cli.parse_args(supervisor._child_argv(args, ["train", "model"], True, True)[3:])
   assert first.max_batch and first.breakdown and not first.no_header
+  # --flagfile FILE, with a space, as absl also reads it: passed on to the child the same.
+  args = cli.parse_args(["--flagfile", str(flagfile), "--nomax_batch"])
+  assert args.config.train.batch_size == 32 and args.config_arg == f"--flagfile={flagfile}"
+  assert supervisor._child_argv(args, ["train"], True, False)[3] == f"--flagfile={flagfile}"

@@ -50,9 +50,24 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
   flags.mark_flags_as_required(["config", "target"], flag_values=fv)
 
 
+def _flagfiles_joined(argv: list[str]) -> list[str]:
+  """``--flagfile FILE`` as ``--flagfile=FILE``: absl reads both, and the compiling child
+  (supervisor._child_argv) is passed the flagfiles by the second form."""
+  out, k = [], 0
+  while k < len(argv):
+    if argv[k] in ("--flagfile", "-flagfile") and k + 1 < len(argv):
+      out.append(f"--flagfile={argv[k + 1]}")
+      k += 2
+    else:
+      out.append(argv[k])
+      k += 1
+  return out
+
+
 def parse_args(argv: list[str]) -> types.SimpleNamespace:
   """The command line's arguments (``argv`` without the program's name), read: a mistake is
   one line on stderr and exit status 2."""
+  argv = _flagfiles_joined(list(argv))
   fv = flags.FlagValues()
   _define(fv, ["emim.aot", *argv])
   if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv):  # flags of its own, not absl's app

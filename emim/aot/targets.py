@@ -125,6 +125,11 @@ class TargetSpec:
     return math.prod(self.dims)
 
 
+# The most GPUs one cloud host holds: Google Cloud's a2-megagpu-16g, 16 A100 40GB (an
+# NVLink/NVSwitch domain; HGX H100 and A100 80GB hosts hold 8).
+MAX_GPUS_PER_HOST = 16
+
+
 def parse_target(text: str) -> TargetSpec:
   """``v5e:2x4``, ``h100:8``, ``h100:2x8`` ... read, or a TargetError naming the forms."""
   model, sep, shape = text.strip().lower().partition(":")
@@ -140,6 +145,9 @@ def parse_target(text: str) -> TargetSpec:
       raise TargetError(f"--target={text!r}: a GPU target is GPUs per host (h100:8) or hosts x GPUs per host "
                         "(h100:2x8).")
     dims = (1,) + dims if len(dims) == 1 else dims
+    if dims[1] > MAX_GPUS_PER_HOST:
+      raise TargetError(f"--target={text!r}: {dims[1]} GPUs on one host; the largest cloud GPU hosts have "
+                        f"{MAX_GPUS_PER_HOST} (give more hosts: {model}:{-(-dims[1] // 8)}x8).")
   elif len(dims) > 3:
     raise TargetError(f"--target={text!r}: a TPU slice has at most 3 dimensions, e.g. v5p:2x2x2.")
   return TargetSpec(text, model, dims)
@@ -191,6 +199,7 @@ class Target:
 # when it fits that pool, read from the environment the check runs in: set it as the run will.
 JAX_GPU_POOL = 0.75
 _POOL_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+_ALLOCATORS = ("default", "platform", "bfc", "cuda_async", "vmm")  # jaxlib 0.10.2's xla_client: the rest it refuses
 
 
 def memory_pool(chip) -> tuple[float, str]:
@@ -201,7 +210,11 @@ def memory_pool(chip) -> tuple[float, str]:
   if len(given) == 2:  # jaxlib's GPU client refuses the pair (a ValueError as it starts), whatever the allocator
     raise TargetError(f"{' and '.join(f'{n}={os.environ[n].strip()}' for n in given)} are both set, which JAX "
                       f"refuses on a GPU: unset {_POOL_VARIABLES[1]} (the old name).")
-  if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+  allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").strip().lower()
+  if allocator and allocator not in _ALLOCATORS:  # jaxlib's GPU client would raise a ValueError as it starts
+    raise TargetError(f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator!r}: JAX takes {', '.join(_ALLOCATORS)} "
+                      "(platform: no pool, each allocation from CUDA); unset it for the default pool.")
+  if allocator == "platform":
     return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform"
   for name in _POOL_VARIABLES:
     text = os.environ.get(name, "").strip()
