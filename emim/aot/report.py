@@ -177,7 +177,7 @@ def analyse(program: str, lowered, images: int, devices: int, global_flops: floa
   t0 = time.perf_counter()
   compiled_with = ""
   try:
-    compiled = lowered.compile(compiler_options=PRODUCTS_ON_CUBLAS if on_cublas else None)
+    compiled = lowered.compile(compiler_options=PRODUCTS_ON_CUBLAS) if on_cublas else lowered.compile()
     if on_cublas:
       compiled_with = ("compiled with --xla_gpu_enable_triton_gemm=false at once: the step at another batch had "
                        "no Triton tiling without a GPU")
