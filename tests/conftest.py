@@ -12,10 +12,15 @@ import os
 # not so far that a real deadlock hangs CI: 5 minutes, then XLA aborts with the
 # collective's name. (The suite's hang was XLA's CPU client deadlocking some 40
 # multi-device programs dispatched ahead; train.DispatchWindow keeps 8 in flight.)
+# XLA:CPU's fusion emitters off: the older loop emitter compiles the suite's tiny train
+# steps in about two thirds of the time (the CIFAR-10 and synthetic runlocal steps on 8
+# devices: 4.0-4.4 s against 5.9-6.5 s; three test files cold: 72 s of CPU against 101)
+# and runs them about 5% slower (192 steps of the synthetic default: 48.6 s against 46.0),
+# where most of the suite's CPU time is compiling (BENCHMARKS.md, "The test suite's time").
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=300 "
-    "--xla_cpu_collective_call_terminate_timeout_seconds=300")
+    "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA:CPU compiling tiny train steps that then run a few
 # steps: skip XLA's expensive optimisation passes. Results may differ from an optimised
