@@ -40,7 +40,7 @@ from emim import cli, fs
 from emim import checkpoint as ckpt_lib
 from emim.backbone import (Backbone, backbone_from_model_config, checkpoint_dir, input_shape_of, load_run_config,
                            restore_backbone)
-from emim.models import ResNet, ViT
+from emim.models import DTYPES, ResNet, ViT
 from emim.checkpoint import quiet_orbax_logs
 from emim.errors import UserError
 
@@ -246,20 +246,27 @@ def export_backbone(backbone: Backbone, output: fs.PathLike, info: dict | None =
   return output
 
 
-def load_backbone(path: fs.PathLike):
+def load_backbone(path: fs.PathLike, dtype: str | None = None):
   """Load an exported backbone: returns (Backbone, jitted features(images) -> (N, D)).
 
   Images are (N, H, W, 3), uint8 or float in [0, 1] (floats outside it, e.g. 0-255, are
   refused: ``ExportError``); they are centre-cropped to the training size when larger
-  (said once) and normalised as in training.
+  (said once) and normalised as in training. ``dtype``: the dtype the backbone computes
+  in, where not the one it trained in (``model.json``'s): "float32" for the features of
+  a backbone trained in bfloat16 without its rounding, as PyTorch's copy computes them
+  (the parameters are float32 either way).
   """
   path = fs.as_path(path)
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"load_backbone(dtype={dtype!r}): give one of {', '.join(sorted(DTYPES))}, or None for the "
+                     "dtype it trained in.")
   if not (path / MODEL_FILE).exists():
     raise FileNotFoundError(f"No {MODEL_FILE} in {path}: export a run first with python -m emim.export.")
   try:
     meta = json.loads((path / MODEL_FILE).read_text())
   except ValueError as e:
     raise ExportError(f"{path / MODEL_FILE} is not valid JSON ({e}): export the run again.") from e
+  meta = {**meta, "dtype": dtype} if dtype else meta
   skeleton = backbone_from_model_config(meta, {})
   example = np.zeros((1,) + input_shape_of(meta), np.float32)
   template = jax.eval_shape(lambda: skeleton.model.init(jax.random.PRNGKey(0), example, train=False))

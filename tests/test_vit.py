@@ -163,3 +163,27 @@ def test_adamw_weight_decay_follows_dinos_cosine_from_start_to_end():
     decays.append(-float(updates["dense"]["kernel"][0, 0]))
     assert float(updates["dense"]["bias"][0]) == 0.0
   np.testing.assert_allclose([decays[0], decays[5], decays[10]], [0.04, 0.22, 0.4], rtol=1e-5)
+
+
+def test_a_bfloat16_vits_export_loads_in_float32_when_asked(tmp_path):
+  """emim.load_backbone computes in the dtype the backbone trained in (model.json's);
+  ``dtype="float32"`` gives a bfloat16-trained ViT's features without bfloat16's rounding,
+  equal to the float32 model of the same parameters."""
+  import emim
+  from emim import export
+  from emim.backbone import init_backbone
+
+  model_config = {"backbone": "vit_tiny", "width": 64, "cifar_stem": False, "dtype": "bfloat16", "patch_size": 4,
+                  "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+  out = export.export_backbone(init_backbone(model_config), tmp_path / "export", {"step": 0})
+  images = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+  in_float32 = init_backbone({**model_config, "dtype": "float32"})  # the same parameters (seed 0), float32 compute
+  reference = np.asarray(in_float32.features_fn()(images))
+  loaded, features = emim.load_backbone(out, dtype="float32")
+  assert loaded.model.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(features(images)), reference, rtol=1e-5, atol=1e-5)
+  as_trained = np.asarray(emim.load_backbone(out)[1](images))  # bfloat16: close, not equal
+  assert np.abs(as_trained - reference).max() > 1e-4
+  np.testing.assert_allclose(as_trained, reference, atol=0.1 * np.abs(reference).max())
+  with pytest.raises(ValueError, match=r"load_backbone\(dtype='f32'\): give one of bfloat16, float16, float32"):
+    emim.load_backbone(out, dtype="f32")
