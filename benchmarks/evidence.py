@@ -26,8 +26,8 @@ has):
    says the epochs it reached.
 3. ``emim.evaluate --random_init`` on the same data: the untrained network's figures.
 4. evidence.md and evidence.json (method, epochs, kNN k=20/200, linear top-1, pairs/s,
-   wall clock; the baseline; the breakdown's rates), evidence_runs.tgz (every run's logs,
-   metrics.jsonl, timings.json, evaluation.json).
+   wall clock, the peak device memory of each run; the baseline; the breakdown's rates),
+   evidence_runs.tgz (every run's logs, metrics.jsonl, timings.json, evaluation.json).
 
 On a CPU the figures are a check of the script, nothing more.
 """
@@ -198,6 +198,10 @@ def summarize(method: str, out: pathlib.Path, steps_per_epoch: int, train_rc: in
     evaluation = {}
   trained = max((v for k, v in evaluation.items() if k.isdigit()), key=lambda v: v["step"], default={})
   untrained = evaluation.get("random_init", {})
+  try:  # the device memory the run's process held at most (emim.train.device_memory_peak), where it counted
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+  except ValueError:
+    timings = {}
   pct = lambda v: None if v is None else round(100 * v, 2)
   return {
       "method": method, "epochs": round(step / steps_per_epoch, 2), "step": step, "train_exit": train_rc,
@@ -208,6 +212,7 @@ def summarize(method: str, out: pathlib.Path, steps_per_epoch: int, train_rc: in
       "pairs_per_s": round(sum(r["pairs_per_s"] for r in progress[1:]) / max(1, len(progress) - 1), 1)
       if len(progress) > 1 else None,
       "train_wall_s": round(train_s, 1), "eval_wall_s": round(eval_s, 1),
+      "peak_device_memory_gib": timings.get("peak_device_memory_gib"),
       "knn_during_training": [{"step": r["step"], "k20": pct(r.get("knn/knn_top1_k20")),
                                "k200": pct(r.get("knn/knn_top1_k200"))} for r in rows if "knn/knn_top1_k20" in r],
       "untrained": {"knn_k20": pct(untrained.get("knn_top1_k20")), "knn_k200": pct(untrained.get("knn_top1_k200")),
@@ -222,19 +227,19 @@ def table(results: dict, setup: dict, report: dict) -> str:
            f"{', views fused' if setup['fused_views'] else ''}; kNN (k = 20, 200) on every test image, the linear "
            f"probe on centre features ({setup['probe_epochs']} epochs). Top-1 accuracies in %.\n",
            "| method | epochs | kNN k=20 | kNN k=200 | linear top-1 | pairs/s (side by side) | train wall s | "
-           "eval wall s |", "|---|---|---|---|---|---|---|---|"]
+           "eval wall s | peak device GiB (training) |", "|---|---|---|---|---|---|---|---|---|"]
   baseline = None
   for r in results.values():
     if "error" in r:
-      lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | |")
+      lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | |")
       continue
     lines.append(f"| {r['method']} | {fmt(r['epochs'])} | {fmt(r['knn_k20'])} | {fmt(r['knn_k200'])} | "
                  f"{fmt(r['linear_top1'])} | {fmt(r['pairs_per_s'])} | {fmt(r['train_wall_s'])} | "
-                 f"{fmt(r['eval_wall_s'])} |")
+                 f"{fmt(r['eval_wall_s'])} | {fmt(r.get('peak_device_memory_gib'))} |")
     baseline = baseline or r["untrained"]
   if baseline:
     lines.append(f"| untrained (random init) | 0 | {fmt(baseline['knn_k20'])} | {fmt(baseline['knn_k200'])} | "
-                 f"{fmt(baseline['linear_top1'])} | | | |")
+                 f"{fmt(baseline['linear_top1'])} | | | | |")
   together = sum(r.get("pairs_per_s") or 0.0 for r in results.values())
   lines.append(f"\nOne process alone ({setup['rate_from']}): {setup['pairs_per_s_one_process']:.0f} pairs/s; the "
                f"runs side by side: {together:.0f} pairs/s together.")

@@ -220,6 +220,26 @@ _NOT_TERMS = ("lr", "target_momentum", "grad_norm", "update_norm", "param_norm",
               "rank_renyi2", "target_phase", step_metrics.REFUSED, step_metrics.LONGEST)
 
 
+def device_memory_peak() -> dict:
+  """The most memory this process has held on any of its devices, and what JAX's allocator
+  lets it hold there, in GiB (``peak_device_memory_gib``, ``device_memory_limit_gib``):
+  the measured counterpart of ``python -m emim.aot``'s compiler estimates. Empty where the
+  backend keeps no count (a CPU)."""
+  peaks = []
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # a backend without the call
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append((int(stats["peak_bytes_in_use"]), int(stats.get("bytes_limit") or 0)))
+  if not peaks:
+    return {}
+  peak, limit = max(peaks)
+  return {"peak_device_memory_gib": round(peak / 2**30, 3), **({"device_memory_limit_gib": round(limit / 2**30, 3)}
+                                                               if limit else {})}
+
+
 def is_loss_term(name: str) -> bool:
   """Whether a step metric is one of the objective's terms (what the progress line shows)."""
   return name not in _NOT_TERMS and not name.startswith(("beta_", "rescaled_eig"))
@@ -630,6 +650,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | 
     logging.info("Timings: decode %.1fs, evaluator set-up %.1fs, compile %.1fs, train %.1fs (evaluators %.1fs, "
                  "checkpoint saves %.1fs).", timings["decode_s"], timings["eval_setup_s"], timings["compile_s"],
                  timings["train_s"], timings.get("evaluators_s", 0.0), timings.get("checkpoint_s", 0.0))
+    if memory := device_memory_peak():
+      timings.update(memory)
+      limit = memory.get("device_memory_limit_gib")
+      logging.info("Device memory: at most %.2f GiB held on a device%s (python -m emim.aot estimates it before a run).",
+                   memory["peak_device_memory_gib"], f" of the {limit:.2f} GiB JAX may use there" if limit else "")
     if writes_files:  # while the lock is held
       workdir_lib.write_json(workdir / workdir_lib.TIMINGS_FILE, timings)
       logging.info(console.summary(str(workdir), int(state.step), total_steps, int(state.step) < total_steps,

@@ -59,3 +59,21 @@ def test_nothing_timed_falls_back_and_says_so(tmp_path, monkeypatch, capsys):
   assert "batches timed: none" in capsys.readouterr().out
   setup = evidence.plan(args, clock, report)
   assert setup["rate_from"].startswith("--fallback_pairs_per_s") and setup["pairs_per_s_one_process"] == 17962.0
+
+
+def test_a_runs_row_carries_the_device_memory_its_process_held(tmp_path):
+  """emim.train writes the peak device memory into timings.json on a GPU or TPU; the
+  evidence table shows it beside the run's figures (the measured counterpart of emim.aot)."""
+  evidence = _evidence()
+  rows = [{"step": s, "pairs_per_s": 1000.0 * s} for s in (10, 20, 30)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "evaluation.json").write_text(json.dumps({"30": {"step": 30, "knn_top1_k20": 0.5, "linear_top1": 0.6}}))
+  (tmp_path / "timings.json").write_text(json.dumps({"train_s": 9.0, "peak_device_memory_gib": 1.234}))
+  row = evidence.summarize("emmi", tmp_path, 10, 0, 9.0, 2.0)
+  assert row["peak_device_memory_gib"] == 1.234 and row["pairs_per_s"] == 25000.0 and row["linear_top1"] == 60.0
+  setup = {"config": "configs/cifar10.py", "batch": 256, "epochs": 3, "fused_views": False, "probe_epochs": 10,
+           "rate_from": "the breakdown", "pairs_per_s_one_process": 30000.0}
+  table = evidence.table({"emmi": row}, setup, {"device": "an H200"})
+  assert "| eval wall s | peak device GiB (training) |" in table and "| 9 | 2 | 1.234 |" in table
+  (tmp_path / "timings.json").write_text("{half")  # a run cut while writing it: no figure, no crash
+  assert evidence.summarize("emmi", tmp_path, 10, 0, 9.0, 2.0)["peak_device_memory_gib"] is None

@@ -2,12 +2,14 @@
 input with a clear error, and trains every registered method."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +39,15 @@ def assert_same_params(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
+def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path, monkeypatch, caplog):
   assert jax.device_count() == 8
   config = tiny_synthetic(**{"eval.every_steps": 2, "train.profile_steps": (2, 3)})
-  result = train.run(config, str(tmp_path))
+  # A GPU's or TPU's allocator counts the memory held (a CPU's does not): as a GPU would.
+  monkeypatch.setattr(train, "device_memory_peak", lambda: {"peak_device_memory_gib": 1.5,
+                                                            "device_memory_limit_gib": 59.325})
+  with caplog.at_level(logging.INFO):
+    result = train.run(config, str(tmp_path))
+  assert "Device memory: at most 1.50 GiB held on a device of the 59.33 GiB JAX may use there" in caplog.text
   assert int(result.state.step) == 4
   assert np.isfinite(result.final_metrics["loss"])
   rows = read_metrics(tmp_path / "metrics.jsonl")
@@ -68,13 +75,27 @@ def test_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
   assert ckpt_lib.restore_config(tmp_path / "checkpoints", 4) == (4, saved)
   assert json.loads((tmp_path / "classes.json").read_text()) == {"train": [f"class_{i}" for i in range(10)]}
   timings = json.loads((tmp_path / "timings.json").read_text())
-  assert set(timings) == {"decode_s", "compile_s", "eval_setup_s", "train_s", "evaluators_s", "checkpoint_s"}
+  assert set(timings) == {"decode_s", "compile_s", "eval_setup_s", "train_s", "evaluators_s", "checkpoint_s",
+                          "peak_device_memory_gib", "device_memory_limit_gib"}
+  assert timings["peak_device_memory_gib"] == 1.5
   assert timings["evaluators_s"] + timings["checkpoint_s"] < timings["train_s"]
   WorkdirLock(tmp_path).acquire().release()  # released at the end
   assert list((tmp_path / "profile").rglob("*.xplane.pb")), "the trace of steps 2-3"
   # The state is replicated over the 8-device mesh and the batch was sharded over it.
   leaf = jax.tree.leaves(result.state.params)[0]
   assert len(leaf.sharding.device_set) == 8
+
+
+def test_device_memory_peak_is_the_largest_of_the_devices_and_nothing_on_a_cpu(monkeypatch):
+  assert train.device_memory_peak() == {}  # this CPU's devices keep no count
+  stats = [{"peak_bytes_in_use": 3 * 2**30, "bytes_limit": 60 * 2**30}, {"peak_bytes_in_use": 5 * 2**29,
+                                                                          "bytes_limit": 60 * 2**30}, None]
+  devices = [types.SimpleNamespace(memory_stats=lambda s=s: s) for s in stats]
+  monkeypatch.setattr(jax, "local_devices", lambda: devices)
+  assert train.device_memory_peak() == {"peak_device_memory_gib": 3.0, "device_memory_limit_gib": 60.0}
+  only_peak = types.SimpleNamespace(memory_stats=lambda: {"peak_bytes_in_use": 2**30})
+  monkeypatch.setattr(jax, "local_devices", lambda: [only_peak])
+  assert train.device_memory_peak() == {"peak_device_memory_gib": 1.0}  # no limit reported: none said
 
 
 @pytest.mark.slow
