@@ -146,8 +146,9 @@ def parse_target(text: str) -> TargetSpec:
                         "(h100:2x8).")
     dims = (1,) + dims if len(dims) == 1 else dims
     if dims[1] > MAX_GPUS_PER_HOST:
+      # All the GPUs asked for (hosts x per host), on hosts of 8: not one host's alone.
       raise TargetError(f"--target={text!r}: {dims[1]} GPUs on one host; the largest cloud GPU hosts have "
-                        f"{MAX_GPUS_PER_HOST} (give more hosts: {model}:{-(-dims[1] // 8)}x8).")
+                        f"{MAX_GPUS_PER_HOST} (give more hosts: {model}:{-(-dims[0] * dims[1] // 8)}x8).")
   elif len(dims) > 3:
     raise TargetError(f"--target={text!r}: a TPU slice has at most 3 dimensions, e.g. v5p:2x2x2.")
   return TargetSpec(text, model, dims)
