@@ -594,6 +594,13 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   with pytest.raises(targets.TargetError, match=r"XLA_PYTHON_CLIENT_ALLOCATOR='plattform': JAX takes default, "
                                                 r"platform, bfc, cuda_async, vmm"):
     targets.usable_bytes(h100)
+  # jaxlib lowers the value but neither strips it nor reads an empty one as unset: it refuses those as it starts.
+  for refused in ("", " platform"):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", refused)
+    with pytest.raises(targets.TargetError, match=re.escape(f"XLA_PYTHON_CLIENT_ALLOCATOR={refused!r}: JAX takes")):
+      targets.usable_bytes(h100)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "Platform")
+  assert targets.usable_bytes(h100) == int(whole)
 
 
 def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
