@@ -1045,3 +1045,19 @@ def test_a_flagfile_reaches_the_compiling_child(tmp_path):
   args = cli.parse_args(["--flagfile", str(flagfile), "--nomax_batch"])
   assert args.config.train.batch_size == 32 and args.config_arg == f"--flagfile={flagfile}"
   assert supervisor._child_argv(args, ["train"], True, False)[3] == f"--flagfile={flagfile}"
+  # -flagfile=FILE, one dash, as absl also reads it: the same.
+  args = cli.parse_args([f"-flagfile={flagfile}", "--nomax_batch"])
+  assert args.config.train.batch_size == 32 and args.config_arg == f"--flagfile={flagfile}"
+  assert supervisor._child_argv(args, ["train"], True, False)[3] == f"--flagfile={flagfile}"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--flagfile"], "error: --flagfile with no argument: give a file of flags, --flagfile=FILE.\n"),
+    (["--flagfile=/nonexistent/flags.txt"], "error: Unable to open flagfile: [Errno 2] No such file or directory: "
+                                           "'/nonexistent/flags.txt': give a file of flags, --flagfile=FILE.\n")])
+def test_a_flagfile_that_cannot_be_read_is_one_line(argv, says, capsys):
+  """absl raises as the config flag is defined, before emim's parsing: a traceback without this."""
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal"
+  with pytest.raises(SystemExit) as e:
+    cli.parse_args([config, "--target=h100:8", *argv])
+  assert e.value.code == 2 and capsys.readouterr().err == says
