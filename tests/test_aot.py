@@ -549,6 +549,43 @@ def test_max_batch_compiles_on_cublas_at_once_after_a_try_needed_it(monkeypatch,
   assert other.options == [cublas]
 
 
+def test_max_batch_reads_a_step_out_of_memory_on_cublas_as_out_of_memory(monkeypatch, capsys):
+  """The first try fails Triton's tiling, and on cuBLAS runs out of memory: that is a batch
+  too large (the search narrows), not a step that compiles at no batch; and the later tries
+  compile on cuBLAS at once."""
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+    monkeypatch.delenv(name, raising=False)
+  h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
+  cublas = {"xla_gpu_enable_triton_gemm": False}
+  compiles = []  # (batch, the options of each compile of it)
+
+  class Step(_NoTritonTiling):
+    def compile(self, compiler_options=None):
+      self.options.append(compiler_options)
+      if compiler_options != cublas:
+        raise RuntimeError(self.error)
+      if self.batch > 128:  # the compiler refuses it for want of memory, without figures
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 90.00GiB.")
+      return self
+
+    def memory_analysis(self):
+      return types.SimpleNamespace(argument_size_in_bytes=2 * GiB + self.batch * 10 * MiB, temp_size_in_bytes=0,
+                                   output_size_in_bytes=0, alias_size_in_bytes=0)
+
+  def compile_config(config, target, programs, note=None, on_cublas=False):
+    step = Step(GPU_HLO)
+    step.batch = config.train.batch_size
+    compiles.append((step.batch, step.options))
+    return [report.analyse("train", step, step.batch, 8, global_flops=1e12, on_cublas=on_cublas)]
+
+  monkeypatch.setattr(search, "compile_config", compile_config)
+  assert search.max_batch(_large_set(load_config("synthetic", "runlocal")), h100, 64) == 128, compiles
+  assert compiles[0] == (256, [None, cublas]), compiles  # Triton's failure, then cuBLAS's out of memory
+  assert all(options == [cublas] for _, options in compiles[1:]) and len(compiles) > 1, compiles
+  out = capsys.readouterr().out
+  assert "batch 256: does not fit (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 90.00GiB." in out, out
+
+
 def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   """JAX on a GPU allocates from 75% of its memory unless the environment says otherwise:
   a step that fits the GPU but not the pool does not fit, and --max_batch stops at the pool."""

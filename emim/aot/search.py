@@ -7,7 +7,7 @@ import dataclasses
 import re
 
 from emim.aot.programs import num_train_examples, with_batch
-from emim.aot.report import GiB, Report, compile_config
+from emim.aot.report import GiB, Report, compile_config, out_of_memory
 from emim.aot.targets import Target, usable_bytes
 from emim.errors import UserError
 
@@ -24,7 +24,7 @@ class Fit:
   available: int | None  # the HBM the compiler said a chip has, where it said (a v5e's 15.75 of 16 GiB)
   why: str = ""  # why it does not fit; "" when it does
   out_of_memory: bool = False  # the compiler refused it for want of HBM (with or without figures)
-  on_cublas: bool = False  # it compiled only with its products on cuBLAS (report.NO_TRITON_TILING)
+  on_cublas: bool = False  # it compiled (or ran out of memory) only with its products on cuBLAS (NO_TRITON_TILING)
 
 
 # XLA's TPU out-of-HBM errors, in the two wordings libtpu has: (asked for, available).
@@ -55,9 +55,9 @@ def train_memory(config, target: Target, batch: int, report: Report | None = Non
         flush=True)  # (said here: the table's footnote is there only where the table's step needed it too)
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
-    refused = asked is not None or "RESOURCE_EXHAUSTED" in report.error or "out of memory" in report.error.lower()
-    return Fit(None, asked, available, why, out_of_memory=refused)
-  return Fit(report.total, None, None, "" if ok else why, on_cublas=bool(report.compiled_with))
+    refused = asked is not None or out_of_memory(report.error)
+    return Fit(None, asked, available, why, out_of_memory=refused, on_cublas=report.on_cublas)
+  return Fit(report.total, None, None, "" if ok else why, on_cublas=report.on_cublas)
 
 
 def max_batch(config, target: Target, multiple: int, compiled: Report | None = None) -> int:
