@@ -584,6 +584,13 @@ def test_max_batch_reads_a_step_out_of_memory_on_cublas_as_out_of_memory(monkeyp
   assert all(options == [cublas] for _, options in compiles[1:]) and len(compiles) > 1, compiles
   out = capsys.readouterr().out
   assert "batch 256: does not fit (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 90.00GiB." in out, out
+  # The table's step (at the config's batch, not a multiple: not a try) needed cuBLAS: so does the first try.
+  config, compiles[:] = _large_set(load_config("synthetic", "runlocal")), []
+  with config.unlocked():
+    config.train.batch_size = 100
+  table_step = report.analyse("train", Step(GPU_HLO), 100, 8, on_cublas=True)
+  assert table_step.on_cublas and search.max_batch(config, h100, 64, table_step) == 128
+  assert compiles and all(options == [cublas] for _, options in compiles), compiles
 
 
 def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):

@@ -75,15 +75,16 @@ def max_batch(config, target: Target, multiple: int, compiled: Report | None = N
   bisection's compiles. No batch beyond the training set is tried (an epoch is one step
   there). A compile that fails for another reason than memory ends the search (SearchError:
   no batch would compile). ``compiled``: the train step at the config's batch, where the
-  table compiled it already. Once a try compiled only with its products on cuBLAS (a ViT's
-  on a GPU, without a GPU to autotune), the later tries compile that way at once: each
-  would fail first otherwise, a wasted compile."""
+  table compiled it already. Once a try (or ``compiled``) compiled only with its products on
+  cuBLAS (a ViT's on a GPU, without a GPU to autotune), the later tries compile that way at
+  once: each would fail first otherwise, a wasted compile."""
   limit = usable_bytes(target)  # a GPU's: JAX's pool (targets.memory_pool)
   memory: dict[int, int] = {}  # batch -> bytes per chip, compiled or (out of HBM) asked for
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)
   batch = min(cap, max(multiple, config.train.batch_size - config.train.batch_size % multiple))
-  attempt, on_cublas = 0, False
+  # The table's step, at any batch, needing cuBLAS tells the first try too (the config's batch may be no multiple).
+  attempt, on_cublas = 0, compiled is not None and compiled.on_cublas
   while True:
     attempt += 1
     if compiled is not None and compiled.images == batch:
