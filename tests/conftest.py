@@ -14,8 +14,8 @@ import os
 # multi-device programs dispatched ahead; train.DispatchWindow keeps 8 in flight.)
 # XLA:CPU's fusion emitters off: the older loop emitter compiles the suite's tiny train
 # steps in about two thirds of the time (the CIFAR-10 and synthetic runlocal steps on 8
-# devices: 4.0-4.4 s against 5.9-6.5 s; three test files cold: 72 s of CPU against 101)
-# and runs them about 5% slower (192 steps of the synthetic default: 48.6 s against 46.0),
+# devices: 3.9-4.3 s against 5.9-6.7 s; three test files cold: 72 s of CPU against 101)
+# and runs them about 6% slower (192 steps of the synthetic default: 48.6 s against 46.0),
 # where most of the suite's CPU time is compiling (BENCHMARKS.md, "The test suite's time").
 os.environ.setdefault(
     "XLA_FLAGS",

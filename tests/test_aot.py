@@ -396,7 +396,7 @@ def test_targets_are_read_as_written_and_a_wrong_one_is_one_line_naming_the_form
                       ("b200:8", "e.g. v5e:2x4"), ("h100:2x2x8", "hosts x GPUs per host (h100:2x8)"),
                       ("v5e:0x4", "positive numbers"), ("v5e:2x4x1x1", "at most 3 dimensions"), ("v5e:2by4", "joined by x"),
                       ("h100:1000", "1000 GPUs on one host; the largest cloud GPU hosts have 16 (give more hosts: h100:125x8)"),
-                      ("a100-40g:2x17", "17 GPUs on one host")):
+                      ("a100-40g:2x17", "17 GPUs on one host; the largest cloud GPU hosts have 16 (give more hosts: a100-40g:5x8)")):
     with pytest.raises(targets.TargetError, match=re.escape(says)):
       targets.parse_target(wrong)
 
@@ -549,6 +549,50 @@ def test_max_batch_compiles_on_cublas_at_once_after_a_try_needed_it(monkeypatch,
   assert other.options == [cublas]
 
 
+def test_max_batch_reads_a_step_out_of_memory_on_cublas_as_out_of_memory(monkeypatch, capsys):
+  """The first try fails Triton's tiling, and on cuBLAS runs out of memory: that is a batch
+  too large (the search narrows), not a step that compiles at no batch; and the later tries
+  compile on cuBLAS at once."""
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+    monkeypatch.delenv(name, raising=False)
+  h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
+  cublas = {"xla_gpu_enable_triton_gemm": False}
+  compiles = []  # (batch, the options of each compile of it)
+
+  class Step(_NoTritonTiling):
+    def compile(self, compiler_options=None):
+      self.options.append(compiler_options)
+      if compiler_options != cublas:
+        raise RuntimeError(self.error)
+      if self.batch > 128:  # the compiler refuses it for want of memory, without figures
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 90.00GiB.")
+      return self
+
+    def memory_analysis(self):
+      return types.SimpleNamespace(argument_size_in_bytes=2 * GiB + self.batch * 10 * MiB, temp_size_in_bytes=0,
+                                   output_size_in_bytes=0, alias_size_in_bytes=0)
+
+  def compile_config(config, target, programs, note=None, on_cublas=False):
+    step = Step(GPU_HLO)
+    step.batch = config.train.batch_size
+    compiles.append((step.batch, step.options))
+    return [report.analyse("train", step, step.batch, 8, global_flops=1e12, on_cublas=on_cublas)]
+
+  monkeypatch.setattr(search, "compile_config", compile_config)
+  assert search.max_batch(_large_set(load_config("synthetic", "runlocal")), h100, 64) == 128, compiles
+  assert compiles[0] == (256, [None, cublas]), compiles  # Triton's failure, then cuBLAS's out of memory
+  assert all(options == [cublas] for _, options in compiles[1:]) and len(compiles) > 1, compiles
+  out = capsys.readouterr().out
+  assert "batch 256: does not fit (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 90.00GiB." in out, out
+  # The table's step (at the config's batch, not a multiple: not a try) needed cuBLAS: so does the first try.
+  config, compiles[:] = _large_set(load_config("synthetic", "runlocal")), []
+  with config.unlocked():
+    config.train.batch_size = 100
+  table_step = report.analyse("train", Step(GPU_HLO), 100, 8, on_cublas=True)
+  assert table_step.on_cublas and search.max_batch(config, h100, 64, table_step) == 128
+  assert compiles and all(options == [cublas] for _, options in compiles), compiles
+
+
 def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   """JAX on a GPU allocates from 75% of its memory unless the environment says otherwise:
   a step that fits the GPU but not the pool does not fit, and --max_batch stops at the pool."""
@@ -594,6 +638,13 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   with pytest.raises(targets.TargetError, match=r"XLA_PYTHON_CLIENT_ALLOCATOR='plattform': JAX takes default, "
                                                 r"platform, bfc, cuda_async, vmm"):
     targets.usable_bytes(h100)
+  # jaxlib lowers the value but neither strips it nor reads an empty one as unset: it refuses those as it starts.
+  for refused in ("", " platform"):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", refused)
+    with pytest.raises(targets.TargetError, match=re.escape(f"XLA_PYTHON_CLIENT_ALLOCATOR={refused!r}: JAX takes")):
+      targets.usable_bytes(h100)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "Platform")
+  assert targets.usable_bytes(h100) == int(whole)
 
 
 def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
@@ -1038,3 +1089,19 @@ def test_a_flagfile_reaches_the_compiling_child(tmp_path):
   args = cli.parse_args(["--flagfile", str(flagfile), "--nomax_batch"])
   assert args.config.train.batch_size == 32 and args.config_arg == f"--flagfile={flagfile}"
   assert supervisor._child_argv(args, ["train"], True, False)[3] == f"--flagfile={flagfile}"
+  # -flagfile=FILE, one dash, as absl also reads it: the same.
+  args = cli.parse_args([f"-flagfile={flagfile}", "--nomax_batch"])
+  assert args.config.train.batch_size == 32 and args.config_arg == f"--flagfile={flagfile}"
+  assert supervisor._child_argv(args, ["train"], True, False)[3] == f"--flagfile={flagfile}"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--flagfile"], "error: --flagfile with no argument: give a file of flags, --flagfile=FILE.\n"),
+    (["--flagfile=/nonexistent/flags.txt"], "error: Unable to open flagfile: [Errno 2] No such file or directory: "
+                                           "'/nonexistent/flags.txt': give a file of flags, --flagfile=FILE.\n")])
+def test_a_flagfile_that_cannot_be_read_is_one_line(argv, says, capsys):
+  """absl raises as the config flag is defined, before emim's parsing: a traceback without this."""
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal"
+  with pytest.raises(SystemExit) as e:
+    cli.parse_args([config, "--target=h100:8", *argv])
+  assert e.value.code == 2 and capsys.readouterr().err == says

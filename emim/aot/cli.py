@@ -58,6 +58,9 @@ def _flagfiles_joined(argv: list[str]) -> list[str]:
     if argv[k] in ("--flagfile", "-flagfile") and k + 1 < len(argv):
       out.append(f"--flagfile={argv[k + 1]}")
       k += 2
+    elif argv[k].startswith("-flagfile="):  # absl's one-dash form: the child is passed "--flagfile=" ones
+      out.append(f"-{argv[k]}")
+      k += 1
     else:
       out.append(argv[k])
       k += 1
@@ -69,7 +72,10 @@ def parse_args(argv: list[str]) -> types.SimpleNamespace:
   one line on stderr and exit status 2."""
   argv = _flagfiles_joined(list(argv))
   fv = flags.FlagValues()
-  _define(fv, ["emim.aot", *argv])
+  try:  # the config flag reads the flagfiles as it is defined: a missing one raises there, not in parse_flags
+    _define(fv, ["emim.aot", *argv])
+  except flags.Error as e:
+    emim_cli.fail(f"{' '.join(str(e).split()).removeprefix('ERROR:: ')}: give a file of flags, --flagfile=FILE.")
   if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv):  # flags of its own, not absl's app
     usage = "\n\n".join(emim.aot.__doc__.strip().split("\n\n")[:2])  # what it does, and examples
     print(f"{usage}\n\nAny --config.field=value overrides the config as for emim.main. Flags (docs/aot.md):\n"

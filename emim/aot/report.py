@@ -152,6 +152,7 @@ class Report:
   # analysis), "lowered" (FLOPs only: the CPU's lowering, global / devices), "" (none).
   cost_source: str = ""
   compiled_with: str = ""  # compiler options it needed to compile, where it needed any (said under the table)
+  on_cublas: bool = False  # compiled (or refused for want of memory) with its products on cuBLAS
 
   @property
   def total(self) -> int:
@@ -166,6 +167,11 @@ class Report:
 # compiled again with its products on cuBLAS, and the table says so.
 NO_TRITON_TILING = "Couldn't find output tile sizes"
 PRODUCTS_ON_CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def out_of_memory(error: str) -> bool:
+  """Whether a compile's error is the compiler refusing the program for want of memory."""
+  return "RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower()
 
 
 def analyse(program: str, lowered, images: int, devices: int, global_flops: float | None = None,
@@ -183,16 +189,19 @@ def analyse(program: str, lowered, images: int, devices: int, global_flops: floa
                        "no Triton tiling without a GPU")
   except Exception as e:  # what the compiler rejects (or a program that cannot fit)
     if on_cublas or NO_TRITON_TILING not in str(e):
-      return Report(program, images, time.perf_counter() - t0, error=one_line(e))
+      return Report(program, images, time.perf_counter() - t0, error=one_line(e), on_cublas=on_cublas)
     try:
       compiled = lowered.compile(compiler_options=PRODUCTS_ON_CUBLAS)
-    except Exception:  # the first error is the one to show
+    except Exception as again:  # the first error is the one to show, unless on cuBLAS it ran out of memory:
+      if out_of_memory(one_line(again)):  # then memory is what stands in the way (--max_batch: a batch too large)
+        return Report(program, images, time.perf_counter() - t0, on_cublas=True, error=(
+            f"{one_line(again)} (with --xla_gpu_enable_triton_gemm=false: XLA found no Triton tiling without a GPU)"))
       return Report(program, images, time.perf_counter() - t0, error=one_line(e))
     first = one_line(e)
     compiled_with = ("compiled with --xla_gpu_enable_triton_gemm=false: without a GPU to autotune on, XLA found "
                      f"no Triton tiling for a matrix product ({first[:160] + '...' * (len(first) > 160)}); a GPU's "
                      "autotuner chooses among tilings and cuBLAS itself, so a run there may fuse differently")
-  report = Report(program, images, time.perf_counter() - t0, compiled_with=compiled_with)
+  report = Report(program, images, time.perf_counter() - t0, compiled_with=compiled_with, on_cublas=bool(compiled_with))
   memory = compiled.memory_analysis()
   report.arguments, report.temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
   report.outputs, report.aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes

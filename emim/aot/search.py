@@ -7,7 +7,7 @@ import dataclasses
 import re
 
 from emim.aot.programs import num_train_examples, with_batch
-from emim.aot.report import GiB, Report, compile_config
+from emim.aot.report import GiB, Report, compile_config, out_of_memory
 from emim.aot.targets import Target, usable_bytes
 from emim.errors import UserError
 
@@ -24,7 +24,7 @@ class Fit:
   available: int | None  # the HBM the compiler said a chip has, where it said (a v5e's 15.75 of 16 GiB)
   why: str = ""  # why it does not fit; "" when it does
   out_of_memory: bool = False  # the compiler refused it for want of HBM (with or without figures)
-  on_cublas: bool = False  # it compiled only with its products on cuBLAS (report.NO_TRITON_TILING)
+  on_cublas: bool = False  # it compiled (or ran out of memory) only with its products on cuBLAS (NO_TRITON_TILING)
 
 
 # XLA's TPU out-of-HBM errors, in the two wordings libtpu has: (asked for, available).
@@ -55,9 +55,9 @@ def train_memory(config, target: Target, batch: int, report: Report | None = Non
         flush=True)  # (said here: the table's footnote is there only where the table's step needed it too)
   if report.error:
     asked, available = out_of_hbm(report.error) or (None, None)
-    refused = asked is not None or "RESOURCE_EXHAUSTED" in report.error or "out of memory" in report.error.lower()
-    return Fit(None, asked, available, why, out_of_memory=refused)
-  return Fit(report.total, None, None, "" if ok else why, on_cublas=bool(report.compiled_with))
+    refused = asked is not None or out_of_memory(report.error)
+    return Fit(None, asked, available, why, out_of_memory=refused, on_cublas=report.on_cublas)
+  return Fit(report.total, None, None, "" if ok else why, on_cublas=report.on_cublas)
 
 
 def max_batch(config, target: Target, multiple: int, compiled: Report | None = None) -> int:
@@ -75,15 +75,16 @@ def max_batch(config, target: Target, multiple: int, compiled: Report | None = N
   bisection's compiles. No batch beyond the training set is tried (an epoch is one step
   there). A compile that fails for another reason than memory ends the search (SearchError:
   no batch would compile). ``compiled``: the train step at the config's batch, where the
-  table compiled it already. Once a try compiled only with its products on cuBLAS (a ViT's
-  on a GPU, without a GPU to autotune), the later tries compile that way at once: each
-  would fail first otherwise, a wasted compile."""
+  table compiled it already. Once a try (or ``compiled``) compiled only with its products on
+  cuBLAS (a ViT's on a GPU, without a GPU to autotune), the later tries compile that way at
+  once: each would fail first otherwise, a wasted compile."""
   limit = usable_bytes(target)  # a GPU's: JAX's pool (targets.memory_pool)
   memory: dict[int, int] = {}  # batch -> bytes per chip, compiled or (out of HBM) asked for
   lo, hi = 0, None  # the largest batch known to fit; the smallest known not to
   cap = max(multiple, num_train_examples(config) // multiple * multiple)
   batch = min(cap, max(multiple, config.train.batch_size - config.train.batch_size % multiple))
-  attempt, on_cublas = 0, False
+  # The table's step, at any batch, needing cuBLAS tells the first try too (the config's batch may be no multiple).
+  attempt, on_cublas = 0, compiled is not None and compiled.on_cublas
   while True:
     attempt += 1
     if compiled is not None and compiled.images == batch:

@@ -146,8 +146,9 @@ def parse_target(text: str) -> TargetSpec:
                         "(h100:2x8).")
     dims = (1,) + dims if len(dims) == 1 else dims
     if dims[1] > MAX_GPUS_PER_HOST:
+      # All the GPUs asked for (hosts x per host), on hosts of 8: not one host's alone.
       raise TargetError(f"--target={text!r}: {dims[1]} GPUs on one host; the largest cloud GPU hosts have "
-                        f"{MAX_GPUS_PER_HOST} (give more hosts: {model}:{-(-dims[1] // 8)}x8).")
+                        f"{MAX_GPUS_PER_HOST} (give more hosts: {model}:{-(-dims[0] * dims[1] // 8)}x8).")
   elif len(dims) > 3:
     raise TargetError(f"--target={text!r}: a TPU slice has at most 3 dimensions, e.g. v5p:2x2x2.")
   return TargetSpec(text, model, dims)
@@ -210,9 +211,11 @@ def memory_pool(chip) -> tuple[float, str]:
   if len(given) == 2:  # jaxlib's GPU client refuses the pair (a ValueError as it starts), whatever the allocator
     raise TargetError(f"{' and '.join(f'{n}={os.environ[n].strip()}' for n in given)} are both set, which JAX "
                       f"refuses on a GPU: unset {_POOL_VARIABLES[1]} (the old name).")
-  allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").strip().lower()
-  if allocator and allocator not in _ALLOCATORS:  # jaxlib's GPU client would raise a ValueError as it starts
-    raise TargetError(f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator!r}: JAX takes {', '.join(_ALLOCATORS)} "
+  # As jaxlib reads it: lowered, not stripped, and set but empty is no allocator (not the default).
+  given_allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR")
+  allocator = "default" if given_allocator is None else given_allocator.lower()
+  if allocator not in _ALLOCATORS:  # jaxlib's GPU client would raise a ValueError as it starts
+    raise TargetError(f"XLA_PYTHON_CLIENT_ALLOCATOR={given_allocator!r}: JAX takes {', '.join(_ALLOCATORS)} "
                       "(platform: no pool, each allocation from CUDA); unset it for the default pool.")
   if allocator == "platform":
     return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform"
