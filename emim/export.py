@@ -42,6 +42,7 @@ from emim.backbone import (Backbone, backbone_from_model_config, checkpoint_dir,
                            restore_backbone)
 from emim.models import DTYPES, ResNet, ViT
 from emim.checkpoint import quiet_orbax_logs
+from emim.config_base import ConfigError
 from emim.errors import UserError
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
@@ -258,7 +259,7 @@ def load_backbone(path: fs.PathLike, dtype: str | None = None):
   """
   path = fs.as_path(path)
   if dtype is not None and dtype not in DTYPES:
-    raise ValueError(f"load_backbone(dtype={dtype!r}): give one of {', '.join(sorted(DTYPES))}, or None for the "
+    raise ConfigError(f"load_backbone(dtype={dtype!r}): give one of {', '.join(sorted(DTYPES))}, or None for the "
                      "dtype it trained in.")
   if not (path / MODEL_FILE).exists():
     raise FileNotFoundError(f"No {MODEL_FILE} in {path}: export a run first with python -m emim.export.")
