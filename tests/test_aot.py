@@ -594,6 +594,24 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   with pytest.raises(targets.TargetError, match=r"XLA_PYTHON_CLIENT_ALLOCATOR='plattform': JAX takes default, "
                                                 r"platform, bfc, cuda_async, vmm"):
     targets.usable_bytes(h100)
+  # jaxlib reads them unstripped: " platform" and a set but empty allocator it refuses as the run starts (they were
+  # taken for platform and for the default pool, and the child's compile was a traceback), a blank share as well.
+  for allocator in (" platform", "platform ", ""):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", allocator)
+    with pytest.raises(targets.TargetError, match=f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator!r}: JAX takes default"):
+      targets.usable_bytes(h100)
+    assert targets.memory_pool(targets.TPUS["v5e"]) == (1.0, "")  # a TPU's run reads none of it
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "Platform")  # jaxlib lower-cases it
+  assert targets.usable_bytes(h100) == int(whole)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", " ")
+  with pytest.raises(targets.TargetError, match=r"XLA_CLIENT_MEM_FRACTION=' ': give the share"):
+    targets.usable_bytes(h100)
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", " .9")  # float() reads it, as jaxlib's does
+  assert targets.memory_pool(h100.chip) == (0.9, "XLA_CLIENT_MEM_FRACTION=.9")
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", " ")  # set, to jaxlib: the pair it refuses
+  with pytest.raises(targets.TargetError, match=r"are both set"):
+    targets.usable_bytes(h100)
 
 
 def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
