@@ -214,8 +214,8 @@ def memory_pool(chip) -> tuple[float, str]:
                       f"refuses on a GPU: unset {_POOL_VARIABLES[1]} (the old name).")
   allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR")
   if allocator is not None and allocator.lower() not in _ALLOCATORS:  # jaxlib's GPU client: a ValueError as it starts
-    raise TargetError(f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator!r}: JAX takes {', '.join(_ALLOCATORS)}, written without spaces "
-                      "(platform: no pool, each allocation from CUDA); unset it for the default pool.")
+    raise TargetError(f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator!r}: JAX takes {', '.join(_ALLOCATORS)}, without "
+                      "spaces (platform: no pool, each allocation from CUDA); unset it for the default pool.")
   if allocator is not None and allocator.lower() == "platform":
     return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform"
   for name in _POOL_VARIABLES:
