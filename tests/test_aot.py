@@ -1056,3 +1056,22 @@ def test_a_flagfile_reaches_the_compiling_child(tmp_path):
   args = cli.parse_args(["--flagfile", str(flagfile), "--nomax_batch"])
   assert args.config.train.batch_size == 32 and args.config_arg == f"--flagfile={flagfile}"
   assert supervisor._child_argv(args, ["train"], True, False)[3] == f"--flagfile={flagfile}"
+
+
+def test_a_flagfile_without_a_file_or_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+  # absl's IllegalFlagValueError and CantOpenFlagFileError were tracebacks: the config flag reads the flagfiles as
+  # it is defined, before the parsing whose errors are one line.
+  config = f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal"
+  missing = tmp_path / "missing.txt"
+  nested = tmp_path / "nested.txt"
+  nested.write_text(f"--flagfile={missing}\n")
+  for argv, says in (([config, "--target=v5e:2x2", "--flagfile"], "--flagfile is followed by nothing, not a file"),
+                     (["--flagfile", "--target=v5e:2x2"], "--flagfile is followed by --target=v5e:2x2, not a file"),
+                     ([f"--flagfile={missing}"], f"No such file or directory: '{missing}': give --flagfile an existing"),
+                     (["--flagfile", str(missing)], f"No such file or directory: '{missing}'"),
+                     ([f"--flagfile={nested}"], f"No such file or directory: '{missing}'"),
+                     ([f"--flagfile={tmp_path}"], f"Is a directory: '{tmp_path}'")):
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.startswith("error: ") and says in err and "\n" not in err, (argv, err)
