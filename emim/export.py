@@ -42,7 +42,6 @@ from emim.backbone import (Backbone, backbone_from_model_config, checkpoint_dir,
                            restore_backbone)
 from emim.models import DTYPES, ResNet, ViT
 from emim.checkpoint import quiet_orbax_logs
-from emim.config_base import ConfigError
 from emim.errors import UserError
 
 BACKBONE_FILE, MODEL_FILE, TORCH_FILE = "backbone.msgpack", "model.json", "torchvision_resnet.safetensors"
@@ -167,6 +166,14 @@ class ExportError(UserError, RuntimeError):
   """An export that cannot be written or read; the message names the path and the fix."""
 
 
+class ExportNotFound(ExportError, FileNotFoundError):
+  """No export at the path given (a FileNotFoundError too, as it was before it was an ExportError)."""
+
+
+class ExportDtypeError(ExportError, ValueError):
+  """A ``load_backbone(dtype=...)`` that names no dtype a backbone computes in (a ValueError too, as it was)."""
+
+
 def _write_files(backbone: Backbone, directory: fs.Path, meta: dict) -> None:
   from safetensors.numpy import save as safetensors_bytes
 
@@ -255,14 +262,13 @@ def load_backbone(path: fs.PathLike, dtype: str | None = None):
   (said once) and normalised as in training. ``dtype``: the dtype the backbone computes
   in, where not the one it trained in (``model.json``'s): "float32" for the features of
   a backbone trained in bfloat16 without its rounding, as PyTorch's copy computes them
-  (the parameters are float32 either way).
+  (the parameters are float32 either way); jnp.float32 and the like are taken too. No
+  export at ``path``: ``ExportNotFound``; a dtype of none of those: ``ExportDtypeError``.
   """
   path = fs.as_path(path)
-  if dtype is not None and dtype not in DTYPES:
-    raise ConfigError(f"load_backbone(dtype={dtype!r}): give one of {', '.join(sorted(DTYPES))}, or None for the "
-                     "dtype it trained in.")
+  dtype = _dtype_name(dtype)
   if not (path / MODEL_FILE).exists():
-    raise FileNotFoundError(f"No {MODEL_FILE} in {path}: export a run first with python -m emim.export.")
+    raise ExportNotFound(f"No {MODEL_FILE} in {path}: export a run first with python -m emim.export.")
   try:
     meta = json.loads((path / MODEL_FILE).read_text())
   except ValueError as e:
@@ -284,6 +290,23 @@ def load_backbone(path: fs.PathLike, dtype: str | None = None):
                       "Export the run again.")
   backbone = backbone_from_model_config(meta, variables)
   return backbone, checked_features(backbone, backbone.features_fn())
+
+
+def _dtype_name(dtype) -> str | None:
+  """load_backbone's ``dtype`` as DTYPES names it: a name, or a dtype object naming one
+  (jnp.float32, np.float32, jnp.bfloat16 are what a JAX user passes); else ExportDtypeError."""
+  if dtype is None or (isinstance(dtype, str) and dtype in DTYPES):
+    return dtype
+  name = None
+  if not isinstance(dtype, str):  # a name is taken as written: "fp32" or "Float32" is no dtype of JAX's either
+    try:
+      name = np.dtype(dtype).name
+    except Exception:  # noqa: BLE001  (a list, a module: numpy raises TypeError or ValueError)
+      name = None
+  if name not in DTYPES:
+    raise ExportDtypeError(f"load_backbone(dtype={dtype!r}): give one of {', '.join(sorted(DTYPES))} (a name, or "
+                           "jnp.float32 ...), or None for the dtype it trained in.")
+  return name
 
 
 # Float images are taken as [0, 1]; a little beyond it (a resize's overshoot) is allowed.

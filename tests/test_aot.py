@@ -638,13 +638,24 @@ def test_a_gpu_program_fits_in_jaxs_memory_pool_not_the_whole_gpu(monkeypatch):
   with pytest.raises(targets.TargetError, match=r"XLA_PYTHON_CLIENT_ALLOCATOR='plattform': JAX takes default, "
                                                 r"platform, bfc, cuda_async, vmm"):
     targets.usable_bytes(h100)
-  # jaxlib lowers the value but neither strips it nor reads an empty one as unset: it refuses those as it starts.
-  for refused in ("", " platform"):
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", refused)
-    with pytest.raises(targets.TargetError, match=re.escape(f"XLA_PYTHON_CLIENT_ALLOCATOR={refused!r}: JAX takes")):
+  # jaxlib reads them unstripped: " platform" and a set but empty allocator it refuses as the run starts (they were
+  # taken for platform and for the default pool, and the child's compile was a traceback), a blank share as well.
+  for allocator in (" platform", "platform ", ""):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", allocator)
+    with pytest.raises(targets.TargetError, match=f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator!r}: JAX takes default"):
       targets.usable_bytes(h100)
-  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "Platform")
+    assert targets.memory_pool(targets.TPUS["v5e"]) == (1.0, "")  # a TPU's run reads none of it
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "Platform")  # jaxlib lower-cases it
   assert targets.usable_bytes(h100) == int(whole)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", " ")
+  with pytest.raises(targets.TargetError, match=r"XLA_CLIENT_MEM_FRACTION=' ': give the share"):
+    targets.usable_bytes(h100)
+  monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", " .9")  # float() reads it, as jaxlib's does
+  assert targets.memory_pool(h100.chip) == (0.9, "XLA_CLIENT_MEM_FRACTION=.9")
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", " ")  # set, to jaxlib: the pair it refuses
+  with pytest.raises(targets.TargetError, match=r"are both set"):
+    targets.usable_bytes(h100)
 
 
 def test_the_command_line_takes_the_config_overrides_emim_main_takes(capsys):
@@ -1095,13 +1106,21 @@ def test_a_flagfile_reaches_the_compiling_child(tmp_path):
   assert supervisor._child_argv(args, ["train"], True, False)[3] == f"--flagfile={flagfile}"
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--flagfile"], "error: --flagfile with no argument: give a file of flags, --flagfile=FILE.\n"),
-    (["--flagfile=/nonexistent/flags.txt"], "error: Unable to open flagfile: [Errno 2] No such file or directory: "
-                                           "'/nonexistent/flags.txt': give a file of flags, --flagfile=FILE.\n")])
-def test_a_flagfile_that_cannot_be_read_is_one_line(argv, says, capsys):
-  """absl raises as the config flag is defined, before emim's parsing: a traceback without this."""
+
+def test_a_flagfile_without_a_file_or_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+  # absl's IllegalFlagValueError and CantOpenFlagFileError were tracebacks: the config flag reads the flagfiles as
+  # it is defined, before the parsing whose errors are one line.
   config = f"--config={REPO / 'configs' / 'synthetic.py'}:runlocal"
-  with pytest.raises(SystemExit) as e:
-    cli.parse_args([config, "--target=h100:8", *argv])
-  assert e.value.code == 2 and capsys.readouterr().err == says
+  missing = tmp_path / "missing.txt"
+  nested = tmp_path / "nested.txt"
+  nested.write_text(f"--flagfile={missing}\n")
+  for argv, says in (([config, "--target=v5e:2x2", "--flagfile"], "--flagfile is followed by nothing, not a file"),
+                     (["--flagfile", "--target=v5e:2x2"], "--flagfile is followed by --target=v5e:2x2, not a file"),
+                     ([f"--flagfile={missing}"], f"No such file or directory: '{missing}': give --flagfile an existing"),
+                     (["--flagfile", str(missing)], f"No such file or directory: '{missing}'"),
+                     ([f"--flagfile={nested}"], f"No such file or directory: '{missing}'"),
+                     ([f"--flagfile={tmp_path}"], f"Is a directory: '{tmp_path}'")):
+    with pytest.raises(SystemExit) as exit:
+      cli.parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and err.startswith("error: ") and says in err and "\n" not in err, (argv, err)

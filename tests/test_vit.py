@@ -172,7 +172,6 @@ def test_a_bfloat16_vits_export_loads_in_float32_when_asked(tmp_path):
   import emim
   from emim import export
   from emim.backbone import init_backbone
-  from emim.config_base import ConfigError
 
   model_config = {"backbone": "vit_tiny", "width": 64, "cifar_stem": False, "dtype": "bfloat16", "patch_size": 4,
                   "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -186,5 +185,36 @@ def test_a_bfloat16_vits_export_loads_in_float32_when_asked(tmp_path):
   as_trained = np.asarray(emim.load_backbone(out)[1](images))  # bfloat16: close, not equal
   assert np.abs(as_trained - reference).max() > 1e-4
   np.testing.assert_allclose(as_trained, reference, atol=0.1 * np.abs(reference).max())
-  with pytest.raises(ConfigError, match=r"load_backbone\(dtype=.f32.\): give one of bfloat16, float16, float32"):
+  with pytest.raises(export.ExportDtypeError,
+                     match=r"load_backbone\(dtype=.f32.\): give one of bfloat16, float16, float32"):
     emim.load_backbone(out, dtype="f32")
+
+
+def test_load_backbones_mistakes_are_user_errors_and_jax_dtypes_are_taken(tmp_path):
+  """A dtype of JAX's (jnp.float32, np.float32) is the name it stands for; a dtype that names
+  none, or a path with no export, is a UserError naming the fix (a ValueError and a
+  FileNotFoundError were a traceback where a program catches UserError)."""
+  import emim
+  from emim import export
+  from emim.backbone import init_backbone
+  from emim.errors import UserError
+
+  model_config = {"backbone": "mlp", "width": 16, "cifar_stem": False, "dtype": "bfloat16", "image_size": 0,
+                  "input_shape": [8], "mean": [0.0], "std": [1.0]}
+  out = export.export_backbone(init_backbone(model_config), tmp_path / "export", {"step": 0})
+  x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+  reference = np.asarray(init_backbone({**model_config, "dtype": "float32"}).features_fn()(x))
+  for dtype in ("float32", jnp.float32, np.float32, np.dtype("float32")):
+    loaded, features = emim.load_backbone(out, dtype=dtype)
+    assert loaded.model.dtype == jnp.float32 and loaded.model_config["dtype"] == "float32", dtype
+    np.testing.assert_allclose(np.asarray(features(x)), reference, rtol=1e-5, atol=1e-6)
+  assert emim.load_backbone(out, dtype=jnp.bfloat16)[0].model.dtype == jnp.bfloat16
+  for dtype in ("fp32", "Float32", " float32", "", np.float64, ["float32"], object()):
+    with pytest.raises(export.ExportDtypeError, match=r"load_backbone\(dtype=.*\): give one of bfloat16, float16, "
+                                                      r"float32"):
+      emim.load_backbone(out, dtype=dtype)
+  for dtype in ("float32", None):
+    with pytest.raises(export.ExportNotFound, match=r"No model.json in .*nowhere: export a run first") as missing:
+      emim.load_backbone(tmp_path / "nowhere", dtype=dtype)
+    assert isinstance(missing.value, UserError) and isinstance(missing.value, FileNotFoundError)
+  assert issubclass(export.ExportDtypeError, UserError) and issubclass(export.ExportDtypeError, ValueError)

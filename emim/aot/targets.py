@@ -207,20 +207,20 @@ def memory_pool(chip) -> tuple[float, str]:
   """(the share of a device's memory a run may use, what sets it: "" on a TPU, all of it)."""
   if getattr(chip, "platform", "tpu") != "cuda":
     return 1.0, ""
-  given = [name for name in _POOL_VARIABLES if os.environ.get(name, "").strip()]
+  # Read as jaxlib's xla_client reads them, unstripped: a value it refuses as the run starts
+  # (" platform", a set but empty allocator, a blank share) is refused here, not taken for another.
+  given = [name for name in _POOL_VARIABLES if os.environ.get(name, "")]
   if len(given) == 2:  # jaxlib's GPU client refuses the pair (a ValueError as it starts), whatever the allocator
-    raise TargetError(f"{' and '.join(f'{n}={os.environ[n].strip()}' for n in given)} are both set, which JAX "
+    raise TargetError(f"{' and '.join(f'{n}={os.environ[n]!r}' for n in given)} are both set, which JAX "
                       f"refuses on a GPU: unset {_POOL_VARIABLES[1]} (the old name).")
-  # As jaxlib reads it: lowered, not stripped, and set but empty is no allocator (not the default).
-  given_allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR")
-  allocator = "default" if given_allocator is None else given_allocator.lower()
-  if allocator not in _ALLOCATORS:  # jaxlib's GPU client would raise a ValueError as it starts
-    raise TargetError(f"XLA_PYTHON_CLIENT_ALLOCATOR={given_allocator!r}: JAX takes {', '.join(_ALLOCATORS)} "
-                      "(platform: no pool, each allocation from CUDA); unset it for the default pool.")
-  if allocator == "platform":
+  allocator = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR")
+  if allocator is not None and allocator.lower() not in _ALLOCATORS:  # jaxlib's GPU client: a ValueError as it starts
+    raise TargetError(f"XLA_PYTHON_CLIENT_ALLOCATOR={allocator!r}: JAX takes {', '.join(_ALLOCATORS)}, without "
+                      "spaces (platform: no pool, each allocation from CUDA); unset it for the default pool.")
+  if allocator is not None and allocator.lower() == "platform":
     return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform"
   for name in _POOL_VARIABLES:
-    text = os.environ.get(name, "").strip()
+    text = os.environ.get(name, "")
     if text:
       try:
         share = float(text)
@@ -229,7 +229,7 @@ def memory_pool(chip) -> tuple[float, str]:
       if not 0 < share <= 1:
         raise TargetError(f"{name}={text!r}: give the share of each GPU's memory JAX may use, above 0 and at most 1, "
                           "e.g. .95.")
-      return share, f"{name}={text}"
+      return share, f"{name}={text.strip()}"
   return JAX_GPU_POOL, "JAX's default pool; XLA_CLIENT_MEM_FRACTION=.95 raises it"
 
 
