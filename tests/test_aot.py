@@ -395,8 +395,10 @@ def test_targets_are_read_as_written_and_a_wrong_one_is_one_line_naming_the_form
   for wrong, says in (("h100", "give a TPU generation or a GPU (v4, v5e, v5p, v6e, a100-40g, a100-80g, h100, h200)"),
                       ("b200:8", "e.g. v5e:2x4"), ("h100:2x2x8", "hosts x GPUs per host (h100:2x8)"),
                       ("v5e:0x4", "positive numbers"), ("v5e:2x4x1x1", "at most 3 dimensions"), ("v5e:2by4", "joined by x"),
-                      ("h100:1000", "1000 GPUs on one host; the largest cloud GPU hosts have 16 (give more hosts: h100:125x8)"),
-                      ("a100-40g:2x17", "17 GPUs on one host; the largest cloud GPU hosts have 16 (give more hosts: a100-40g:5x8)")):
+                      ("h100:1000", "1000 GPUs on one host; a cloud host holds at most 8 of these (give more hosts: "
+                                    "h100:125x8)"), ("h100:16", "at most 8 of these (give more hosts: h100:2x8)"),
+                      ("a100-40g:2x17", "17 GPUs on one host; a cloud host holds at most 16 of these (give more hosts: "
+                                        "a100-40g:5x8)")):
     with pytest.raises(targets.TargetError, match=re.escape(says)):
       targets.parse_target(wrong)
 

@@ -125,9 +125,10 @@ class TargetSpec:
     return math.prod(self.dims)
 
 
-# The most GPUs one cloud host holds: Google Cloud's a2-megagpu-16g, 16 A100 40GB (an
-# NVLink/NVSwitch domain; HGX H100 and A100 80GB hosts hold 8).
-MAX_GPUS_PER_HOST = 16
+# The most GPUs of each model one cloud host holds: 16 A100 40GB (Google Cloud's
+# a2-megagpu-16g, an NVSwitch domain of 16); 8 of the others (HGX boards: a2-ultragpu-8g,
+# a3-highgpu-8g, a3-ultragpu-8g; AWS p4de, p5, p5e).
+GPUS_PER_HOST = {"a100-40g": 16, "a100-80g": 8, "h100": 8, "h200": 8}
 
 
 def parse_target(text: str) -> TargetSpec:
@@ -145,10 +146,10 @@ def parse_target(text: str) -> TargetSpec:
       raise TargetError(f"--target={text!r}: a GPU target is GPUs per host (h100:8) or hosts x GPUs per host "
                         "(h100:2x8).")
     dims = (1,) + dims if len(dims) == 1 else dims
-    if dims[1] > MAX_GPUS_PER_HOST:
+    if dims[1] > GPUS_PER_HOST[model]:
       # All the GPUs asked for (hosts x per host), on hosts of 8: not one host's alone.
-      raise TargetError(f"--target={text!r}: {dims[1]} GPUs on one host; the largest cloud GPU hosts have "
-                        f"{MAX_GPUS_PER_HOST} (give more hosts: {model}:{-(-dims[0] * dims[1] // 8)}x8).")
+      raise TargetError(f"--target={text!r}: {dims[1]} GPUs on one host; a cloud host holds at most "
+                        f"{GPUS_PER_HOST[model]} of these (give more hosts: {model}:{-(-dims[0] * dims[1] // 8)}x8).")
   elif len(dims) > 3:
     raise TargetError(f"--target={text!r}: a TPU slice has at most 3 dimensions, e.g. v5p:2x2x2.")
   return TargetSpec(text, model, dims)
