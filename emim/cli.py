@@ -34,9 +34,24 @@ def _fail(message: str) -> None:
   fail(message, 2)
 
 
+def check_flagfiles(argv: list[str]) -> None:
+  """Each --flagfile of ``argv`` readable, or one line (exit 2) saying which is not: the
+  config flag reads the command line, flagfiles included, as it is defined, before
+  ``parse_flags``, where absl's error would be a traceback."""
+  for k, arg in enumerate(argv):
+    if arg in ("--flagfile", "-flagfile") and (k + 1 == len(argv) or argv[k + 1].startswith("-")):
+      fail(f"{arg} is followed by {'nothing' if k + 1 == len(argv) else argv[k + 1]}, not a file: give one, "
+           "e.g. --flagfile=flags.txt (flags, one a line).")
+  try:  # absl's own reading: a missing file, a folder, a flagfile that names a missing one
+    flags.FlagValues().read_flags_from_files(list(argv), force_gnu=False)
+  except flags.Error as e:
+    fail(f"{' '.join(str(e).split()).removeprefix('ERROR:: ')}: give --flagfile an existing file (flags, one a line).")
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
   """absl's flag parsing (of ``flag_values``, by default absl's global flags), with
   config-override mistakes reported in one line."""
+  check_flagfiles(argv)  # emim.export's and any program's without a config flag: the same line
   for arg, after in zip(argv[1:], argv[2:] + [""]):
     if arg.startswith("--config=") or (arg == "--config" and after):  # --config=FILE or --config FILE
       if arg == "--config" and after.startswith("-"):  # absl would read the next flag as the file's name

@@ -158,6 +158,7 @@ def define_config_flag(argv: list[str]) -> None:
   (the flag's default must exist before the command line is parsed). A --workdir that
   holds neither is reported now, before the overrides would be taken for unknown flags."""
   global _CONFIG_STEP
+  cli.check_flagfiles(argv)  # the config flag reads them as it is defined: a bad one is one line, not a traceback
   quiet_orbax_logs()  # reading the checkpoint's config opens Orbax before main
   file_given = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
   workdirs, steps = _flag_values(argv, "workdir"), _flag_values(argv, "checkpoint_step")

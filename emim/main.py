@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from emim import cli
 from ml_collections import config_flags
 
+cli.check_flagfiles(sys.argv)  # read as the config flag is defined, next: a bad one is one line, not a traceback
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/cifar10.py[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")

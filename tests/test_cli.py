@@ -115,3 +115,30 @@ def test_emim_mains_config_mistakes_are_one_line_each(tmp_path, capsys):
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
   assert cli.parse_flags(argv, fv) == ["emim.main"] and fv.config.train.num_epochs == 3 and fv.workdir == "/tmp/w"
+
+
+@pytest.mark.parametrize("program", ["emim.main", "emim.evaluate", "emim.export"])
+def test_a_flagfile_that_cannot_be_read_is_one_line_in_every_program(tmp_path, program):
+  """The config flag reads the flagfiles as it is defined (at import for emim.main), before
+  emim's flag parsing: a missing one was absl's traceback there."""
+  missing = tmp_path / "missing.txt"
+  result = subprocess.run([sys.executable, "-m", program, f"--flagfile={missing}", f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip() == (f"error: Unable to open flagfile: [Errno 2] No such file or directory: '{missing}': "
+                                   "give --flagfile an existing file (flags, one a line).")
+
+
+def test_check_flagfiles_names_what_is_wrong_and_passes_readable_ones(tmp_path, capsys):
+  good, nested = tmp_path / "good.txt", tmp_path / "nested.txt"
+  good.write_text("--workdir=/tmp/w\n")
+  nested.write_text(f"--flagfile={tmp_path / 'gone.txt'}\n")
+  cli.check_flagfiles(["prog", f"--flagfile={good}", "--flagfile", str(good)])  # readable: nothing said
+  for argv, says in ((["prog", "--flagfile"], "--flagfile is followed by nothing, not a file"),
+                     (["prog", "-flagfile", "--workdir=x"], "-flagfile is followed by --workdir=x, not a file"),
+                     (["prog", f"--flagfile={nested}"], f"No such file or directory: '{tmp_path / 'gone.txt'}'"),
+                     (["prog", f"--flagfile={tmp_path}"], "Is a directory")):
+    with pytest.raises(SystemExit) as exit:
+      cli.check_flagfiles(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, (argv, err)

@@ -70,16 +70,10 @@ def _flagfiles_joined(argv: list[str]) -> list[str]:
 def parse_args(argv: list[str]) -> types.SimpleNamespace:
   """The command line's arguments (``argv`` without the program's name), read: a mistake is
   one line on stderr and exit status 2."""
-  for k, a in enumerate(argv):  # absl's words for these are a traceback here: the config flag reads the flagfiles
-    if a in ("--flagfile", "-flagfile") and (k + 1 == len(argv) or argv[k + 1].startswith("-")):
-      emim_cli.fail(f"{a} is followed by {'nothing' if k + 1 == len(argv) else argv[k + 1]}, not a file: give one, "
-                    "e.g. --flagfile=flags.txt (flags, one a line).")
+  emim_cli.check_flagfiles(list(argv))
   argv = _flagfiles_joined(list(argv))
   fv = flags.FlagValues()
-  try:
-    _define(fv, ["emim.aot", *argv])
-  except flags.Error as e:  # a flagfile absl cannot open (or one it names), read as --config is defined
-    emim_cli.fail(f"{str(e).removeprefix('ERROR:: ')}: give --flagfile an existing file (flags, one a line).")
+  _define(fv, ["emim.aot", *argv])
   if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv):  # flags of its own, not absl's app
     usage = "\n\n".join(emim.aot.__doc__.strip().split("\n\n")[:2])  # what it does, and examples
     print(f"{usage}\n\nAny --config.field=value overrides the config as for emim.main. Flags (docs/aot.md):\n"
