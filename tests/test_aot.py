@@ -516,6 +516,28 @@ def test_a_product_with_no_triton_tiling_is_compiled_again_on_cublas_and_said_so
   assert report.analyse("train", both, 1024, 8).error == "INTERNAL: Couldn't find output tile sizes None"
 
 
+class _StepOfBatch(_NoTritonTiling):
+  """A ViT's train step without a GPU at global ``batch``: no Triton tiling (cuBLAS only);
+  2 GiB + 10 MiB per image."""
+
+  def memory_analysis(self):
+    return types.SimpleNamespace(argument_size_in_bytes=2 * GiB + self.batch * 10 * MiB, temp_size_in_bytes=0,
+                                 output_size_in_bytes=0, alias_size_in_bytes=0)
+
+
+def _compiling(step_class, compiles):
+  """A stand-in for report.compile_config: each call a ``step_class`` at the config's batch,
+  analysed as the real one does; (batch, the options of each compile of it) into ``compiles``."""
+
+  def compile_config(config, target, programs, note=None, on_cublas=False):
+    step = step_class(GPU_HLO)
+    step.batch = config.train.batch_size
+    compiles.append((step.batch, step.options))
+    return [report.analyse("train", step, step.batch, 8, global_flops=1e12, on_cublas=on_cublas)]
+
+  return compile_config
+
+
 def test_max_batch_compiles_on_cublas_at_once_after_a_try_needed_it(monkeypatch, capsys):
   """A ViT's step on a GPU compiles only with its products on cuBLAS (no Triton tiling
   without a GPU): each later try of --max_batch compiles that way at once, not failing first."""
@@ -524,21 +546,10 @@ def test_max_batch_compiles_on_cublas_at_once_after_a_try_needed_it(monkeypatch,
   monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
   h100 = targets.Target(targets.parse_target("h100:8"), tuple(range(8)), 1)
   compiles = []  # (batch, the options of each compile of it)
-
-  class Step(_NoTritonTiling):
-    def memory_analysis(self):  # 2 GiB + 10 MiB per image of the global batch
-      return types.SimpleNamespace(argument_size_in_bytes=2 * GiB + self.batch * 10 * MiB, temp_size_in_bytes=0,
-                                   output_size_in_bytes=0, alias_size_in_bytes=0)
-
-  def compile_config(config, target, programs, note=None, on_cublas=False):
-    step = Step(GPU_HLO)
-    step.batch = config.train.batch_size
-    compiles.append((step.batch, step.options))
-    return [report.analyse("train", step, step.batch, 8, global_flops=1e12, on_cublas=on_cublas)]
-
-  monkeypatch.setattr(search, "compile_config", compile_config)
+  monkeypatch.setattr(search, "compile_config", _compiling(_StepOfBatch, compiles))
   best = search.max_batch(_large_set(load_config("synthetic", "runlocal")), h100, 64)
-  assert best == max(b for b in range(64, 50_000, 64) if 2 * GiB + b * 10 * MiB <= 0.75 * targets.GPUS["h100"].hbm_gib * GiB)
+  pool = 0.75 * targets.GPUS["h100"].hbm_gib * GiB
+  assert best == max(b for b in range(64, 50_000, 64) if 2 * GiB + b * 10 * MiB <= pool)
   cublas = {"xla_gpu_enable_triton_gemm": False}
   assert compiles[0] == (256, [None, cublas]) and len(compiles) > 2, compiles  # failed, then on cuBLAS
   assert all(options == [cublas] for _, options in compiles[1:]), compiles  # at once
@@ -561,7 +572,7 @@ def test_max_batch_reads_a_step_out_of_memory_on_cublas_as_out_of_memory(monkeyp
   cublas = {"xla_gpu_enable_triton_gemm": False}
   compiles = []  # (batch, the options of each compile of it)
 
-  class Step(_NoTritonTiling):
+  class Step(_StepOfBatch):
     def compile(self, compiler_options=None):
       self.options.append(compiler_options)
       if compiler_options != cublas:
@@ -570,16 +581,7 @@ def test_max_batch_reads_a_step_out_of_memory_on_cublas_as_out_of_memory(monkeyp
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 90.00GiB.")
       return self
 
-    def memory_analysis(self):
-      return types.SimpleNamespace(argument_size_in_bytes=2 * GiB + self.batch * 10 * MiB, temp_size_in_bytes=0,
-                                   output_size_in_bytes=0, alias_size_in_bytes=0)
-
-  def compile_config(config, target, programs, note=None, on_cublas=False):
-    step = Step(GPU_HLO)
-    step.batch = config.train.batch_size
-    compiles.append((step.batch, step.options))
-    return [report.analyse("train", step, step.batch, 8, global_flops=1e12, on_cublas=on_cublas)]
-
+  compile_config = _compiling(Step, compiles)
   monkeypatch.setattr(search, "compile_config", compile_config)
   assert search.max_batch(_large_set(load_config("synthetic", "runlocal")), h100, 64) == 128, compiles
   assert compiles[0] == (256, [None, cublas]), compiles  # Triton's failure, then cuBLAS's out of memory
